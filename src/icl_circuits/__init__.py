@@ -1,0 +1,15 @@
+"""icl-circuits: sparse feature circuits and task vectors for in-context learning, for any causal LM."""
+
+from .loading import BUNDLED, load_model
+from .model import LM, RunOutput
+from .prompts import PromptBatch, PromptFormat, build_prompt, icl_prompts, zero_shot_prompts
+from .sites import SITE_KINDS, Intervention, Site, add_at
+from .tasks import PAPER_TASKS, Task, TaskFormatError, list_tasks, load_task, load_tasks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUNDLED", "LM", "PAPER_TASKS", "SITE_KINDS", "Intervention", "PromptBatch", "PromptFormat",
+    "RunOutput", "Site", "Task", "TaskFormatError", "add_at", "build_prompt", "icl_prompts",
+    "list_tasks", "load_model", "load_task", "load_tasks", "zero_shot_prompts",
+]  # fmt: skip

@@ -1,0 +1,116 @@
+"""Hook sites and interventions on the residual stream.
+
+A *site* names one activation of one layer, TransformerLens style:
+
+    resid_pre[l]  -- input of block l (= resid_post[l-1])
+    attn_out[l]   -- what attention adds to the residual (after any post-attention norm)
+    resid_mid[l]  -- resid_pre[l] + attn_out[l]
+    mlp_out[l]    -- what the MLP adds to the residual (after any post-feedforward norm)
+    resid_post[l] -- resid_mid[l] + mlp_out[l]
+
+Every site has shape [batch, seq, d_model].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+_PATTERNS = (
+    re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>\d+)$"),  # resid_pre.12
+    re.compile(r"^(?P<kind>[a-z_]+)\[(?P<layer>\d+)\]$"),  # resid_pre[12]
+    re.compile(r"^blocks\.(?P<layer>\d+)\.(?:hook_)?(?P<kind>[a-z_]+)$"),  # blocks.12.hook_resid_pre
+)
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One activation site: a kind from SITE_KINDS at one layer."""
+
+    layer: int
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}; expected one of {SITE_KINDS}")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position in the forward pass (layer, index within the block)."""
+        return (self.layer, SITE_KINDS.index(self.kind))
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @classmethod
+    def parse(cls, spec: "SiteLike") -> "Site":
+        """Accept a Site, a (kind, layer) tuple, or 'resid_pre.12' / 'resid_pre[12]' / 'blocks.12.hook_resid_pre'."""
+        if isinstance(spec, Site):
+            return spec
+        if isinstance(spec, tuple) and len(spec) == 2:
+            kind, layer = spec
+            return cls(layer=int(layer), kind=str(kind))
+        if isinstance(spec, str):
+            for pattern in _PATTERNS:
+                m = pattern.match(spec.strip())
+                if m:
+                    return cls(layer=int(m["layer"]), kind=m["kind"])
+        raise ValueError(f"cannot parse site {spec!r}; use e.g. 'resid_pre.12' or ('resid_pre', 12)")
+
+
+SiteLike = Site | str | tuple[str, int]
+
+
+@dataclass
+class Intervention:
+    """Change a site at chosen token positions, differentiably.
+
+    positions: bool mask [batch, seq] (True where the change applies).
+    value: broadcastable to [batch, seq, d_model], e.g. a vector [d_model] or one row
+        per position [batch, seq, d_model].
+    mode: 'add' adds value; 'replace' overwrites the site with value.
+    """
+
+    site: Site
+    positions: torch.Tensor  # [batch, seq] bool
+    value: torch.Tensor  # [d_model] or broadcastable to [batch, seq, d_model]
+    mode: Literal["add", "replace"] = "add"
+
+    def __post_init__(self) -> None:
+        self.site = Site.parse(self.site)
+        if self.mode not in ("add", "replace"):
+            raise ValueError(f"mode must be 'add' or 'replace', got {self.mode!r}")
+        if self.positions.dtype != torch.bool or self.positions.dim() != 2:
+            raise ValueError(
+                f"positions must be a bool mask [batch, seq], got dtype {self.positions.dtype} "
+                f"shape {tuple(self.positions.shape)}"
+            )
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, seq, d_model] -> same shape with the change applied."""
+        if self.positions.shape != x.shape[:2]:
+            raise ValueError(
+                f"intervention at {self.site}: positions mask has shape {tuple(self.positions.shape)} "
+                f"but the activation is [batch, seq] = {tuple(x.shape[:2])}"
+            )
+        if self.value.shape[-1] != x.shape[-1]:
+            raise ValueError(
+                f"intervention at {self.site}: value has last dim {self.value.shape[-1]}, "
+                f"site has d_model {x.shape[-1]}"
+            )
+        mask = self.positions.to(x.device).unsqueeze(-1)  # [batch, seq, 1]
+        value = self.value.to(device=x.device, dtype=x.dtype)
+        if self.mode == "add":
+            return x + mask.to(x.dtype) * value
+        return torch.where(mask, value.expand_as(x), x)
+
+
+def add_at(site: SiteLike, positions: torch.Tensor, vector: torch.Tensor) -> Intervention:
+    """Shorthand: add `vector` [d_model] at `positions` [batch, seq] of `site`."""
+    return Intervention(Site.parse(site), positions, vector, "add")

@@ -1,0 +1,121 @@
+"""Task-vector layer sweep over many tasks (Fig. 2's 'original task vector' curve), resumable.
+
+Each finished task is appended to `partial.jsonl` in the run directory; a rerun with the same
+configuration skips those tasks. Final outputs: sweep.json, sweep.csv, best_layers.csv and
+the plot layer_sweep.png/.svg.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .model import LM
+from .plots import plot_layer_sweep
+from .storage import read_json, write_csv, write_json
+from .task_vectors import TaskVectorConfig, sweep_task
+from .tasks import Task
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]  # one per (task, layer)
+    best: list[dict]  # one per task + a 'mean' row
+    files: list[Path]
+
+
+def run_layer_sweep(
+    lm: LM, tasks: list[Task], layers: list[int], cfg: TaskVectorConfig, out_dir: str | Path, progress: bool = True
+) -> SweepResult:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = dict(model=lm.name, layers=layers, config=cfg.to_dict())
+    partial = out / "partial.jsonl"
+    done = _load_partial(partial, header)
+    if not done:
+        write_json(out / "sweep_config.json", header)
+        partial.write_text(json.dumps({"header": header}) + "\n")
+
+    todo = [t for t in tasks if t.name not in done]
+    bar = tqdm(todo, desc="task-vector sweep", disable=not progress, initial=len(tasks) - len(todo), total=len(tasks))
+    for task in bar:
+        bar.set_postfix(task=task.name)
+        rows = sweep_task(lm, task, layers, cfg)
+        done[task.name] = rows
+        with partial.open("a") as f:  # one line per finished task: a crash loses at most one task
+            f.write(json.dumps({"task": task.name, "rows": rows}) + "\n")
+            f.flush()
+
+    rows = [r for t in tasks for r in done[t.name]]
+    best = best_layers(rows, layers)
+    files = [
+        write_json(out / "sweep.json", dict(**header, rows=rows, best=best)),
+        write_csv(out / "sweep.csv", rows),
+        write_csv(out / "best_layers.csv", best),
+        *plot_layer_sweep(rows, out / "layer_sweep"),
+    ]
+    return SweepResult(rows, best, files)
+
+
+def best_layers(rows: list[dict], layers: list[int]) -> list[dict]:
+    """Per task: the layer whose TV lowers the zero-shot loss most; plus the best layer of the task mean."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    best = []
+    for task, rs in by_task.items():
+        b = max(rs, key=lambda r: r["relative_loss_decrease"])
+        best.append(
+            dict(
+                task=task,
+                best_layer=b["layer"],
+                relative_loss_decrease=b["relative_loss_decrease"],
+                icl_accuracy=b["icl_accuracy"],
+                zero_shot_accuracy=b["zero_shot_accuracy"],
+                steered_accuracy=b["steered_accuracy"],
+            )
+        )
+    means = {l: _mean([r["relative_loss_decrease"] for r in rows if r["layer"] == l]) for l in layers}
+    lm = max(means, key=means.get)  # type: ignore[arg-type]
+    best.append(
+        dict(
+            task="mean",
+            best_layer=lm,
+            relative_loss_decrease=means[lm],
+            icl_accuracy=_mean([b["icl_accuracy"] for b in best]),
+            zero_shot_accuracy=_mean([b["zero_shot_accuracy"] for b in best]),
+            steered_accuracy=_mean([r["steered_accuracy"] for r in rows if r["layer"] == lm]),
+        )
+    )
+    return best
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _load_partial(path: Path, header: dict) -> dict[str, list[dict]]:
+    """Finished tasks of an earlier run with the same header; a different header starts afresh."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        if json.loads(lines[0]).get("header") != json.loads(json.dumps(header)):
+            return {}
+    except (IndexError, json.JSONDecodeError):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+            done[rec["task"]] = rec["rows"]
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from a crash: redo that task
+    return done
+
+
+def load_sweep(out_dir: str | Path) -> dict:
+    return read_json(Path(out_dir) / "sweep.json")

@@ -1,0 +1,175 @@
+"""Task vectors (Sec. 2.3): extract from n-shot prompts, steer zero-shot prompts with them.
+
+TV at layer L = mean of resid_pre[L] over the arrow tokens of a batch of n-shot prompts.
+Steering adds a vector at the arrow of zero-shot prompts; the metric is the NLL of the
+output's first n tokens, compared with the unsteered NLL.
+
+`ZeroShotSteering` caches resid_pre of the zero-shot batch at every layer it may steer, so
+each steered evaluation runs only blocks L..end and scores only the output positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import LM
+from .prompts import PromptBatch, PromptFormat, icl_prompts, zero_shot_prompts
+from .sites import Intervention, Site
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class TaskVectorConfig:
+    n_prompts: int = 16  # n-shot prompts averaged into the TV (paper: 16)
+    n_shots: int = 16  # demonstrations per prompt (paper: 16)
+    arrows: str = "all"  # arrows averaged: 'all', 'demos', or 'last' (the query's, as in Hendel et al.)
+    n_eval: int = 32  # zero-shot prompts the steering is scored on
+    n_score_tokens: int = 1  # first n tokens of each output are scored
+    eval_share: float = 0.5  # share of a task's pairs held out for evaluation
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Score:
+    nll: float
+    accuracy: float
+
+
+@torch.no_grad()
+def collect_resid(
+    lm: LM, batch: PromptBatch, layers: Iterable[int], batch_size: int = 16, logprobs_for: str | None = None
+) -> tuple[dict[int, torch.Tensor], Score | None]:
+    """resid_pre at `layers` for every prompt ([batch, seq, d_model] each), in mini-batches.
+
+    With logprobs_for='last' the same passes also score the query outputs (ICL accuracy).
+    """
+    layers = sorted(set(layers))
+    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    nll_sum, acc_sum, n = 0.0, 0.0, 0
+    for start in range(0, len(batch), batch_size):
+        sub = batch.slice(start, start + batch_size)
+        scoring = sub.scoring(logprobs_for) if logprobs_for else None
+        out = lm.run(
+            sub.input_ids,
+            sub.attention_mask,
+            read=[Site(l, "resid_pre") for l in layers],
+            logprob_positions=None if scoring is None else scoring.positions,
+        )
+        for l in layers:
+            a = out.acts[Site(l, "resid_pre")]
+            chunks[l].append(torch.nn.functional.pad(a, (0, 0, 0, batch.input_ids.shape[1] - a.shape[1])))
+        if scoring is not None:
+            k = len(sub)
+            nll_sum += scoring.nll(out.logprobs).item() * k
+            acc_sum += scoring.accuracy(out.logprobs).item() * k
+            n += k
+    resid = {l: torch.cat(c) for l, c in chunks.items()}
+    return resid, (Score(nll_sum / n, acc_sum / n) if n else None)
+
+
+def mean_at(resid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of resid [batch, seq, d] over positions where mask [batch, seq] is True -> [d]."""
+    if not mask.any():
+        raise ValueError("no positions selected to average")
+    return resid[mask.to(resid.device)].mean(0)
+
+
+def extract_task_vectors(
+    lm: LM, batch: PromptBatch, layers: Iterable[int], arrows: str = "all", batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """{layer: TV [d_model]}: mean resid_pre[layer] over the chosen arrows of the batch."""
+    resid, _ = collect_resid(lm, batch, layers, batch_size)
+    mask = batch.arrow_mask(arrows)
+    return {l: mean_at(r, mask) for l, r in resid.items()}
+
+
+class ZeroShotSteering:
+    """Scores a vector added at the query arrow of a fixed batch of zero-shot prompts."""
+
+    def __init__(self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1) -> None:
+        self.lm, self.batch = lm, batch
+        self.scoring = batch.scoring("last", n_score_tokens)
+        self.arrow = batch.arrow_mask("last")  # [batch, seq]
+        layers = sorted(set(layers))
+        with torch.no_grad():
+            out = lm.run(
+                batch.input_ids,
+                batch.attention_mask,
+                read=[Site(l, "resid_pre") for l in layers],
+                logprob_positions=self.scoring.positions,
+            )
+        self.cache = {l: out.acts[Site(l, "resid_pre")] for l in layers}  # [batch, seq, d_model]
+        self.baseline = Score(self.scoring.nll(out.logprobs).item(), self.scoring.accuracy(out.logprobs).item())
+
+    def logprobs(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
+        """Differentiable: [n_scored, vocab] log-probs with `vector` [d_model] added at the arrow of resid_pre[layer]."""
+        if layer not in self.cache:
+            raise ValueError(f"layer {layer} was not cached; cached layers: {sorted(self.cache)}")
+        if vector.shape != (self.lm.d_model,):
+            raise ValueError(f"steering vector must be [d_model={self.lm.d_model}], got {tuple(vector.shape)}")
+        out = self.lm.run(
+            self.batch.input_ids,
+            self.batch.attention_mask,
+            start_layer=layer,
+            start_resid=self.cache[layer],
+            interventions=[Intervention(Site(layer, "resid_pre"), self.arrow, vector)],
+            logprob_positions=self.scoring.positions,
+        )
+        return out.logprobs  # type: ignore[return-value]
+
+    def loss(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
+        """Differentiable NLL of the scored output tokens under steering."""
+        return self.scoring.nll(self.logprobs(layer, vector))
+
+    @torch.no_grad()
+    def evaluate(self, layer: int, vector: torch.Tensor) -> Score:
+        lp = self.logprobs(layer, vector)
+        return Score(self.scoring.nll(lp).item(), self.scoring.accuracy(lp).item())
+
+    def relative_loss_decrease(self, score: Score) -> float:
+        """(L_zero - L_steered) / L_zero: 1 = perfect, 0 = no effect, < 0 = worse."""
+        return (self.baseline.nll - score.nll) / self.baseline.nll
+
+
+def task_batches(lm: LM, task: Task, cfg: TaskVectorConfig, fmt: PromptFormat = PromptFormat()) -> tuple[PromptBatch, PromptBatch]:
+    """(n-shot prompts from the training split, zero-shot prompts from the held-out split)."""
+    train, held_out = task.split(cfg.eval_share, cfg.seed)
+    if len(train) < cfg.n_shots + 1:
+        raise ValueError(f"task {task.name}: {len(train)} training pairs, need n_shots + 1 = {cfg.n_shots + 1}")
+    icl = icl_prompts(lm.tokenizer, train, cfg.n_prompts, cfg.n_shots, seed=cfg.seed, fmt=fmt)
+    zero = zero_shot_prompts(lm.tokenizer, held_out, cfg.n_eval, seed=cfg.seed + 1, fmt=fmt)
+    return icl, zero
+
+
+def sweep_task(lm: LM, task: Task, layers: list[int], cfg: TaskVectorConfig) -> list[dict]:
+    """One row per layer: ICL and zero-shot scores, and the TV's steering effect at that layer."""
+    icl, zero = task_batches(lm, task, cfg)
+    resid, icl_score = collect_resid(lm, icl, layers, cfg.batch_size, logprobs_for="last")
+    arrows = icl.arrow_mask(cfg.arrows)
+    steering = ZeroShotSteering(lm, zero, layers, cfg.n_score_tokens)
+    rows = []
+    for layer in layers:
+        tv = mean_at(resid[layer], arrows)
+        s = steering.evaluate(layer, tv)
+        rows.append(
+            dict(
+                task=task.name,
+                layer=layer,
+                icl_nll=icl_score.nll,  # type: ignore[union-attr]
+                icl_accuracy=icl_score.accuracy,  # type: ignore[union-attr]
+                zero_shot_nll=steering.baseline.nll,
+                zero_shot_accuracy=steering.baseline.accuracy,
+                steered_nll=s.nll,
+                steered_accuracy=s.accuracy,
+                relative_loss_decrease=steering.relative_loss_decrease(s),
+                tv_norm=tv.norm().item(),
+            )
+        )
+    return rows

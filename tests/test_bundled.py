@@ -1,0 +1,51 @@
+"""The real bundled Gemma 3 270M: hook sites, tokenization, ICL and task-vector steering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_circuits import Site, build_prompt, load_task
+from icl_circuits.prompts import TOKEN_TYPES
+from icl_circuits.task_vectors import TaskVectorConfig, sweep_task
+
+pytestmark = pytest.mark.bundled
+
+
+def test_bundled_model_shape(bundled):
+    assert (bundled.n_layers, bundled.d_model) == (18, 640)
+    assert bundled.adapter.family == "gemma3"
+
+
+def test_gemma_tokenization_hand_worked(bundled):
+    p = build_prompt(bundled.tokenizer, [("Colombia", "Bogota"), ("Sweden", "Stockholm")])
+    pieces = [bundled.tokenizer.decode([i]) for i in p.ids]
+    assert pieces == ["<bos>", "Follow", " the", " pattern", ":", "\n", "Colombia", " ->", " Bog", "ota", "\n", "Sweden", " ->", " Stockholm"]
+    assert [TOKEN_TYPES[t] for t in p.types] == [
+        "bos", "prompt", "prompt", "prompt", "prompt", "newline",
+        "input", "arrow", "extra", "output", "newline", "input", "arrow", "output",
+    ]  # fmt: skip
+
+
+@torch.no_grad()
+def test_sites_and_resume_on_the_real_model(bundled):
+    p = build_prompt(bundled.tokenizer, [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid")])
+    ids = torch.tensor([p.ids])
+    ref = bundled.model(ids).logits
+    out = bundled.run(ids, read=["resid_pre.12", "resid_mid.12", "attn_out.12"], full_logits=True)
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
+    resumed = bundled.run(ids, start_layer=12, start_resid=out.acts[Site(12, "resid_pre")], full_logits=True)
+    torch.testing.assert_close(resumed.logits, ref, rtol=1e-4, atol=1e-3)
+    a = out.acts
+    torch.testing.assert_close(a[Site(12, "resid_mid")], a[Site(12, "resid_pre")] + a[Site(12, "attn_out")])
+    top = [bundled.tokenizer.decode([int(i)]) for i in ref[0, p.pairs[-1].arrow].topk(5).indices]
+    assert " Madrid" in top, top  # (the 270M model's own top-1 here is ' Barcelona')
+
+
+@pytest.mark.parametrize("task", ["country_capital", "present_simple_past_simple"])
+def test_icl_works_and_layer_12_task_vector_helps(bundled, task):
+    rows = sweep_task(bundled, load_task(task), [12], TaskVectorConfig())
+    r = rows[0]
+    assert r["icl_accuracy"] >= 0.6 and r["icl_accuracy"] - r["zero_shot_accuracy"] >= 0.5, r
+    assert r["steered_nll"] < 0.85 * r["zero_shot_nll"], r  # the layer-12 TV lowers zero-shot NLL
+    assert r["steered_accuracy"] > r["zero_shot_accuracy"], r

@@ -1,0 +1,148 @@
+"""Task vectors and zero-shot steering on a tiny model, against direct transformers computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icl_circuits import Task, icl_prompts, zero_shot_prompts
+from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, extract_task_vectors, sweep_task
+
+from .conftest import make_tiny, word_tokenizer
+
+ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("dark", "light"),
+            ("hard", "soft"), ("tall", "short"), ("rich", "poor"), ("wet", "dry"), ("early", "late"), ("full", "empty")]  # fmt: skip
+UPPER = [(w, w.upper()) for w in ("cat", "dog", "sun", "car", "tree", "book", "fish", "bird", "moon", "star", "milk", "rain")]
+
+
+def _setup(family: str = "gemma3"):
+    lm, _ = make_tiny(family)
+    words = ["Follow", "the", "pattern:", "->"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
+    lm.tokenizer = word_tokenizer(words)
+    return lm
+
+
+def _hf_hidden(lm, ids):
+    with torch.no_grad():
+        return lm.model(torch.tensor([ids]), output_hidden_states=True)
+
+
+def test_task_vector_is_mean_of_hf_hidden_states_at_arrows():
+    lm = _setup()
+    batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=5, n_shots=3, seed=2)
+    tvs = extract_task_vectors(lm, batch, [0, 1], arrows="all", batch_size=2)  # several mini-batches
+    last = extract_task_vectors(lm, batch, [1], arrows="last")
+    for layer in (0, 1):
+        rows, rows_last = [], []
+        for p in batch.prompts:  # each prompt alone, unpadded, through plain transformers
+            h = _hf_hidden(lm, list(p.ids)).hidden_states[layer][0]
+            rows += [h[s.arrow] for s in p.pairs]
+            rows_last.append(h[p.pairs[-1].arrow])
+        torch.testing.assert_close(tvs[layer], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-5)
+        if layer == 1:
+            torch.testing.assert_close(last[1], torch.stack(rows_last).mean(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_steering_matches_direct_full_forward(family):
+    lm = _setup(family)
+    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 6, seed=1)
+    steering = ZeroShotSteering(lm, zero, layers=[1])
+    v = torch.randn(lm.d_model)
+    got = steering.evaluate(1, v)
+
+    # reference: full forward per prompt, a plain forward-pre-hook adding v at the arrow, full logits
+    block = lm.adapter.blocks(lm.model)[1]
+    nlls, hits, base = [], [], []
+    for p in zero.prompts:
+        arrow, target = p.pairs[-1].arrow, p.ids[p.pairs[-1].arrow + 1]
+        for add, sink in ((True, nlls), (False, base)):
+            def hook(m, args, kwargs, add=add):
+                h = args[0].clone()
+                if add:
+                    h[0, arrow] += v
+                return (h, *args[1:]), kwargs
+
+            handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(torch.tensor([p.ids])).logits[0, arrow].float(), -1)
+            handle.remove()
+            sink.append(-logp[target].item())
+            if add:
+                hits.append(float(logp.argmax().item() == target))
+    assert got.nll == pytest.approx(sum(nlls) / len(nlls), rel=1e-5)
+    assert got.accuracy == pytest.approx(sum(hits) / len(hits))
+    assert steering.baseline.nll == pytest.approx(sum(base) / len(base), rel=1e-5)
+    assert steering.relative_loss_decrease(got) == pytest.approx((steering.baseline.nll - got.nll) / steering.baseline.nll)
+
+
+def test_zero_vector_is_no_change_and_padding_does_not_leak():
+    lm = _setup()
+    task = Task("ant", tuple(ANTONYMS))
+    zero = zero_shot_prompts(lm.tokenizer, task, 8, seed=0)
+    steering = ZeroShotSteering(lm, zero, layers=[0, 1])
+    for layer in (0, 1):
+        s = steering.evaluate(layer, torch.zeros(lm.d_model))
+        assert s.nll == pytest.approx(steering.baseline.nll, rel=1e-6)
+    # a prompt scored alone equals the same prompt scored inside a padded batch
+    one = zero.slice(0, 1)
+    alone = ZeroShotSteering(lm, one, layers=[1])
+    v = torch.randn(lm.d_model)
+    lp_batch = steering.logprobs(1, v)[0]
+    lp_alone = alone.logprobs(1, v)[0]
+    torch.testing.assert_close(lp_batch, lp_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_steering_vector_gradient_flows():
+    lm = _setup()
+    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 4)
+    steering = ZeroShotSteering(lm, zero, layers=[1])
+    v = torch.zeros(lm.d_model, requires_grad=True)
+    steering.loss(1, v).backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_icl_scores_and_resid_collection():
+    lm = _setup()
+    batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=3, n_shots=2)
+    resid, score = collect_resid(lm, batch, [1], batch_size=2, logprobs_for="last")
+    assert resid[1].shape == (*batch.input_ids.shape, lm.d_model)
+    assert 0.0 <= score.accuracy <= 1.0 and score.nll > 0
+
+
+def test_bad_inputs():
+    lm = _setup()
+    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 4)
+    steering = ZeroShotSteering(lm, zero, layers=[1])
+    with pytest.raises(ValueError, match="d_model"):
+        steering.evaluate(1, torch.zeros(lm.d_model + 1))
+    with pytest.raises(ValueError, match="not cached"):
+        steering.evaluate(0, torch.zeros(lm.d_model))
+    with pytest.raises(ValueError, match="training pairs"):
+        sweep_task(lm, Task("ant", tuple(ANTONYMS)), [1], TaskVectorConfig(n_shots=16, n_eval=4))
+
+
+def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
+    from icl_circuits import sweep as sweep_mod
+
+    lm = _setup()
+    tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
+    cfg = TaskVectorConfig(n_prompts=3, n_shots=2, n_eval=4, batch_size=2)
+    first = sweep_mod.run_layer_sweep(lm, tasks, [0, 1], cfg, tmp_path, progress=False)
+    assert len(first.rows) == 4 and [b["task"] for b in first.best] == ["ant", "upper", "mean"]
+    for f in ("sweep.json", "sweep.csv", "best_layers.csv", "layer_sweep.png", "layer_sweep.svg"):
+        assert (tmp_path / f).stat().st_size > 0
+    # a crash after the first task, mid-way through writing the second line
+    lines = (tmp_path / "partial.jsonl").read_text().splitlines()
+    (tmp_path / "partial.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    calls = []
+    real = sweep_mod.sweep_task
+    monkeypatch.setattr(sweep_mod, "sweep_task", lambda lm, t, *a: calls.append(t.name) or real(lm, t, *a))
+    second = sweep_mod.run_layer_sweep(lm, tasks, [0, 1], cfg, tmp_path, progress=False)
+    assert calls == ["upper"]
+    assert json.dumps(second.rows) == json.dumps(first.rows)  # seeded: the redone task is identical
+    # another configuration starts afresh
+    sweep_mod.run_layer_sweep(lm, tasks, [0, 1], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4), tmp_path, progress=False)
+    assert calls == ["upper", "ant", "upper"]

@@ -1,0 +1,85 @@
+"""Built-in tasks and user task files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icl_circuits import PAPER_TASKS, TaskFormatError, load_task, load_tasks
+
+
+def test_paper_tasks_ship_with_enough_clean_pairs():
+    assert len(PAPER_TASKS) == 23
+    for name in PAPER_TASKS:
+        task = load_task(name)
+        assert len(task) >= 100, name
+        inputs = [x for x, _ in task.pairs]
+        assert len(set(inputs)) == len(inputs), f"{name}: duplicate inputs"
+
+
+def test_algo_tasks_are_seeded_and_correct():
+    for name, index in (("algo_first", 0), ("algo_second", 1), ("algo_last", -1)):
+        task = load_task(name)
+        assert task == load_task(name)  # same seed, same pairs
+        for x, y in task.pairs:
+            items = x.strip("[]").split(", ")
+            assert len(items) == 4 and len(set(items)) == 4
+            assert y == items[index]
+
+
+def test_a_few_known_facts():
+    cc = dict(load_task("country_capital").pairs)
+    assert cc["France"] == "Paris" and cc["Japan"] == "Tokyo"
+    assert dict(load_task("present_simple_past_simple").pairs)["go"] == "went"
+    assert dict(load_task("singular_plural").pairs)["mouse"] == "mice"
+
+
+def test_split_is_disjoint_and_seeded():
+    task = load_task("antonyms")
+    train, held = task.split(0.25, seed=3)
+    assert len(held) == round(len(task) * 0.25) and len(train) + len(held) == len(task)
+    assert not set(train.pairs) & set(held.pairs)
+    assert task.split(0.25, seed=3) == (train, held)
+    assert task.split(0.25, seed=4)[1] != held
+
+
+def test_user_files_in_every_format_load_the_same(tmp_path):
+    pairs = [("hot", "cold"), ("big", "small"), ("United States", "Washington, D.C.")]
+    (tmp_path / "a.json").write_text(json.dumps([{"input": x, "output": y} for x, y in pairs]))
+    (tmp_path / "b.json").write_text(json.dumps(dict(pairs)))
+    (tmp_path / "c.csv").write_text('input,output\nhot,cold\nbig,small\nUnited States,"Washington, D.C."\n')
+    (tmp_path / "d.csv").write_text('hot,cold\nbig,small\nUnited States,"Washington, D.C."\n')
+    for f in ("a.json", "b.json", "c.csv", "d.csv"):
+        assert load_task(tmp_path / f).pairs == tuple(pairs), f
+    assert [t.name for t in load_tasks(f"{tmp_path / 'a.json'},antonyms")] == ["a", "antonyms"]
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("e.json", "[]", "no pairs"),
+        ("e.json", "{}", "no pairs"),
+        ("e.json", "[{\"input\": \"a\"", "invalid JSON"),
+        ("e.json", "[{\"input\": \"a\", \"answer\": \"b\"}]", "expected"),
+        ("e.json", "[[\"a\", \"b\"]]", "expected"),
+        ("e.json", "\"hello\"", "list of pairs or a dict"),
+        ("e.json", "{\"a\": \"\"}", "empty output"),
+        ("e.json", "{\"a\": 3}", "strings"),
+        ("e.json", "{\"a -> b\": \"c\"}", "contains '->'"),
+        ("e.json", "{\"a\\nb\": \"c\"}", "contains"),
+        ("e.json", "{\" a\": \"b\"}", "whitespace"),
+        ("e.csv", "", "empty CSV"),
+        ("e.csv", "a,b,c\n", "2 columns"),
+        ("e.txt", "a,b\n", "must be .json or .csv"),
+    ],
+)
+def test_malformed_task_files_give_clear_errors(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TaskFormatError, match=match):
+        load_task(tmp_path / name)
+
+
+def test_unknown_task_name():
+    with pytest.raises(FileNotFoundError, match="neither a built-in task"):
+        load_task("capital_country")
