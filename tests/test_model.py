@@ -202,3 +202,38 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown site kind"):
         Site.parse("resid_foo.1")
     assert Site.parse("blocks.1.hook_resid_pre") == Site.parse("resid_pre[1]") == Site(1, "resid_pre")
+
+
+@torch.no_grad()
+def test_fn_intervention_reads_earlier_site_like_a_transcoder():
+    """Replace mlp_out.1 with a function of resid_mid.1 computed in the same pass."""
+    lm, _ = make_tiny("gemma3")
+    ids = _ids()
+    W = torch.randn(lm.d_model, lm.d_model) / lm.d_model**0.5
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    mask[:, 0] = False  # leave position 0 alone
+    iv = Intervention("mlp_out.1", mask, mode="fn", fn=lambda x, value_of: value_of(Site(1, "resid_mid")) @ W)
+    out = lm.run(ids, read=["resid_mid.1", "mlp_out.1", "resid_post.1"], interventions=[iv])
+    a = out.acts
+    expected = torch.where(mask[..., None], a[Site(1, "resid_mid")] @ W, a[Site(1, "mlp_out")])
+    torch.testing.assert_close(a[Site(1, "mlp_out")][:, 1:], (a[Site(1, "resid_mid")] @ W)[:, 1:])
+    torch.testing.assert_close(a[Site(1, "resid_post")], a[Site(1, "resid_mid")] + expected)
+    # reference: the same replacement through a plain hook on the MLP output module
+    clean = lm.run(ids, read=["mlp_out.1"]).acts[Site(1, "mlp_out")]
+    assert not torch.allclose(clean[:, 1:], a[Site(1, "mlp_out")][:, 1:])
+    torch.testing.assert_close(a[Site(1, "mlp_out")][:, 0], clean[:, 0])
+
+
+@torch.no_grad()
+def test_target_logprobs_are_chunked_gathers(tiny):
+    lm, _ = tiny
+    ids = _ids()
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    mask[:, -1] = False
+    targets = ids[:, 1:].reshape(-1)
+    out = lm.run(ids, logprob_positions=mask, targets=targets, full_logits=True)
+    ref = torch.log_softmax(out.logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0].reshape(-1)
+    torch.testing.assert_close(out.target_logprobs, ref)
+    assert out.logprobs is None
+    small = lm._target_logprobs(lm.model.get_output_embeddings().weight[:5] * 0 + 1, torch.arange(5), chunk=2)
+    assert small.shape == (5,)

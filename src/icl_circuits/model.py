@@ -29,12 +29,15 @@ class RunOutput:
         .grad is d(metric)/d(site).
     logprobs: [n_positions, vocab] log-softmax at the positions asked for, in the row-major
         order of the mask (i.e. torch.nonzero order), or None.
+    target_logprobs: [n_positions] log-prob of the given targets, when targets were passed
+        (computed in chunks, so [n_positions, vocab] never exists at once).
     logits: [batch, seq, vocab] only when full_logits=True (tests and baselines).
     """
 
     acts: dict[Site, torch.Tensor] = field(default_factory=dict)
     probes: dict[Site, torch.Tensor] = field(default_factory=dict)
     logprobs: torch.Tensor | None = None
+    target_logprobs: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
     def grad(self, site: SiteLike) -> torch.Tensor:
@@ -83,10 +86,19 @@ class _Pass:
     def touches(self, site: Site) -> bool:
         return site in self.read or site in self.probe or site in self.by_site
 
+    def value_of(self, site: Site) -> torch.Tensor:
+        """A site already computed in this pass (for 'fn' interventions)."""
+        found = {"resid_pre": self.resid_pre, "resid_mid": self.resid_mid}.get(site.kind, {}).get(site.layer)
+        if found is None:
+            found = self.out.acts.get(site)
+        if found is None:
+            raise ValueError(f"{site} is not available yet in this pass (read it, or use an earlier site)")
+        return found
+
     def apply(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """Intervene, add the gradient probe, record; then stop if nothing later is needed."""
         for iv in self.by_site.get(site, ()):
-            x = iv.apply(x)
+            x = iv.apply(x, self.value_of)
         if site in self.probe:
             p = torch.zeros_like(x, requires_grad=True)
             self.out.probes[site] = p
@@ -146,9 +158,14 @@ class LM:
         start_layer: int = 0,
         start_resid: torch.Tensor | None = None,  # [batch, seq, d_model] = resid_pre[start_layer]
         logprob_positions: torch.Tensor | None = None,  # [batch, seq] bool
+        targets: torch.Tensor | None = None,  # [n_positions] token ids, one per True in logprob_positions
         full_logits: bool = False,
     ) -> RunOutput:
-        """One forward pass with hooks. Gradients flow unless the caller uses torch.no_grad()."""
+        """One forward pass with hooks. Gradients flow unless the caller uses torch.no_grad().
+
+        With targets, only their log-probs are returned (RunOutput.target_logprobs), computed
+        chunk by chunk: use this for next-token loss over many positions.
+        """
         read_s = {Site.parse(s) for s in read}
         probe_s = {Site.parse(s) for s in probe}
         touched = read_s | probe_s | {iv.site for iv in interventions}
@@ -175,7 +192,11 @@ class LM:
 
         result = state.out
         if hidden is not None and logprob_positions is not None:
-            result.logprobs = self._logprobs(hidden[logprob_positions.to(hidden.device)])
+            selected = hidden[logprob_positions.to(hidden.device)]  # [n, d_model]
+            if targets is None:
+                result.logprobs = self._logprobs(selected)
+            else:
+                result.target_logprobs = self._target_logprobs(selected, targets.to(hidden.device))
         if hidden is not None and full_logits:
             result.logits = self._logits(hidden)
         return result
@@ -217,6 +238,16 @@ class LM:
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self._logits(hidden), dim=-1)
+
+    def _target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """hidden [n, d_model], targets [n] -> [n]; at most [chunk, vocab] logits alive at once."""
+        if targets.shape != hidden.shape[:1]:
+            raise ValueError(f"targets must be [n_positions={hidden.shape[0]}], got {tuple(targets.shape)}")
+        out = []
+        for i in range(0, hidden.shape[0], chunk):
+            lp = self._logprobs(hidden[i : i + chunk])  # [chunk, vocab]
+            out.append(lp.gather(-1, targets[i : i + chunk, None])[:, 0])
+        return torch.cat(out) if out else hidden.new_zeros(0)
 
     def _check_inputs(
         self,
@@ -295,20 +326,18 @@ class LM:
     @staticmethod
     def _attn_hook(state: _Pass, layer: int) -> Callable:
         attn_site, mid_site = Site(layer, "attn_out"), Site(layer, "resid_mid")
-        need_mid = state.touches(mid_site) or state.touches(Site(layer, "resid_post"))
 
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             a = first_tensor(output)  # [batch, seq, d_model]
             if state.touches(attn_site):
                 a = state.apply(attn_site, a)
-            if need_mid:
-                pre = state.resid_pre[layer]
-                mid = pre + a
-                if state.touches(mid_site):
-                    new_mid = state.apply(mid_site, mid)
-                    if new_mid is not mid:
-                        a, mid = new_mid - pre, new_mid  # the block re-adds pre, giving new_mid
-                state.resid_mid[layer] = mid
+            pre = state.resid_pre[layer]
+            mid = pre + a  # kept for resid_post and for 'fn' interventions (e.g. transcoders)
+            if state.touches(mid_site):
+                new_mid = state.apply(mid_site, mid)
+                if new_mid is not mid:
+                    a, mid = new_mid - pre, new_mid  # the block re-adds pre, giving new_mid
+            state.resid_mid[layer] = mid
             return replace_first(output, a)
 
         return hook

@@ -14,6 +14,7 @@ Every site has shape [batch, seq, d_model].
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,45 +68,58 @@ class Site:
 SiteLike = Site | str | tuple[str, int]
 
 
+# fn(x, value_of) -> new site value; value_of(site) returns a site already computed in this pass
+# (e.g. a transcoder spliced at mlp_out.l reads resid_mid.l).
+SiteFn = Callable[[torch.Tensor, Callable[["Site"], torch.Tensor]], torch.Tensor]
+
+
 @dataclass
 class Intervention:
     """Change a site at chosen token positions, differentiably.
 
     positions: bool mask [batch, seq] (True where the change applies).
     value: broadcastable to [batch, seq, d_model], e.g. a vector [d_model] or one row
-        per position [batch, seq, d_model].
-    mode: 'add' adds value; 'replace' overwrites the site with value.
+        per position [batch, seq, d_model]. Unused when mode='fn'.
+    mode: 'add' adds value; 'replace' overwrites the site with value; 'fn' replaces it with
+        fn(x, value_of) computed during the pass (used to splice SAEs in).
     """
 
     site: Site
     positions: torch.Tensor  # [batch, seq] bool
-    value: torch.Tensor  # [d_model] or broadcastable to [batch, seq, d_model]
-    mode: Literal["add", "replace"] = "add"
+    value: torch.Tensor | None = None  # [d_model] or broadcastable to [batch, seq, d_model]
+    mode: Literal["add", "replace", "fn"] = "add"
+    fn: SiteFn | None = None
 
     def __post_init__(self) -> None:
         self.site = Site.parse(self.site)
-        if self.mode not in ("add", "replace"):
-            raise ValueError(f"mode must be 'add' or 'replace', got {self.mode!r}")
+        if self.mode not in ("add", "replace", "fn"):
+            raise ValueError(f"mode must be 'add', 'replace' or 'fn', got {self.mode!r}")
+        if (self.mode == "fn") != (self.fn is not None) or (self.mode != "fn" and self.value is None):
+            raise ValueError("mode 'fn' takes fn=...; modes 'add' and 'replace' take value=...")
         if self.positions.dtype != torch.bool or self.positions.dim() != 2:
             raise ValueError(
                 f"positions must be a bool mask [batch, seq], got dtype {self.positions.dtype} "
                 f"shape {tuple(self.positions.shape)}"
             )
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, value_of: Callable[[Site], torch.Tensor] | None = None) -> torch.Tensor:
         """x: [batch, seq, d_model] -> same shape with the change applied."""
         if self.positions.shape != x.shape[:2]:
             raise ValueError(
                 f"intervention at {self.site}: positions mask has shape {tuple(self.positions.shape)} "
                 f"but the activation is [batch, seq] = {tuple(x.shape[:2])}"
             )
-        if self.value.shape[-1] != x.shape[-1]:
+        if self.mode == "fn":
+            assert self.fn is not None and value_of is not None
+            value = self.fn(x, value_of)
+        else:
+            value = self.value  # type: ignore[assignment]
+        if value.shape[-1] != x.shape[-1]:
             raise ValueError(
-                f"intervention at {self.site}: value has last dim {self.value.shape[-1]}, "
-                f"site has d_model {x.shape[-1]}"
+                f"intervention at {self.site}: value has last dim {value.shape[-1]}, site has d_model {x.shape[-1]}"
             )
         mask = self.positions.to(x.device).unsqueeze(-1)  # [batch, seq, 1]
-        value = self.value.to(device=x.device, dtype=x.dtype)
+        value = value.to(device=x.device, dtype=x.dtype)
         if self.mode == "add":
             return x + mask.to(x.dtype) * value
         return torch.where(mask, value.expand_as(x), x)
