@@ -49,3 +49,32 @@ def test_task_vectors_command_on_local_folder(tmp_path, capsys):
     result = json.loads((out / "sweep.json").read_text())
     assert [r["layer"] for r in result["rows"]] == [0, 1]
     assert (out / "layer_sweep.png").stat().st_size > 1000
+
+
+def test_sae_train_and_eval_commands(tmp_path, capsys):
+    import random
+
+    lm, _ = make_tiny("llama")
+    words = [f"w{i}" for i in range(50)]
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    word_tokenizer(words).save_pretrained(model_dir)
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n" for _ in range(30)))
+    out = tmp_path / "saes"
+    args = ["sae", "train", "--model", str(model_dir), "--saes", "resid:1,transcoder:0", "--corpus", str(corpus),
+            "--out", str(out), "--d-sae", "16", "--tokens", "400", "--batch-tokens", "64", "--seq-len", "16",
+            "--eval-docs", "4", "--param-dtype", "float32", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "resid_pre.1" in printed and "resid_mid.0" in printed and "CE rec." in printed
+    evals = json.loads((out / "eval.json").read_text())
+    assert {e["site"] for e in evals} == {"resid_pre.1", "resid_mid.0"} and all(e["n_tokens"] > 0 for e in evals)
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert main(["sae", "eval", "--model", str(model_dir), "--sae", str(out / "saelens" / "resid_1"), "--corpus", str(corpus),
+                 "--eval-docs", "4", "--seq-len", "16", "--out", str(tmp_path / "e.json"), "--quiet"]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "e.json").read_text())[0]
+    first = next(e for e in evals if e["site"] == "resid_pre.1")
+    assert again["ce_spliced"] == first["ce_spliced"] and again["l0"] == first["l0"]  # SAELens export = our SAE
+    assert main(["sae", "train", "--saes", "mlp:3", "--model", "/nonexistent"]) == 2

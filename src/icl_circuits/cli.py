@@ -2,6 +2,9 @@
 
     icl-circuits tasks
     icl-circuits task-vectors --model gemma-3-270m --tasks all [--layers 0-17] [--out runs/tv]
+    icl-circuits sae train --model gemma-3-270m --saes resid:12,attn:12,transcoder:12 --corpus generated:2048 --out runs/saes
+    icl-circuits sae eval --model gemma-3-270m --sae runs/saes/saes/resid_12 --corpus generated:2048
+    torchrun --nproc_per_node 2 -m icl_circuits.cli sae train ...   (SAEs spread over ranks)
 """
 
 from __future__ import annotations
@@ -68,6 +71,89 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_eval(results: list) -> None:
+    print(f"\n{'SAE site':16s} {'tokens':>7s} {'L0':>7s} {'FVE':>6s} {'dead':>6s} {'CE clean':>8s} {'CE SAE':>8s} {'CE zero':>8s} {'CE rec.':>7s}")
+    for r in results:
+        print(
+            f"{r.site:16s} {r.n_tokens:7d} {r.l0:7.1f} {r.fve:6.3f} {r.dead_fraction:6.3f} "
+            f"{r.ce_clean:8.3f} {r.ce_spliced:8.3f} {r.ce_zero:8.3f} {r.ce_loss_recovered:7.3f}"
+        )
+
+
+def _eval_batches(lm, docs, n_docs: int, seq_len: int):  # type: ignore[no-untyped-def]
+    from .sae.activations import held_out_batches
+
+    batches = held_out_batches(lm.tokenizer, docs, n_docs, seq_len=seq_len, batch_size=8)
+    if not batches:
+        raise ValueError(f"no held-out evaluation tokens in the first {n_docs} documents")
+    return batches
+
+
+def cmd_sae_train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .corpus import from_spec
+    from .loading import load_model
+    from .plots import plot_training_curves
+    from .sae.evaluation import evaluate_saes
+    from .sae.training import SAESpec, TrainConfig, init_distributed_from_env, train_saes
+    from .storage import write_json
+
+    specs = [s for s in args.saes.split(",") if s]
+    for s in specs:
+        SAESpec.parse(s)  # fail on a bad spec before the slow model load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = init_distributed_from_env()
+    lm = load_model(args.model)
+    docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    cfg = TrainConfig(
+        specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
+        seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
+        dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
+        skip_docs=args.eval_docs, seed=args.seed,
+    )  # fmt: skip
+    saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return 0
+        from .sae.formats import load_sae
+
+        saes = {SAESpec.parse(s).name: load_sae(args.out / "saes" / SAESpec.parse(s).name) for s in specs}
+    records = [json.loads(l) for l in (args.out / "metrics.jsonl").read_text().splitlines()] if (args.out / "metrics.jsonl").is_file() else []
+    if records:
+        plot_training_curves(records, args.out / "training_curves")
+    if args.eval_docs:
+        results = evaluate_saes(lm, list(saes.values()), _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
+        write_json(args.out / "eval.json", [r.to_dict() for r in results])
+        _print_eval(results)
+    print(f"\nSAEs in {args.out / 'saes'} (ours) and {args.out / 'saelens'} (SAELens format)")
+    return 0
+
+
+def cmd_sae_eval(args: argparse.Namespace) -> int:
+    from .corpus import from_spec
+    from .loading import load_model
+    from .sae.evaluation import evaluate_saes
+    from .sae.formats import load_any
+    from .storage import write_json
+
+    saes = [load_any(p) for p in args.sae]
+    lm = load_model(args.model)
+    docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    results = evaluate_saes(lm, saes, _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
+    _print_eval(results)
+    if args.out:
+        write_json(args.out, [r.to_dict() for r in results])
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icl-circuits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"icl-circuits {__version__}")
@@ -90,6 +176,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_task_vectors)
+
+    sae = sub.add_parser("sae", help="train and evaluate SAEs / transcoders").add_subparsers(dest="sae_command", required=True)
+    corpus_help = "'generated:N' (model-sampled, offline), 'hf:NAME[:CONFIG]' (online), or .txt/.jsonl paths/globs"
+    s = sae.add_parser("train", help="train SAEs on one activation stream (resumes if --out holds a checkpoint)")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--saes", default="resid:12", help="comma-separated kind:layer, kind in resid|attn|transcoder")
+    s.add_argument("--corpus", default="generated:2048", help=corpus_help)
+    s.add_argument("--out", type=Path, default=Path("runs/saes"))
+    s.add_argument("--arch", choices=["gated", "relu", "topk"], default="gated")
+    s.add_argument("--d-sae", type=int, default=4096)
+    s.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (epochs repeat a short corpus)")
+    s.add_argument("--batch-tokens", type=int, default=1024)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--l1", type=float, default=None, help="sparsity coefficient (default: per arch)")
+    s.add_argument("--k", type=int, default=32, help="TopK only")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--param-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--dead-window", type=int, default=1000, help="batches in the dead-feature density window")
+    s.add_argument("--dead-steps", type=int, default=2000, help="steps without firing that make a feature dead")
+    s.add_argument("--checkpoint-every", type=int, default=200)
+    s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sae_train)
+
+    s = sae.add_parser("eval", help="L0, FVE, dead fraction, CE loss recovered on held-out tokens")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--sae", action="append", required=True, help="an SAE folder/file in any supported format (repeatable)")
+    s.add_argument("--corpus", default="generated:2048", help=corpus_help)
+    s.add_argument("--eval-docs", type=int, default=64)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sae_eval)
     return p
 
 

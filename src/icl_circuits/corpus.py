@@ -192,9 +192,12 @@ def _sample_batch(lm: Any, s: GenSettings, batch: int, eos: set[int], bos: int) 
         else:
             logits = logits / s.temperature
             if s.top_k is not None:
-                kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [batch, 1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]  # [batch]
+                # exact top-k sampling that touches only k logits after one topk over the vocab
+                vals, idx = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1)  # [batch, k]
+                pick = torch.multinomial(vals.softmax(-1), 1, generator=gen)  # [batch, 1]
+                nxt = idx.gather(-1, pick)[:, 0]  # [batch]
+            else:
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]  # [batch]
         if len(eos_t):
             nxt = torch.where(done, eos_t[0], nxt)  # finished rows only repeat EOS
         tokens.append(nxt)
@@ -280,3 +283,25 @@ def generated(
         bar.update(len(new))
     bar.close()
     return docs[:n_docs]
+
+
+def from_spec(spec: str, lm: Any, progress: bool = True) -> Iterable[str]:
+    """A corpus from a command-line spec.
+
+    'generated:N'          N documents the model samples from BOS (top-k 50, seed 0), cached on disk;
+                           sampled with a bfloat16 copy of the bundled model (only the text is used)
+    'hf:NAME[:CONFIG]'     a streaming Hugging Face dataset (online only), e.g. hf:HuggingFaceFW/fineweb:sample-10BT
+    'PATH[,PATH...]'       .txt / .jsonl files, directories or globs
+    """
+    if spec.startswith("generated:"):
+        from .loading import cache_dir, load_model
+
+        n = int(spec.split(":", 1)[1])
+        sampler = load_model(lm.name, dtype=torch.bfloat16) if lm.name == "gemma-3-270m" else lm
+        name = lm.name.replace("/", "_")
+        cache = cache_dir() / "corpus" / f"{name}-top50-seed0.jsonl"
+        return generated(sampler, n, top_k=50, seed=0, batch_size=128, cache_path=cache, progress=progress)[:n]
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        return hf_dataset(name, config=config or None)
+    return text_files([p for p in spec.split(",") if p])

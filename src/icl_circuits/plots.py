@@ -33,3 +33,25 @@ def plot_layer_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
+
+
+def plot_training_curves(records: list[dict], stem: str | Path) -> list[Path]:
+    """SAE training: loss, L0, dead fraction and FVE against tokens, one line per SAE."""
+    names = sorted({r["sae"] for r in records})
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for name in names:
+        rs = [r for r in records if r["sae"] == name]
+        x = [r["tokens"] for r in rs]
+        for ax, key in zip(axes, ("loss", "l0", "dead_fraction", "fve")):
+            ax.plot(x, [r[key] for r in rs], label=name, lw=1)
+    for ax, title in zip(axes, ("loss", "L0 (active latents / token)", "dead fraction", "FVE (train batch)")):
+        ax.set_title(title)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths

@@ -22,10 +22,13 @@ from .formats import (
     save_saelens,
     with_config,
 )
+from .trainers import SAETrainer, TrainerConfig
+
+# training/evaluation import the model stack; import them as icl_circuits.sae.training / .evaluation
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "JumpReLUSAE", "SAEConfig", "SAE_KINDS", "check_shapes",
     "detect_format", "expected_shapes", "fold_b_dec_into_b_enc", "gated_to_jumprelu", "load_any",
     "load_dictionary_learning", "load_gemma_scope", "load_sae", "load_saelens", "save_sae",
-    "save_saelens", "with_config",
+    "save_saelens", "with_config", "SAETrainer", "TrainerConfig",
 ]  # fmt: skip

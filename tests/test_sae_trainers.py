@@ -1,0 +1,390 @@
+"""SAE / transcoder trainers (paper App. B recipe): recovery of planted features, exact export,
+normalisation, dead-feature tracking, ghost grads, exact resume, NaN safety."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from icl_circuits.sae import SAEConfig
+from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
+
+D_IN, N_PLANTED = 32, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: a second thread only adds contention on a shared 2-core machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def planted(seed: int = 1) -> tuple[torch.Tensor, torch.Generator]:
+    """64 random unit directions in 32 dims [64, 32] and the generator to draw batches from."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(N_PLANTED, D_IN, generator=g)
+    return dirs / dirs.norm(dim=-1, keepdim=True), g
+
+
+def sparse_batch(dirs: torch.Tensor, g: torch.Generator, n: int = 256) -> torch.Tensor:
+    """~3 active directions per row with magnitudes U(1, 3): [n, 32]."""
+    active = torch.rand(n, N_PLANTED, generator=g) < 3 / N_PLANTED
+    mags = 1 + 2 * torch.rand(n, N_PLANTED, generator=g)
+    return (active * mags) @ dirs
+
+
+def sae_cfg(d_sae: int, *, k: int | None = None, d_in: int = D_IN) -> SAEConfig:
+    return SAEConfig(d_in=d_in, d_sae=d_sae, site="resid_pre.3", layer=3, model="toy", k=k)
+
+
+def tc_cfg(d_sae: int, d_in: int = D_IN, d_out: int = D_IN) -> SAEConfig:
+    return SAEConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, kind="transcoder", site="resid_mid.3",
+                     out_site="mlp_out.3", layer=3, model="toy")  # fmt: skip
+
+
+def fve(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    return (1 - (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+
+
+def recovered(dirs: torch.Tensor, W_dec: torch.Tensor) -> int:
+    """How many planted directions have a decoder row with cosine > 0.9."""
+    W = W_dec.float()
+    W = W / W.norm(dim=-1, keepdim=True)
+    return int(((dirs @ W.T).max(dim=1).values > 0.9).sum())
+
+
+# -- recovery of a planted dictionary ------------------------------------------------------------
+# toy-scale sparsity coefficients (the defaults are for LM activations); gated needs more (see DEFAULT_L1)
+RECIPES = {"relu": dict(l1_coeff=1.5), "gated": dict(l1_coeff=10.0), "topk": dict(k=4)}
+# bars with margin over what 5 data/init seeds reach at 1000 steps (FVE, L0): relu 0.87-0.88, ~10;
+# gated 0.82-0.84, ~4.5 (its gate flips make the loss noisier under beta1 = 0); topk 0.88-0.89, 4
+MIN_FVE = {"relu": 0.83, "gated": 0.78, "topk": 0.83}
+MAX_L0 = {"relu": 14, "gated": 7, "topk": 4}
+
+
+def train_planted(arch: str, steps: int, **kw) -> tuple[SAETrainer, torch.Tensor, torch.Generator]:
+    dirs, g = planted()
+    cfg = TrainerConfig(arch=arch, d_in=D_IN, d_sae=128, **{"param_dtype": "float32", **RECIPES[arch], **kw})
+    tr = SAETrainer(cfg, sae_cfg(128, k=cfg.k if arch == "topk" else None))
+    for _ in range(steps):
+        tr.step(sparse_batch(dirs, g))
+    return tr, dirs, g
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "topk"])
+def test_recovers_planted_dictionary(arch: str) -> None:
+    tr, dirs, g = train_planted(arch, 1000)
+    sae = tr.to_jumprelu()  # evaluate the export, in model units, on held-out data
+    x = sparse_batch(dirs, g, 4096)
+    with torch.no_grad():
+        f = sae.encode(x)
+        score = fve(x, sae.decode(f))
+    assert score > MIN_FVE[arch], f"{arch}: held-out FVE {score:.3f}"
+    assert (f > 0).sum(-1).float().mean() <= MAX_L0[arch]  # sparse (true L0 is 3)
+    assert recovered(dirs, sae.W_dec) >= 56, f"{arch}: recovered {recovered(dirs, sae.W_dec)}/64"
+
+
+def test_bf16_default_gated_trains() -> None:
+    dirs, g = planted()
+    cfg = TrainerConfig(d_in=D_IN, d_sae=128, l1_coeff=10.0)  # default arch (gated) and dtype (bf16)
+    assert cfg.arch == "gated" and cfg.param_dtype == "bfloat16"
+    tr = SAETrainer(cfg, sae_cfg(128))
+    for _ in range(1000):
+        tr.step(sparse_batch(dirs, g))
+    assert tr.params["W_enc"].dtype == torch.bfloat16 and tr.params["b_gate"].dtype == torch.float32
+    sae = tr.to_jumprelu()
+    assert sae.dtype == torch.float32
+    x = sparse_batch(dirs, g, 4096)
+    with torch.no_grad():
+        score = fve(x, sae(x))
+    assert score > 0.7, f"held-out FVE {score:.3f}"  # 5 seeds: 0.76-0.78 (bf16 weights, lr 1e-3)
+    assert recovered(dirs, sae.W_dec) >= 56
+
+
+def test_transcoder_trains_and_exports_in_model_units() -> None:
+    dirs, g = planted()
+    M = 3.0 * torch.randn(D_IN, D_IN, generator=torch.Generator().manual_seed(7)) / math.sqrt(D_IN)  # [32, 32]
+    cfg = TrainerConfig(arch="relu", d_in=D_IN, d_sae=128, d_out=D_IN, l1_coeff=1.5, param_dtype="float32")
+    tr = SAETrainer(cfg, tc_cfg(128))
+    for _ in range(1000):
+        x = sparse_batch(dirs, g)
+        out = tr.step(x, x @ M)
+    assert out["fve"] > 0.8
+    assert tr.s_in != pytest.approx(tr.s_out, rel=0.1)  # separate scales (M changes the norm ~3x)
+
+    x = sparse_batch(dirs, g, 2048)
+    y = x @ M
+    sae = tr.to_jumprelu()
+    assert sae.cfg.kind == "transcoder" and sae.cfg.out_site == "mlp_out.3" and sae.cfg.model == "toy"
+    assert (sae.cfg.input_scale, sae.cfg.output_scale) == (tr.s_in, tr.s_out)
+    P = {k: v.detach().float() for k, v in tr.params.items()}
+    with torch.no_grad():
+        f = torch.relu((x * tr.s_in) @ P["W_enc"] + P["b_enc"])  # [n, d_sae]
+        y_hat = (f @ P["W_dec"] + P["b_dec"]) / tr.s_out  # [n, d_out] trainer predicts y * s_out
+        torch.testing.assert_close(sae(x), y_hat, rtol=1e-5, atol=1e-5)
+        assert fve(y, sae(x)) > 0.8
+
+
+def test_transcoder_with_different_d_out_needs_targets() -> None:
+    cfg = TrainerConfig(arch="relu", d_in=8, d_sae=16, d_out=12)
+    tr = SAETrainer(cfg, tc_cfg(16, d_in=8, d_out=12))
+    with pytest.raises(ValueError, match="needs targets"):
+        tr.step(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="d_out=12"):
+        tr.step(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="d_in=8"):
+        tr.step(torch.randn(4, 9), torch.randn(4, 12))
+    tr.step(torch.randn(4, 8), torch.randn(4, 12))
+    assert tr.to_jumprelu().W_dec.shape == (16, 12)
+
+
+# -- exactness of the export ---------------------------------------------------------------------
+def test_gated_export_is_exact() -> None:
+    cfg = TrainerConfig(arch="gated", d_in=16, d_sae=40)
+    tr = SAETrainer(cfg, sae_cfg(40, d_in=16))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random gated parameters, stored bf16/fp32 as in training
+        tr.params["W_enc"].copy_(torch.randn(16, 40, generator=g) / 4)
+        tr.params["W_dec"].copy_(torch.randn(40, 16, generator=g))
+        tr.params["b_dec"].copy_(torch.randn(16, generator=g))
+        tr.params["b_gate"].copy_(torch.randn(40, generator=g))
+        tr.params["b_mag"].copy_(torch.randn(40, generator=g))
+        tr.params["r_mag"].copy_(0.5 * torch.randn(40, generator=g))
+    tr.set_normalisation(0.7, 1.3)
+    x = torch.randn(512, 16, generator=g) * 2
+
+    P = {k: v.detach().float() for k, v in tr.params.items()}
+    e = (x * 0.7) @ P["W_enc"]  # [n, d_sae]
+    gate = e + P["b_gate"]
+    mag = e * torch.exp(P["r_mag"]) + P["b_mag"]
+    f_ref = (gate > 0).float() * torch.relu(mag)  # the gated formula
+    thr = P["b_mag"] - torch.exp(P["r_mag"]) * P["b_gate"]
+    # the cases the conversion must get right: negative and positive thresholds, and inputs whose
+    # magnitude lies between 0 and the threshold (gate and relu disagree there)
+    assert (thr < 0).any() and (thr > 0).any()
+    assert ((gate <= 0) & (mag > 0)).sum() > 50  # 0 < mag < thr: gate closed, must be zeroed
+    assert ((gate > 0) & (mag <= 0)).sum() > 50  # thr < mag < 0: gate open, relu zeroes it
+
+    sae = tr.to_jumprelu()
+    with torch.no_grad():
+        f = sae.encode(x)
+        torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(f), (f_ref @ P["W_dec"] + P["b_dec"]) / 1.3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_relu_topk_export_is_exact(arch: str) -> None:
+    cfg = TrainerConfig(arch=arch, d_in=16, d_sae=40, k=5)
+    tr = SAETrainer(cfg, sae_cfg(40, d_in=16, k=5 if arch == "topk" else None))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        tr.params["W_enc"].copy_(torch.randn(16, 40, generator=g) / 4)
+        tr.params["b_enc"].copy_(torch.randn(40, generator=g) * 0.5)
+        tr.params["b_dec"].copy_(torch.randn(16, generator=g))
+    tr.set_normalisation(0.7)
+    x = torch.randn(256, 16, generator=g)
+    P = {k: v.detach().float() for k, v in tr.params.items()}
+    f_ref = torch.relu((x * 0.7) @ P["W_enc"] + P["b_enc"])  # [n, d_sae]
+    if arch == "topk":
+        kth = f_ref.sort(dim=-1, descending=True).values[:, 4:5]  # 5th largest per row
+        f_ref = f_ref * (f_ref >= kth)
+        assert ((f_ref > 0).sum(-1) == 5).all()
+    sae = tr.to_jumprelu()
+    assert sae.cfg.k == (5 if arch == "topk" else None) and (sae.threshold == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x), (f_ref @ P["W_dec"] + P["b_dec"]) / 0.7, rtol=1e-5, atol=1e-5)
+
+
+# -- init, config checks -------------------------------------------------------------------------
+@pytest.mark.parametrize("d_sae", [48, 8])
+def test_init(d_sae: int) -> None:
+    tr = SAETrainer(TrainerConfig(d_in=16, d_sae=d_sae), sae_cfg(d_sae, d_in=16))  # gated, bf16
+    p = tr.params
+    W = p["W_enc"].float()  # [16, d_sae]
+    gram = W @ W.T if d_sae >= 16 else W.T @ W  # orthonormal rows (wide) or columns (tall)
+    torch.testing.assert_close(gram, torch.eye(min(16, d_sae)), atol=2e-2, rtol=0)
+    assert torch.equal(p["W_dec"], p["W_enc"].T)
+    assert p["W_enc"].dtype == p["W_dec"].dtype == p["r_mag"].dtype == torch.bfloat16
+    for name in ("b_gate", "b_mag", "b_dec"):
+        assert p[name].dtype == torch.float32 and (p[name] == 0).all()
+    assert (p["r_mag"] == 0).all()
+    # same seed, same init; another seed, another init
+    again = SAETrainer(TrainerConfig(d_in=16, d_sae=d_sae), sae_cfg(d_sae, d_in=16))
+    other = SAETrainer(TrainerConfig(d_in=16, d_sae=d_sae, seed=1), sae_cfg(d_sae, d_in=16))
+    assert torch.equal(again.params["W_enc"], p["W_enc"]) and not torch.equal(other.params["W_enc"], p["W_enc"])
+
+
+def test_init_relu_and_transcoder_decoder() -> None:
+    tr = SAETrainer(TrainerConfig(arch="relu", d_in=16, d_sae=48, param_dtype="float32"), sae_cfg(48, d_in=16))
+    assert set(tr.params) == {"W_enc", "b_enc", "W_dec", "b_dec"} and tr.params["W_enc"].dtype == torch.float32
+    tc = SAETrainer(TrainerConfig(arch="relu", d_in=8, d_sae=48, d_out=12), tc_cfg(48, d_in=8, d_out=12))
+    W_dec = tc.params["W_dec"].float()  # [48, 12], its own orthogonal init: orthonormal columns
+    torch.testing.assert_close(W_dec.T @ W_dec, torch.eye(12), atol=2e-2, rtol=0)
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="d_sae"):
+        SAETrainer(TrainerConfig(d_in=16, d_sae=32), sae_cfg(48, d_in=16))
+    with pytest.raises(ValueError, match="arch"):
+        TrainerConfig(arch="jumprelu", d_in=4, d_sae=8)
+    with pytest.raises(ValueError, match="k="):
+        SAETrainer(TrainerConfig(arch="topk", d_in=16, d_sae=32, k=8), sae_cfg(32, d_in=16, k=4))
+    assert TrainerConfig(d_in=4, d_sae=8).l1_coeff > 0 and TrainerConfig(arch="relu", d_in=4, d_sae=8).l1_coeff > 0
+
+
+# -- normalisation -------------------------------------------------------------------------------
+def test_normalisation_estimate() -> None:
+    cfg = TrainerConfig(arch="relu", d_in=8, d_sae=16, d_out=6, norm_batches=3, param_dtype="float32")
+    tr = SAETrainer(cfg, tc_cfg(16, d_in=8, d_out=6))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 8, generator=g) * s for n, s in [(10, 1.0), (30, 3.0), (20, 0.5), (50, 9.0), (5, 2.0)]]
+    ys = [torch.randn(x.shape[0], 6, generator=g) * 5 for x in xs]
+    tr.step(xs[0], ys[0])
+    assert tr.s_in == pytest.approx(math.sqrt(8) / xs[0].norm(dim=-1).mean().item(), rel=1e-6)  # running estimate
+    for x, y in zip(xs[1:], ys[1:]):
+        tr.step(x, y)
+    first_x, first_y = torch.cat(xs[:3]), torch.cat(ys[:3])  # only the first norm_batches batches count
+    assert tr.s_in == pytest.approx(math.sqrt(8) / first_x.norm(dim=-1).mean().item(), rel=1e-6)
+    assert tr.s_out == pytest.approx(math.sqrt(6) / first_y.norm(dim=-1).mean().item(), rel=1e-6)
+    sae = tr.to_jumprelu()
+    assert (sae.cfg.input_scale, sae.cfg.output_scale) == (tr.s_in, tr.s_out)
+
+    fixed = SAETrainer(cfg, tc_cfg(16, d_in=8, d_out=6))
+    fixed.set_normalisation(0.25, 4.0)
+    fixed.step(xs[3], ys[3])
+    assert (fixed.s_in, fixed.s_out) == (0.25, 4.0)
+    off = SAETrainer(TrainerConfig(arch="relu", d_in=8, d_sae=16, normalize=False), sae_cfg(16, d_in=8))
+    off.step(xs[3])
+    assert (off.s_in, off.s_out) == (1.0, 1.0)
+
+
+# -- dead features -------------------------------------------------------------------------------
+def test_dead_tracking_hand_worked() -> None:
+    # identity encoder, lr 0: feature j fires on a row iff x[row, j] > -b_enc[j]
+    cfg = TrainerConfig(arch="relu", d_in=4, d_sae=4, lr=0.0, dead_steps=5, dead_window=8, dead_density=0.02,
+                        normalize=False, param_dtype="float32")  # fmt: skip
+    tr = SAETrainer(cfg, sae_cfg(4, d_in=4))
+    with torch.no_grad():
+        tr.params["W_enc"].copy_(torch.eye(4))
+        tr.params["b_enc"].copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0]))
+
+    def batch(t: int) -> torch.Tensor:
+        x = -torch.ones(100, 4)  # [100, 4]
+        x[:, 1] = 1.0 if t % 3 == 0 else -1.0  # feature 1: every 3rd step, all rows
+        x[0, 2] = 1.0  # feature 2: every step but 1 row in 100 (density 0.01 < 0.02)
+        x[:, 3] = 1.0  # feature 3: always
+        return x  # feature 0 never fires
+
+    expected = {  # step -> dead features after that many steps
+        **{t: [] for t in range(1, 5)},
+        **{t: [0] for t in range(5, 8)},  # never fired for dead_steps = 5 steps
+        **{t: [0, 2] for t in range(8, 13)},  # window of 8 full: feature 2's density 0.01 < 0.02
+    }
+    assert not tr.dead_mask().any()
+    for t in range(1, 13):
+        out = tr.step(batch(t))
+        dead = tr.dead_mask().nonzero().squeeze(-1).tolist()
+        assert dead == expected[t], f"after step {t}: dead {dead}, expected {expected[t]}"
+        assert out["dead_fraction"] == len(expected.get(t - 1, [])) / 4  # the mask the step used
+    assert tr.steps_since_fire.tolist() == [12, 0, 0, 0]  # step 12 is a multiple of 3
+    # the density condition lifts once a feature fires often enough again
+    with torch.no_grad():
+        tr.params["b_enc"][2] = 10.0
+    for _ in range(8):
+        tr.step(batch(3))  # feature 1 keeps firing
+    assert tr.dead_mask().nonzero().squeeze(-1).tolist() == [0]
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "topk"])
+def test_ghost_grads_reach_only_dead_features(arch: str) -> None:
+    cfg = TrainerConfig(arch=arch, d_in=16, d_sae=32, k=4, param_dtype="float32")
+    tr = SAETrainer(cfg, sae_cfg(32, d_in=16, k=4 if arch == "topk" else None))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # make it less symmetric than the init
+        for p in tr.params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randn(64, 16, generator=g)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 5, 6, 20]] = True
+    L = tr.losses(x, x, dead)
+    assert L["ghost"].item() == pytest.approx(L["recon"].item() * 4 / 32, rel=1e-5)  # rescaled to recon * frac
+    names = list(tr.params)
+    grads = dict(zip(names, torch.autograd.grad(L["ghost"], [tr.params[n] for n in names], allow_unused=True)))
+    assert (grads["W_enc"][:, ~dead] == 0).all() and (grads["W_enc"][:, dead] != 0).all()
+    assert (grads["W_dec"][~dead] == 0).all() and (grads["W_dec"][dead] != 0).all()
+    assert grads["b_dec"] is None or (grads["b_dec"] == 0).all()
+    bias = "b_mag" if arch == "gated" else "b_enc"
+    assert (grads[bias][~dead] == 0).all() and (grads[bias][dead] != 0).all()
+    if arch == "gated":
+        assert (grads["r_mag"][~dead] == 0).all() and (grads["r_mag"][dead] != 0).all()
+        assert grads["b_gate"] is None or (grads["b_gate"] == 0).all()
+    # no dead features, or ghost grads off: no ghost loss
+    assert tr.losses(x, x, torch.zeros(32, dtype=torch.bool))["ghost"].item() == 0
+    tr.cfg.ghost_grads = False
+    assert tr.losses(x, x, dead)["ghost"].item() == 0
+
+
+# -- resume, NaN ---------------------------------------------------------------------------------
+def test_resume_is_exact() -> None:
+    dirs, _ = planted()
+    data = torch.Generator().manual_seed(11)
+    batches = [sparse_batch(dirs, data, 64) for _ in range(60)]
+    # bf16 gated, ghost grads active (small dead_steps), normalisation still being estimated at step 30
+    cfg = TrainerConfig(d_in=D_IN, d_sae=64, dead_steps=3, dead_window=7, dead_density=0.3, norm_batches=40)
+
+    straight = SAETrainer(cfg, sae_cfg(64))
+    logs_a = [straight.step(b) for b in batches]
+
+    first = SAETrainer(cfg, sae_cfg(64))
+    for b in batches[:30]:
+        first.step(b)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = SAETrainer(cfg, sae_cfg(64))
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    logs_b = [second.step(b) for b in batches[30:]]
+
+    assert any(log["ghost"] > 0 for log in logs_a[30:])  # the dead-feature path was exercised
+    for n, p in straight.params.items():
+        torch.testing.assert_close(second.params[n], p, rtol=1e-6, atol=1e-6)
+    for a, b in zip(logs_a[30:], logs_b):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert second.n_steps == 60 and second.s_in == straight.s_in
+    assert torch.equal(second.steps_since_fire, straight.steps_since_fire)
+    assert torch.equal(second.fire_buf, straight.fire_buf)
+
+    other = SAETrainer(TrainerConfig(d_in=D_IN, d_sae=64), sae_cfg(64))
+    with pytest.raises(ValueError, match="config differs"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_nan_batch_raises_and_changes_nothing() -> None:
+    dirs, g = planted()
+    cfg = TrainerConfig(d_in=D_IN, d_sae=64, norm_batches=20)
+    tr = SAETrainer(cfg, sae_cfg(64))
+    for _ in range(5):
+        tr.step(sparse_batch(dirs, g, 64))
+    before = {k: v.detach().clone() for k, v in tr.params.items()}
+    opt_before = {i: {k: v.clone() for k, v in s.items()} for i, s in tr.opt.state_dict()["state"].items()}
+    counters = (tr.n_steps, tr.s_in, tr.norm_count, tr.steps_since_fire.clone(), tr.fire_buf.clone())
+
+    x = sparse_batch(dirs, g, 64)
+    x[3, 7] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        tr.step(x)
+    for k, v in tr.params.items():
+        assert torch.equal(v, before[k])
+    for i, s in tr.opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, opt_before[i][k])
+    assert (tr.n_steps, tr.s_in, tr.norm_count) == counters[:3]
+    assert torch.equal(tr.steps_since_fire, counters[3]) and torch.equal(tr.fire_buf, counters[4])
+    tr.step(sparse_batch(dirs, g, 64))  # and it carries on
+    assert tr.n_steps == 6
