@@ -124,7 +124,8 @@ def test_transcoder_trains_and_exports_in_model_units() -> None:
     assert (sae.cfg.input_scale, sae.cfg.output_scale) == (tr.s_in, tr.s_out)
     P = {k: v.detach().float() for k, v in tr.params.items()}
     with torch.no_grad():
-        f = torch.relu((x * tr.s_in) @ P["W_enc"] + P["b_enc"])  # [n, d_sae]
+        assert P["b_in"].abs().sum() > 0  # the learned input centre is part of the export
+        f = torch.relu((x * tr.s_in - P["b_in"]) @ P["W_enc"] + P["b_enc"])  # [n, d_sae] encoder reads x - b_in
         y_hat = (f @ P["W_dec"] + P["b_dec"]) / tr.s_out  # [n, d_out] trainer predicts y * s_out
         torch.testing.assert_close(sae(x), y_hat, rtol=1e-5, atol=1e-5)
         assert fve(y, sae(x)) > 0.8
@@ -159,7 +160,7 @@ def test_gated_export_is_exact() -> None:
     x = torch.randn(512, 16, generator=g) * 2
 
     P = {k: v.detach().float() for k, v in tr.params.items()}
-    e = (x * 0.7) @ P["W_enc"]  # [n, d_sae]
+    e = (x * 0.7 - P["b_dec"]) @ P["W_enc"]  # [n, d_sae]; the encoder reads x - b_dec
     gate = e + P["b_gate"]
     mag = e * torch.exp(P["r_mag"]) + P["b_mag"]
     f_ref = (gate > 0).float() * torch.relu(mag)  # the gated formula
@@ -189,7 +190,7 @@ def test_relu_topk_export_is_exact(arch: str) -> None:
     tr.set_normalisation(0.7)
     x = torch.randn(256, 16, generator=g)
     P = {k: v.detach().float() for k, v in tr.params.items()}
-    f_ref = torch.relu((x * 0.7) @ P["W_enc"] + P["b_enc"])  # [n, d_sae]
+    f_ref = torch.relu((x * 0.7 - P["b_dec"]) @ P["W_enc"] + P["b_enc"])  # [n, d_sae]
     if arch == "topk":
         kth = f_ref.sort(dim=-1, descending=True).values[:, 4:5]  # 5th largest per row
         f_ref = f_ref * (f_ref >= kth)
@@ -388,3 +389,20 @@ def test_nan_batch_raises_and_changes_nothing() -> None:
     assert torch.equal(tr.steps_since_fire, counters[3]) and torch.equal(tr.fire_buf, counters[4])
     tr.step(sparse_batch(dirs, g, 64))  # and it carries on
     assert tr.n_steps == 6
+
+
+def test_mean_init_and_uncentred_option() -> None:
+    x = torch.randn(64, 16) + 5.0  # a large mean, like Gemma's residual stream
+    cfg = TrainerConfig(arch="relu", d_in=16, d_sae=32, b_dec_init="mean", param_dtype="float32", lr=1e-9)
+    tr = SAETrainer(cfg, sae_cfg(32, d_in=16))
+    tr.step(x)
+    torch.testing.assert_close(tr.params["b_dec"].detach(), (x * tr.s_in).mean(0), rtol=1e-4, atol=1e-4)
+    tc = SAETrainer(TrainerConfig(arch="relu", d_in=16, d_sae=32, b_dec_init="mean", lr=1e-9), tc_cfg(32, d_in=16, d_out=16))
+    y = -3 * x
+    tc.step(x, y)
+    torch.testing.assert_close(tc.params["b_in"].detach(), (x * tc.s_in).mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tc.params["b_dec"].float().detach(), (y * tc.s_out).mean(0), rtol=1e-4, atol=1e-4)
+    plain = SAETrainer(TrainerConfig(arch="gated", d_in=16, d_sae=32, center_input=False), sae_cfg(32, d_in=16))
+    assert "b_in" not in plain.params
+    with pytest.raises(ValueError, match="b_dec_init"):
+        TrainerConfig(arch="relu", d_in=4, d_sae=8, b_dec_init="median")

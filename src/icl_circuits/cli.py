@@ -113,6 +113,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
         dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
+        b_dec_init=args.b_dec_init,
         skip_docs=args.eval_docs, seed=args.seed,
     )  # fmt: skip
     saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s.add_argument("--dead-window", type=int, default=1000, help="batches in the dead-feature density window")
     s.add_argument("--dead-steps", type=int, default=2000, help="steps without firing that make a feature dead")
+    s.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
+                   help="decoder-bias init: 'zeros' (paper) or the data mean (better for short runs)")
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
     s.add_argument("--seed", type=int, default=0)

@@ -285,14 +285,29 @@ def generated(
     return docs[:n_docs]
 
 
-def from_spec(spec: str, lm: Any, progress: bool = True) -> Iterable[str]:
-    """A corpus from a command-line spec.
+def python_docs() -> list[str]:
+    """The Python reference documentation bundled with CPython (pydoc_data): offline English prose, one doc per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def from_spec(spec: str, lm: Any, progress: bool = True) -> list[str] | Iterable[str]:
+    """A corpus from a command-line spec; 'A+B' concatenates sources (list sources only).
 
     'generated:N'          N documents the model samples from BOS (top-k 50, seed 0), cached on disk;
                            sampled with a bfloat16 copy of the bundled model (only the text is used)
+    'python-docs'          CPython's bundled reference documentation (offline, deterministic)
     'hf:NAME[:CONFIG]'     a streaming Hugging Face dataset (online only), e.g. hf:HuggingFaceFW/fineweb:sample-10BT
     'PATH[,PATH...]'       .txt / .jsonl files, directories or globs
     """
+    if "+" in spec:
+        parts = [from_spec(p, lm, progress) for p in spec.split("+")]
+        if not all(isinstance(p, list) for p in parts):
+            raise CorpusError(f"{spec!r}: only finite sources (generated, python-docs, files) can be joined with '+'")
+        return [doc for p in parts for doc in p]  # type: ignore[union-attr]
+    if spec == "python-docs":
+        return python_docs()
     if spec.startswith("generated:"):
         from .loading import cache_dir, load_model
 

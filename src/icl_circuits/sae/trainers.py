@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .dictionary import JumpReLUSAE, SAEConfig, gated_to_jumprelu
+from .dictionary import JumpReLUSAE, SAEConfig, fold_b_dec_into_b_enc, gated_to_jumprelu
 
 ARCHS: tuple[str, ...] = ("gated", "relu", "topk")
 
@@ -61,6 +61,11 @@ class TrainerConfig:
     param_dtype: str = "bfloat16"  # storage dtype of W_enc, W_dec, r_mag; biases are always float32
     normalize: bool = True
     norm_batches: int = 10
+    # The encoder reads centred inputs: x - b_dec for SAEs (as in the Gated SAE paper), x - b_in
+    # (a learned input bias) for transcoders. On Gemma's residual stream one dimension carries most
+    # of ||x||, so without centring short runs waste their capacity on the mean.
+    center_input: bool = True
+    b_dec_init: str = "zeros"  # 'zeros' (paper, App. B) or 'mean': b_dec (and b_in) = data mean of the first batch
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +75,8 @@ class TrainerConfig:
             self.d_out = self.d_in
         if self.l1_coeff is None:
             self.l1_coeff = DEFAULT_L1[self.arch]
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ValueError(f"TrainerConfig.b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.param_dtype not in _DTYPES:
             raise ValueError(f"TrainerConfig.param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
         if self.arch == "topk" and not 0 < self.k <= self.d_sae:
@@ -120,6 +127,9 @@ class SAETrainer:
             self.params["r_mag"] = p(torch.zeros(d_sae, dtype=wdt))
         else:
             self.params["b_enc"] = p(torch.zeros(d_sae))
+        self.is_transcoder = sae_cfg.kind == "transcoder" or d_out != d_in
+        if self.is_transcoder and cfg.center_input:
+            self.params["b_in"] = p(torch.zeros(d_in))  # input centre (the output space has b_dec)
         self.opt = torch.optim.Adam(list(self.params.values()), lr=cfg.lr, betas=cfg.betas)
 
         self.n_steps = 0
@@ -169,13 +179,24 @@ class SAETrainer:
         return dead
 
     # -- forward -----------------------------------------------------------------------------
+    def _centre(self, P: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The vector subtracted from normalised inputs before encoding, or None."""
+        if not self.cfg.center_input:
+            return None
+        return P["b_in"] if self.is_transcoder else P["b_dec"]
+
     def _forward(self, x_n: torch.Tensor) -> dict[str, torch.Tensor]:
         """x_n: [batch, d_in] normalised -> f, y_hat and what the losses need (all float32)."""
         P = {k: v.float() for k, v in self.params.items()}  # upcast: bf16 storage, fp32 math
+        c = self._centre(P)
+        x_ghost = x_n if c is None else x_n - c.detach()  # ghost grads must not move the shared centre
+        if c is not None:
+            x_n = x_n - c  # [batch, d_in]
+        W_eff = P["W_enc"] * torch.exp(P["r_mag"]) if self.cfg.arch == "gated" else P["W_enc"]  # [d_in, d_sae]
         if self.cfg.arch == "gated":
             e = x_n @ P["W_enc"]  # [batch, d_sae]
             pi_gate = e + P["b_gate"]  # [batch, d_sae]
-            pre = x_n @ (P["W_enc"] * torch.exp(P["r_mag"])) + P["b_mag"]  # [batch, d_sae] magnitude path
+            pre = x_n @ W_eff + P["b_mag"]  # [batch, d_sae] magnitude path
             f = (pi_gate > 0).float() * torch.relu(pre)  # [batch, d_sae]
             act = torch.relu(pi_gate)  # [batch, d_sae] what the sparsity penalty sees
         else:
@@ -186,7 +207,9 @@ class SAETrainer:
                 f = torch.zeros_like(f).scatter(-1, top.indices, top.values)  # [batch, d_sae]
             act = f
         y_hat = f @ P["W_dec"] + P["b_dec"]  # [batch, d_out]
-        out = {"pre": pre, "f": f, "act": act, "y_hat": y_hat}
+        b_pre = P["b_mag"] if self.cfg.arch == "gated" else P["b_enc"]
+        out = {"pre": pre, "f": f, "act": act, "y_hat": y_hat,
+               "ghost_pre": lambda idx: x_ghost @ W_eff[:, idx] + b_pre[idx]}  # fmt: skip  # [batch, n_dead]
         if self.cfg.arch == "gated":
             out["y_gate"] = act @ P["W_dec"].detach() + P["b_dec"].detach()  # [batch, d_out]
         return out
@@ -205,12 +228,12 @@ class SAETrainer:
             aux = (y_n - out["y_gate"]).pow(2).sum(-1).mean()
         dead_frac = dead.float().mean()
         if self.cfg.ghost_grads and dead.any():
-            ghost = self._ghost_loss(out["pre"], y_n - y_hat.detach(), recon, dead) * dead_frac
+            ghost = self._ghost_loss(out["ghost_pre"], y_n - y_hat.detach(), recon, dead) * dead_frac
         return {"loss": recon + sparsity + aux + ghost, "recon": recon, "sparsity": sparsity, "aux": aux,
                 "ghost": ghost, "f": f, "y_hat": y_hat, "dead_fraction": dead_frac}  # fmt: skip
 
     def _ghost_loss(
-        self, pre: torch.Tensor, residual: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor
+        self, ghost_pre: Any, residual: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor
     ) -> torch.Tensor:
         """Ghost grads (softplus variant): dead features alone try to explain the residual.
 
@@ -218,7 +241,7 @@ class SAETrainer:
         biases and decoder rows.
         """
         idx = dead.nonzero().squeeze(-1)  # [n_dead]
-        h = F.softplus(pre[:, idx])  # [batch, n_dead]
+        h = F.softplus(ghost_pre(idx))  # [batch, n_dead] pre-activations of the dead features only
         ghost_out = h @ self.params["W_dec"][idx].float()  # [batch, d_out]
         # rescale each row to half the residual's norm (scale detached, as in Rajamanoharan's variant)
         scale = 0.5 * residual.norm(dim=-1) / (ghost_out.norm(dim=-1) + 1e-6)  # [batch]
@@ -249,6 +272,7 @@ class SAETrainer:
         s_in, s_out, norm_update = self._scales_with(x, y)
         x_n, y_n = x * s_in, y * s_out  # [batch, d_in], [batch, d_out]
         dead = self.dead_mask()  # [d_sae] from the steps before this one
+        saved_biases = self._init_biases(x_n, y_n)
 
         self.opt.zero_grad(set_to_none=True)
         L = self.losses(x_n, y_n, dead)
@@ -258,6 +282,9 @@ class SAETrainer:
             bad = [n for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, v in saved_biases.items():
+                    self.params[k].copy_(v)
             raise FloatingPointError(
                 f"SAETrainer.step {self.n_steps}: non-finite {', '.join(bad)} (loss={L['loss'].item()}); "
                 "parameters, optimizer and counters left unchanged"
@@ -289,6 +316,21 @@ class SAETrainer:
             "fve": (1 - err / var.clamp(min=1e-12)).item(),
         }
 
+    @torch.no_grad()
+    def _init_biases(self, x_n: torch.Tensor, y_n: torch.Tensor) -> dict[str, torch.Tensor]:
+        """b_dec_init='mean': on the first step set b_dec (and b_in) to the batch means. Returns the old values."""
+        if self.n_steps > 0 or self.cfg.b_dec_init != "mean":
+            return {}
+        if not (torch.isfinite(x_n).all() and torch.isfinite(y_n).all()):
+            return {}  # the step will fail on its own; leave the parameters alone
+        new = {"b_dec": y_n.mean(0)}  # [d_out]
+        if "b_in" in self.params:
+            new["b_in"] = x_n.mean(0)  # [d_in]
+        old = {k: self.params[k].detach().clone() for k in new}
+        for k, v in new.items():
+            self.params[k].copy_(v)
+        return old
+
     # -- export ------------------------------------------------------------------------------
     @torch.no_grad()
     def to_jumprelu(self) -> JumpReLUSAE:
@@ -297,10 +339,16 @@ class SAETrainer:
         cfg = replace(self.sae_cfg, input_scale=self.s_in, output_scale=self.s_out,
                       k=self.cfg.k if self.cfg.arch == "topk" else None, extra=dict(self.sae_cfg.extra))  # fmt: skip
         if self.cfg.arch == "gated":
-            return gated_to_jumprelu(P["W_enc"], P["b_gate"], P["b_mag"], P["r_mag"], P["W_dec"], P["b_dec"],
-                                     cfg, b_dec_on_input=False)  # fmt: skip
-        tensors = {"W_enc": P["W_enc"], "b_enc": P["b_enc"], "W_dec": P["W_dec"], "b_dec": P["b_dec"],
-                   "threshold": torch.zeros(self.cfg.d_sae)}  # fmt: skip
+            sae = gated_to_jumprelu(P["W_enc"], P["b_gate"], P["b_mag"], P["r_mag"], P["W_dec"], P["b_dec"],
+                                    cfg, b_dec_on_input=False)  # fmt: skip
+            tensors = sae.tensors()
+        else:
+            tensors = {"W_enc": P["W_enc"], "b_enc": P["b_enc"], "W_dec": P["W_dec"], "b_dec": P["b_dec"],
+                       "threshold": torch.zeros(self.cfg.d_sae)}  # fmt: skip
+        c = self._centre(P)
+        if c is not None:
+            # (x_n - c) @ W + b = x_n @ W + (b - c @ W); thresholds compare the same pre-activations
+            tensors["b_enc"] = fold_b_dec_into_b_enc(tensors["W_enc"], tensors["b_enc"], c)
         return JumpReLUSAE(cfg, tensors, where="SAETrainer.to_jumprelu")
 
     # -- checkpoints -------------------------------------------------------------------------
