@@ -155,6 +155,15 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sae_export(args: argparse.Namespace) -> int:
+    from .sae.suite import export_suite
+
+    for path in export_suite(args.run, args.dest, corpus=args.corpus):
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        print(f"{path}  ({size:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icl-circuits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"icl-circuits {__version__}")
@@ -214,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sae_eval)
+
+    s = sae.add_parser("export", help="ship a training run: bf16 weights + a model card per SAE")
+    s.add_argument("run", type=Path, help="the --out of `sae train`")
+    s.add_argument("dest", type=Path, help="e.g. src/icl_circuits/data/saes/gemma-3-270m")
+    s.add_argument("--corpus", default="generated:512+python-docs", help="corpus spec named in the model cards")
+    s.set_defaults(func=cmd_sae_export)
     return p
 
 

@@ -136,7 +136,9 @@ class JumpReLUSAE(nn.Module):
         self.cfg = cfg
         shapes = expected_shapes(cfg)
         tensors = dict(tensors or {})
-        dtype = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if dtype is None:  # one dtype for all; mixed files (bf16 weights, fp32 biases) compute in fp32
+            dtype = floats.pop() if len(floats) == 1 else torch.float32
         for name in TENSOR_NAMES:
             tensors.setdefault(name, torch.zeros(shapes[name], dtype=dtype))
         unknown = sorted(set(tensors) - set(TENSOR_NAMES))
