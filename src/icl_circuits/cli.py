@@ -144,8 +144,14 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     from .sae.formats import load_any
     from .storage import write_json
 
-    saes = [load_any(p) for p in args.sae]
     lm = load_model(args.model)
+    saes = [load_any(p) for p in args.sae or []]
+    if args.starter:
+        from .sae.suite import STARTER_SPECS, starter_sae
+
+        saes += [starter_sae(lm, spec, progress=not args.quiet) for spec in STARTER_SPECS]
+    if not saes:
+        raise ValueError("nothing to evaluate: pass --sae PATH (repeatable) or --starter")
     docs = from_spec(args.corpus, lm, progress=not args.quiet)
     results = evaluate_saes(lm, saes, _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
     _print_eval(results)
@@ -216,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sae.add_parser("eval", help="L0, FVE, dead fraction, CE loss recovered on held-out tokens")
     s.add_argument("--model", default="gemma-3-270m")
-    s.add_argument("--sae", action="append", required=True, help="an SAE folder/file in any supported format (repeatable)")
+    s.add_argument("--sae", action="append", help="an SAE folder/file in any supported format (repeatable)")
+    s.add_argument("--starter", action="store_true", help="the starter suite for --model (trained first if missing)")
     s.add_argument("--corpus", default="generated:2048", help=corpus_help)
     s.add_argument("--eval-docs", type=int, default=64)
     s.add_argument("--seq-len", type=int, default=128)
