@@ -61,6 +61,10 @@ def test_train_writes_saes_and_epochs_over_a_short_corpus(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 3
     with pytest.raises(ValueError, match="another configuration"):
         train_saes(lm, _docs(12), _cfg(d_sae=32), tmp_path, progress=False)
+    # training longer resumes from the checkpoint: only the extra tokens are trained
+    longer = train_saes(lm, _docs(12), _cfg(n_tokens=800), tmp_path, progress=False)
+    assert not torch.equal(longer["resid_1"].W_enc, saes["resid_1"].W_enc)
+    assert sum(1 for _ in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"tokens": 800' in _) == 3
 
 
 def test_corpus_without_tokens_is_a_clear_error(tmp_path):

@@ -129,7 +129,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     records = [json.loads(l) for l in (args.out / "metrics.jsonl").read_text().splitlines()] if (args.out / "metrics.jsonl").is_file() else []
     if records:
         plot_training_curves(records, args.out / "training_curves")
-    if args.eval_docs:
+    if args.eval_docs and not args.no_eval:
         results = evaluate_saes(lm, list(saes.values()), _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
         write_json(args.out / "eval.json", [r.to_dict() for r in results])
         _print_eval(results)
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder-bias init: 'zeros' (paper) or the data mean (better for short runs)")
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
+    s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (run `sae eval` later)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--quiet", action="store_true")

@@ -226,10 +226,14 @@ def _save_checkpoint(path: Path, state: dict, trainers: dict[str, SAETrainer], s
 
 
 def _check_or_write_header(path: Path, header: dict) -> None:
+    """A resume must match the saved configuration, except n_tokens (training longer or shorter is fine)."""
     header = json.loads(json.dumps(header))
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != header:
+        same = {**old, "config": {**old["config"], "n_tokens": None}} == {**header, "config": {**header["config"], "n_tokens": None}}
+        if same and old != header:
+            write_json(path, header)
+        elif not same:
             raise ValueError(
                 f"{path.parent} holds a run with another configuration; use a new --out or delete it.\n"
                 f"  old: {old}\n  new: {header}"
