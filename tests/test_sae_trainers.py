@@ -406,3 +406,14 @@ def test_mean_init_and_uncentred_option() -> None:
     assert "b_in" not in plain.params
     with pytest.raises(ValueError, match="b_dec_init"):
         TrainerConfig(arch="relu", d_in=4, d_sae=8, b_dec_init="median")
+
+
+def test_centred_normalisation_uses_the_varying_part() -> None:
+    x = torch.randn(128, 16) + torch.tensor([50.0] + [0.0] * 15)  # one massive near-constant dimension
+    tr = SAETrainer(TrainerConfig(arch="relu", d_in=16, d_sae=32, norm_centered=True, norm_batches=1), sae_cfg(32, d_in=16))
+    tr.step(x)
+    expected = math.sqrt(16) / (x - x.mean(0)).norm(dim=-1).mean().item()
+    assert tr.s_in == pytest.approx(expected, rel=1e-6)
+    plain = SAETrainer(TrainerConfig(arch="relu", d_in=16, d_sae=32, norm_batches=1), sae_cfg(32, d_in=16))
+    plain.step(x)
+    assert plain.s_in == pytest.approx(math.sqrt(16) / x.norm(dim=-1).mean().item(), rel=1e-6)

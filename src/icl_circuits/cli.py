@@ -113,7 +113,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
         dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
-        b_dec_init=args.b_dec_init,
+        b_dec_init=args.b_dec_init, norm_centered=args.norm_centered,
         skip_docs=args.eval_docs, seed=args.seed,
     )  # fmt: skip
     saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dead-steps", type=int, default=2000, help="steps without firing that make a feature dead")
     s.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros",
                    help="decoder-bias init: 'zeros' (paper) or the data mean (better for short runs)")
+    s.add_argument("--norm-centered", action="store_true",
+                   help="normalise by the norm around the mean (for residual streams with a massive constant dim)")
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (run `sae eval` later)")

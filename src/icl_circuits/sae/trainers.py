@@ -66,6 +66,10 @@ class TrainerConfig:
     # of ||x||, so without centring short runs waste their capacity on the mean.
     center_input: bool = True
     b_dec_init: str = "zeros"  # 'zeros' (paper, App. B) or 'mean': b_dec (and b_in) = data mean of the first batch
+    # Anthropic normalisation scales inputs to E||x|| = sqrt(d). With norm_centered the scale uses
+    # E||x - batch mean|| instead: on Gemma 3 a near-constant massive dimension holds ~90% of ||x||,
+    # which otherwise leaves the varying part tiny and makes the sparsity penalty ~20x too strong.
+    norm_centered: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,6 +164,8 @@ class SAETrainer:
         if self.norm_frozen:
             return self.s_in, self.s_out, {}
         rows = self.norm_rows + x.shape[0]
+        if self.cfg.norm_centered:  # norms of the part that varies (see TrainerConfig.norm_centered)
+            x, y = x - x.mean(0), y - y.mean(0)
         in_sum = self.in_norm_sum + x.norm(dim=-1).sum().item()
         out_sum = self.out_norm_sum + y.norm(dim=-1).sum().item()
         s_in = math.sqrt(self.cfg.d_in) / (in_sum / rows)

@@ -89,6 +89,7 @@ class TrainConfig:
     dead_window: int = 1000
     dead_steps: int = 2000
     b_dec_init: str = "zeros"  # 'mean' helps short runs on models whose residual has a large mean (Gemma)
+    norm_centered: bool = False  # normalise by the norm around the mean (see TrainerConfig.norm_centered)
     checkpoint_every: int = 200  # steps
     log_every: int = 20
     skip_docs: int = 0  # documents held out for evaluation come first in the corpus
@@ -98,7 +99,7 @@ class TrainConfig:
         return TrainerConfig(
             arch=self.arch, d_in=d_in, d_sae=self.d_sae, d_out=d_in, lr=self.lr, l1_coeff=self.l1_coeff,
             k=self.k, param_dtype=self.param_dtype, dead_window=self.dead_window, dead_steps=self.dead_steps,
-            b_dec_init=self.b_dec_init, seed=self.seed,
+            b_dec_init=self.b_dec_init, norm_centered=self.norm_centered, seed=self.seed,
         )  # fmt: skip
 
 
