@@ -126,3 +126,14 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         got = load_sae(tmp_path / "dist" / "saes" / name).tensors()
         for key in single[name]:
             torch.testing.assert_close(got[key], single[name][key], rtol=1e-6, atol=1e-6)
+
+
+def test_sparsity_per_kind():
+    cfg = _cfg(l1_coeff=30.0, l1_by_kind={"transcoder": 4.0})
+    assert cfg.trainer_config(32, "transcoder").l1_coeff == 4.0
+    assert cfg.trainer_config(32, "resid").l1_coeff == 30.0 == cfg.trainer_config(32, "attn").l1_coeff
+    from icl_circuits.cli import _kv_floats
+
+    assert _kv_floats(["transcoder=4", "attn=2.5"]) == {"transcoder": 4.0, "attn": 2.5}
+    with pytest.raises(SystemExit, match="KIND=NUMBER"):
+        _kv_floats(["transcoder"])

@@ -89,6 +89,20 @@ def _eval_batches(lm, docs, n_docs: int, seq_len: int):  # type: ignore[no-untyp
     return batches
 
 
+def _kv_floats(items: list[str] | None) -> dict[str, float] | None:
+    """['transcoder=4', 'attn=20'] -> {'transcoder': 4.0, 'attn': 20.0}"""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: expected KIND=NUMBER, got {item!r}") from None
+    return out
+
+
 def cmd_sae_train(args: argparse.Namespace) -> int:
     import json
 
@@ -113,7 +127,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
         dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
-        b_dec_init=args.b_dec_init, norm_centered=args.norm_centered,
+        b_dec_init=args.b_dec_init, norm_centered=args.norm_centered, l1_by_kind=_kv_floats(args.l1_kind),
         skip_docs=args.eval_docs, seed=args.seed,
     )  # fmt: skip
     saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
@@ -206,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-tokens", type=int, default=1024)
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--l1", type=float, default=None, help="sparsity coefficient (default: per arch)")
+    s.add_argument("--l1-kind", action="append", metavar="KIND=L1", help="per-kind sparsity, e.g. transcoder=4 (repeatable)")
     s.add_argument("--k", type=int, default=32, help="TopK only")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--param-dtype", choices=["bfloat16", "float32"], default="bfloat16")

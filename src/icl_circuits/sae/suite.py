@@ -28,6 +28,7 @@ STARTER_CORPUS = "generated:512+python-docs"
 # What the shipped suite was trained with (a CPU budget: see each model card for what it reached).
 STARTER_RECIPE: dict[str, Any] = dict(
     arch="gated", d_sae=4096, n_tokens=600_000, batch_tokens=512, dead_window=200, dead_steps=400, l1_coeff=30.0,
+    l1_by_kind={"transcoder": 4.0},
     b_dec_init="mean", norm_centered=True, checkpoint_every=100, skip_docs=64,
 )  # fmt: skip
 

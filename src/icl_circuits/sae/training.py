@@ -83,6 +83,7 @@ class TrainConfig:
     prompts_per_forward: int = 16
     buffer_batches: int = 8  # forwards in the shuffle buffer (checkpoints hold it: keep it modest)
     l1_coeff: float | None = None  # None: the trainer's default for arch
+    l1_by_kind: dict[str, float] | None = None  # e.g. {"transcoder": 4.0}: overrides l1_coeff per SAE kind
     k: int = 32
     lr: float = 1e-3
     param_dtype: str = "bfloat16"
@@ -95,9 +96,10 @@ class TrainConfig:
     skip_docs: int = 0  # documents held out for evaluation come first in the corpus
     seed: int = 0
 
-    def trainer_config(self, d_in: int) -> TrainerConfig:
+    def trainer_config(self, d_in: int, kind: str = "resid") -> TrainerConfig:
+        l1 = (self.l1_by_kind or {}).get(kind, self.l1_coeff)
         return TrainerConfig(
-            arch=self.arch, d_in=d_in, d_sae=self.d_sae, d_out=d_in, lr=self.lr, l1_coeff=self.l1_coeff,
+            arch=self.arch, d_in=d_in, d_sae=self.d_sae, d_out=d_in, lr=self.lr, l1_coeff=l1,
             k=self.k, param_dtype=self.param_dtype, dead_window=self.dead_window, dead_steps=self.dead_steps,
             b_dec_init=self.b_dec_init, norm_centered=self.norm_centered, seed=self.seed,
         )  # fmt: skip
@@ -122,7 +124,8 @@ def train_saes(
         if s.layer >= lm.n_layers:
             raise ValueError(f"{s.name}: {lm.name!r} has only {lm.n_layers} layers")
     mine = [s for i, s in enumerate(specs) if i % world == rank]
-    trainers = {s.name: SAETrainer(cfg.trainer_config(lm.d_model), s.sae_config(lm, cfg.d_sae, cfg.k if cfg.arch == "topk" else None)) for s in mine}
+    k = cfg.k if cfg.arch == "topk" else None
+    trainers = {s.name: SAETrainer(cfg.trainer_config(lm.d_model, s.kind), s.sae_config(lm, cfg.d_sae, k)) for s in mine}
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
 
     header = dict(model=lm.name, world_size=world, config=asdict(cfg))
