@@ -49,3 +49,30 @@ def test_icl_works_and_layer_12_task_vector_helps(bundled, task):
     assert r["icl_accuracy"] >= 0.6 and r["icl_accuracy"] - r["zero_shot_accuracy"] >= 0.5, r
     assert r["steered_nll"] < 0.85 * r["zero_shot_nll"], r  # the layer-12 TV lowers zero-shot NLL
     assert r["steered_accuracy"] > r["zero_shot_accuracy"], r
+
+
+TEXT = [
+    "The river flows past the old mill and into the valley, where farmers have grown wheat and barley "
+    "for centuries. In spring the fields turn green, and by late summer the harvest begins.",
+    "To install the package, create a virtual environment, activate it, and run the installer. "
+    "If the command fails, check that your Python version is recent enough and try again.",
+]
+
+
+def test_shipped_starter_suite_loads_and_helps(bundled):
+    from icl_circuits.sae.activations import token_batches
+    from icl_circuits.sae.evaluation import evaluate_saes
+    from icl_circuits.sae.suite import STARTER_SPECS, shipped_dir, starter_sae
+
+    files = [f for f in shipped_dir("gemma-3-270m").rglob("*") if f.is_file()]
+    assert {f.parent.name for f in files} == {s.replace(":", "_") for s in STARTER_SPECS}
+    assert sum(f.stat().st_size for f in files) <= 64 * 2**20  # the budget for shipped SAEs
+    saes = [starter_sae(bundled, spec, train_if_missing=False) for spec in STARTER_SPECS]
+    results = evaluate_saes(bundled, saes, list(token_batches(bundled.tokenizer, TEXT, 64, 2)), progress=False)
+    for spec, r in zip(STARTER_SPECS, results):
+        assert 1 <= r.l0 <= 512, (spec, r)
+        if spec.startswith("resid"):
+            # splicing a residual SAE in is far better than zero-ablating the residual stream
+            assert r.ce_loss_recovered > 0.4, (spec, r)
+    # (the starter attention SAEs and transcoders do not yet beat zero-ablation of their sites:
+    # measured and reported in the README; this test pins the residual SAEs the main job uses)

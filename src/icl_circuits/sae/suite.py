@@ -73,6 +73,8 @@ def export_suite(run_dir: str | Path, dest: str | Path, corpus: str = STARTER_CO
 
 def model_card(sae: JumpReLUSAE, header: dict, ev: dict | None, corpus: str) -> str:
     c, t = sae.cfg, header["config"]
+    l1 = (t.get("l1_by_kind") or {}).get(c.kind, t["l1_coeff"])
+    norm = "centred (E||x - mean|| = sqrt(d))" if t.get("norm_centered") else "E||x|| = sqrt(d)"
     where = f"`{c.site}` → `{c.out_site}`" if c.out_site else f"`{c.site}`"
     lines = [
         f"# {c.kind} SAE, layer {c.layer}, {header['model']}",
@@ -81,8 +83,8 @@ def model_card(sae: JumpReLUSAE, header: dict, ev: dict | None, corpus: str) -> 
         f"- trained with `icl-circuits sae train` on {t['n_tokens']:,} tokens of `{corpus}` "
         f"(the first {t['skip_docs']} documents held out for evaluation)",
         f"- recipe (paper App. B): Adam lr {t['lr']}, betas (0.0, 0.99), orthogonal init with decoder = encoder transpose, "
-        f"Anthropic input normalisation (input scale {c.input_scale:.4g}, output scale {c.output_scale:.4g}), "
-        f"decoder-norm-weighted sparsity (coefficient {t['l1_coeff'] if t['l1_coeff'] is not None else 'default'}), "
+        f"Anthropic input normalisation, {norm} (input scale {c.input_scale:.4g}, output scale {c.output_scale:.4g}), "
+        f"decoder-norm-weighted sparsity (coefficient {l1 if l1 is not None else 'default'}), "
         f"ghost grads on dead features (dead: no fire for {t['dead_steps']} steps or density < 5e-6 over {t['dead_window']} batches), "
         f"{t['param_dtype']} weights with fp32 biases, batch {t['batch_tokens']} tokens, b_dec init `{t['b_dec_init']}`, centred encoder input",
         "- stored: bf16 W_enc/W_dec, fp32 biases and thresholds (`load_sae` computes in float32)",
