@@ -126,7 +126,7 @@ def test_resume_equals_uninterrupted(lm, docs, k):
     torch.save(first.state_dict(), buf)  # survives a round trip through a checkpoint file
     buf.seek(0)
     resumed = _store(lm, docs)
-    resumed.load_state_dict(torch.load(buf))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert 0 < first._cursor[0] and resumed.tokens_seen == k * n
     for want in expected:
         got = resumed.next(n)
