@@ -252,6 +252,7 @@ def generated(
     batch_size: int = 16,
     cache_path: str | os.PathLike | None = None,
     progress: bool = True,
+    sampler: Any = None,
 ) -> list[str]:
     """n_docs documents the model samples from BOS alone (temperature <= 0: greedy).
 
@@ -260,6 +261,9 @@ def generated(
     global torch RNG is never touched. With cache_path, a JSONL file (header line with the
     settings, then {"text": ...} per document) is reused, and extended one batch at a time with
     fsync'd appends, so an interrupted run resumes where it stopped.
+
+    sampler: optional zero-argument callable returning the model that samples (e.g. a bf16 copy
+    of `lm`, same tokenizer); it is called only if the cache does not already hold n_docs.
     """
     if lm.tokenizer is None:
         raise ValueError("generated() needs lm.tokenizer to decode the samples")
@@ -270,6 +274,8 @@ def generated(
         return docs[:n_docs]
     if path is not None:
         atomic_write_text(path, _cache_text(settings, docs))  # rewrite without any torn tail
+    if sampler is not None:
+        lm = sampler()
     eos, bos = _eos_ids(lm), bos_id(lm.tokenizer)
     bar = tqdm(total=n_docs, initial=len(docs), desc="generating docs", unit="doc", disable=not progress)
     while len(docs) < n_docs:
@@ -312,10 +318,11 @@ def from_spec(spec: str, lm: Any, progress: bool = True) -> list[str] | Iterable
         from .loading import cache_dir, load_model
 
         n = int(spec.split(":", 1)[1])
-        sampler = load_model(lm.name, dtype=torch.bfloat16) if lm.name == "gemma-3-270m" else lm
+        # a bf16 copy samples ~2.7x faster on CPU; it is loaded only if the cache falls short
+        sampler = (lambda: load_model(lm.name, dtype=torch.bfloat16)) if lm.name == "gemma-3-270m" else None
         name = lm.name.replace("/", "_")
         cache = cache_dir() / "corpus" / f"{name}-top50-seed0.jsonl"
-        return generated(sampler, n, top_k=50, seed=0, batch_size=128, cache_path=cache, progress=progress)[:n]
+        return generated(lm, n, top_k=50, seed=0, batch_size=128, cache_path=cache, progress=progress, sampler=sampler)
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         return hf_dataset(name, config=config or None)

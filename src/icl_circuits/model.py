@@ -223,10 +223,6 @@ class LM:
         acts = {s: a.detach() for s, a in out.acts.items()}
         return value.detach(), acts, {s: out.grad(s) for s in sites}
 
-    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [..., d_model] -> logits [..., vocab]."""
-        return self._logits(hidden)
-
     # -- internals ---------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._lm_head(hidden)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .model import LM
 from .plots import plot_layer_sweep
-from .storage import read_json, write_csv, write_json
+from .storage import write_csv, write_json
 from .task_vectors import TaskVectorConfig, sweep_task
 from .tasks import Task
 
@@ -115,7 +115,3 @@ def _load_partial(path: Path, header: dict) -> dict[str, list[dict]]:
         except (json.JSONDecodeError, KeyError):
             break  # a torn last line from a crash: redo that task
     return done
-
-
-def load_sweep(out_dir: str | Path) -> dict:
-    return read_json(Path(out_dir) / "sweep.json")

@@ -143,14 +143,20 @@ def save_sae(sae: JumpReLUSAE, directory: PathLike, weight_dtype: torch.dtype | 
     return _publish_dir(directory, {"sae.safetensors": _st_bytes(tensors), "config.json": _json_bytes(config)})
 
 
+def _require_files(directory: Path, names: tuple[str, ...], what: str) -> list[Path]:
+    """The paths of `names` inside `directory`; a clear error naming the first one missing."""
+    paths = [directory / n for n in names]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{directory} is not {what}: missing {p.name}")
+    return paths
+
+
 def load_sae(
     directory: PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **overrides: Any
 ) -> JumpReLUSAE:
     directory = Path(directory)
-    cfg_path, st_path = directory / "config.json", directory / "sae.safetensors"
-    for p in (cfg_path, st_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{directory} is not an icl-circuits SAE: missing {p.name}")
+    cfg_path, st_path = _require_files(directory, ("config.json", "sae.safetensors"), "an icl-circuits SAE")
     raw = read_json(cfg_path)
     if raw.get("format") != FORMAT_NAME:
         raise ValueError(f"{cfg_path}: format is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -184,10 +190,7 @@ def load_saelens(
 ) -> JumpReLUSAE:
     """A SAELens directory (cfg.json + sae_weights.safetensors): standard, jumprelu, gated, topk, transcoders."""
     path = Path(path)
-    cfg_path, st_path = path / "cfg.json", path / "sae_weights.safetensors"
-    for p in (cfg_path, st_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{path} is not a SAELens SAE: missing {p.name}")
+    cfg_path, st_path = _require_files(path, ("cfg.json", "sae_weights.safetensors"), "a SAELens SAE")
     cfg = read_json(cfg_path)
     t = safetensors.torch.load_file(str(st_path))
 
@@ -393,10 +396,7 @@ def load_dictionary_learning(
     encode() returns (no decoder-norm rescaling).
     """
     path = Path(path)
-    pt, cfg_path = path / "ae.pt", path / "config.json"
-    for p in (pt, cfg_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{path} is not a dictionary_learning SAE: missing {p.name}")
+    pt, cfg_path = _require_files(path, ("ae.pt", "config.json"), "a dictionary_learning SAE")
     trainer = read_json(cfg_path).get("trainer")
     if not isinstance(trainer, dict):
         raise ValueError(f"{cfg_path}: missing the 'trainer' block")
