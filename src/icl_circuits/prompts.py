@@ -160,6 +160,15 @@ class PromptBatch:
                 mask[b, s.arrow] = True
         return mask
 
+    def output_mask(self, which: str = "all") -> torch.Tensor:
+        """[batch, seq] bool at the last token of outputs: 'all', 'last', 'demos', or 'first' (the first pair's)."""
+        mask = torch.zeros_like(self.token_types, dtype=torch.bool)
+        for b, p in enumerate(self.prompts):
+            spans = {"all": p.pairs, "last": p.pairs[-1:], "demos": p.pairs[:-1], "first": p.pairs[:1]}[which]
+            for s in spans:
+                mask[b, s.outputs[-1]] = True
+        return mask
+
     def scoring(self, pairs: str = "last", n_tokens: int = 1) -> "Scoring":
         """Positions whose next-token log-probs score the first n_tokens of chosen outputs.
 
@@ -229,3 +238,20 @@ def zero_shot_prompts(tokenizer: object, task: Task, n_prompts: int, seed: int =
     pairs = task.sample(min(n_prompts, len(task)), random.Random(seed))
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     return PromptBatch.collate([build_prompt(tokenizer, [p], fmt) for p in pairs], pad)
+
+
+FAKE_PAIR: tuple[str, str] = ("X", "Y")
+
+
+def fake_pair_prompts(
+    tokenizer: object, task: Task, n_prompts: int, seed: int = 0, fmt: PromptFormat = PromptFormat(),
+    fake: tuple[str, str] = FAKE_PAIR,
+) -> PromptBatch:
+    """Task-detection setting (App. G, Example 4): `<bos>Follow the pattern:\\n{X} -> {Y}\\n{x} ->`.
+
+    One uninformative pair precedes each query; steering goes at the fake pair's output token
+    (`output_mask('first')`) and the loss is on the query's output, as for zero-shot prompts.
+    """
+    pairs = task.sample(min(n_prompts, len(task)), random.Random(seed))
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    return PromptBatch.collate([build_prompt(tokenizer, [fake, p], fmt) for p in pairs], pad)

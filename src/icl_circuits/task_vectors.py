@@ -91,12 +91,23 @@ def extract_task_vectors(
 
 
 class ZeroShotSteering:
-    """Scores a vector added at the query arrow of a fixed batch of zero-shot prompts."""
+    """Scores a vector added at fixed positions of a fixed batch of prompts, by the query output's NLL.
 
-    def __init__(self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1) -> None:
+    By default the positions are the query arrow of zero-shot prompts (task execution, Sec. 3);
+    `steer_at` may name others, e.g. the fake pair's output token for task detection (App. G).
+    """
+
+    def __init__(
+        self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1,
+        steer_at: torch.Tensor | None = None,
+    ) -> None:
         self.lm, self.batch = lm, batch
         self.scoring = batch.scoring("last", n_score_tokens)
-        self.arrow = batch.arrow_mask("last")  # [batch, seq]
+        self.steer_at = batch.arrow_mask("last") if steer_at is None else steer_at  # [batch, seq] bool
+        if self.steer_at.shape != batch.input_ids.shape or self.steer_at.dtype != torch.bool:
+            raise ValueError(f"steer_at must be a bool mask {tuple(batch.input_ids.shape)}, got {self.steer_at.dtype} {tuple(self.steer_at.shape)}")
+        if not self.steer_at.any(1).all():
+            raise ValueError("steer_at selects no position in some prompts")
         layers = sorted(set(layers))
         with torch.no_grad():
             out = lm.run(
@@ -109,7 +120,7 @@ class ZeroShotSteering:
         self.baseline = Score(self.scoring.nll(out.logprobs).item(), self.scoring.accuracy(out.logprobs).item())
 
     def logprobs(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
-        """Differentiable: [n_scored, vocab] log-probs with `vector` [d_model] added at the arrow of resid_pre[layer]."""
+        """Differentiable: [n_scored, vocab] log-probs with `vector` [d_model] added at `steer_at` of resid_pre[layer]."""
         if layer not in self.cache:
             raise ValueError(f"layer {layer} was not cached; cached layers: {sorted(self.cache)}")
         if vector.shape != (self.lm.d_model,):
@@ -119,7 +130,7 @@ class ZeroShotSteering:
             self.batch.attention_mask,
             start_layer=layer,
             start_resid=self.cache[layer],
-            interventions=[Intervention(Site(layer, "resid_pre"), self.arrow, vector)],
+            interventions=[Intervention(Site(layer, "resid_pre"), self.steer_at, vector)],
             logprob_positions=self.scoring.positions,
         )
         return out.logprobs  # type: ignore[return-value]
