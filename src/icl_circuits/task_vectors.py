@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import LM
-from .prompts import PromptBatch, PromptFormat, icl_prompts, zero_shot_prompts
+from .prompts import FAKE_PAIR, PromptBatch, PromptFormat, fake_pair_prompts, icl_prompts, zero_shot_prompts
 from .sites import Intervention, Site
 from .tasks import Task
 
@@ -90,6 +90,19 @@ def extract_task_vectors(
     return {l: mean_at(r, mask) for l, r in resid.items()}
 
 
+def extract_detection_vectors(
+    lm: LM, batch: PromptBatch, layers: Iterable[int], outputs: str = "demos", batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """{layer: [d_model]}: mean resid_pre[layer] over output tokens of n-shot prompts (App. G).
+
+    The task-detection analogue of a task vector: where executors live on arrows, detectors
+    fire on the token that completes a demonstration. Steer with it at a fake pair's output.
+    """
+    resid, _ = collect_resid(lm, batch, layers, batch_size)
+    mask = batch.output_mask(outputs)
+    return {l: mean_at(r, mask) for l, r in resid.items()}
+
+
 class ZeroShotSteering:
     """Scores a vector added at fixed positions of a fixed batch of prompts, by the query output's NLL.
 
@@ -157,6 +170,18 @@ def task_batches(lm: LM, task: Task, cfg: TaskVectorConfig, fmt: PromptFormat = 
     icl = icl_prompts(lm.tokenizer, train, cfg.n_prompts, cfg.n_shots, seed=cfg.seed, fmt=fmt)
     zero = zero_shot_prompts(lm.tokenizer, held_out, cfg.n_eval, seed=cfg.seed + 1, fmt=fmt)
     return icl, zero
+
+
+def detection_batches(
+    lm: LM, task: Task, cfg: TaskVectorConfig, fmt: PromptFormat = PromptFormat(), fake: tuple[str, str] = FAKE_PAIR
+) -> tuple[PromptBatch, PromptBatch]:
+    """(n-shot prompts from the training split, fake-pair prompts `X -> Y` + query from the held-out split).
+
+    Steer the second with `ZeroShotSteering(..., steer_at=batch.output_mask('first'))`.
+    """
+    icl, _ = task_batches(lm, task, cfg, fmt)
+    _, held_out = task.split(cfg.eval_share, cfg.seed)
+    return icl, fake_pair_prompts(lm.tokenizer, held_out, cfg.n_eval, seed=cfg.seed + 1, fmt=fmt, fake=fake)
 
 
 def sweep_task(lm: LM, task: Task, layers: list[int], cfg: TaskVectorConfig) -> list[dict]:
