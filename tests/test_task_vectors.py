@@ -146,3 +146,30 @@ def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
     # another configuration starts afresh
     sweep_mod.run_layer_sweep(lm, tasks, [0, 1], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4), tmp_path, progress=False)
     assert calls == ["upper", "ant", "upper"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama", "gpt2"])
+def test_prefix_cache_gives_the_full_pass_values_and_gradients_for_mixed_lengths(family):
+    """Prompts of different lengths fall in different (first steered, last scored) groups; each group
+    re-runs only its suffix on cached keys/values. Values and gradients must equal the plain pass."""
+    from icl_circuits.prompts import fake_pair_prompts
+
+    lm = _setup(family)
+    words = [x for x, _ in ANTONYMS]
+    pairs = [(" ".join(words[i : i + 1 + i % 3]), y) for i, (_, y) in enumerate(ANTONYMS)]  # inputs of 1-3 tokens
+    task = Task("mixed", tuple(pairs))
+    for batch, steer_at, n_tokens in (
+        (zero_shot_prompts(lm.tokenizer, task, 10, seed=3), None, 1),
+        (fake_pair_prompts(lm.tokenizer, Task("mixed", tuple((x, "X " + y) for x, y in pairs)), 10, seed=3), "fake", 2),
+    ):
+        mask = None if steer_at is None else batch.output_mask("first")
+        fast = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=mask)
+        plain = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=mask, prefix_cache=False)
+        assert len(fast.prefix.groups) >= 3
+        v = torch.randn(lm.d_model)
+        for layer in (0, 1):
+            a, b = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+            la, lb = fast.logprobs(layer, a), plain.logprobs(layer, b)
+            torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+            (ga,), (gb,) = torch.autograd.grad(fast.scoring.nll(la), a), torch.autograd.grad(plain.scoring.nll(lb), b)
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

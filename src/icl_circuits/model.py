@@ -32,6 +32,8 @@ class RunOutput:
     target_logprobs: [n_positions] log-prob of the given targets, when targets were passed
         (computed in chunks, so [n_positions, vocab] never exists at once).
     logits: [batch, seq, vocab] only when full_logits=True (tests and baselines).
+    hidden: [n_positions, d_model] final (normed) hidden states at logprob_positions, when
+        unembed=False: the caller unembeds several runs at once (one pass over the vocabulary).
     """
 
     acts: dict[Site, torch.Tensor] = field(default_factory=dict)
@@ -39,6 +41,7 @@ class RunOutput:
     logprobs: torch.Tensor | None = None
     target_logprobs: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     def grad(self, site: SiteLike) -> torch.Tensor:
         g = self.probes[Site.parse(site)].grad
@@ -160,8 +163,13 @@ class LM:
         logprob_positions: torch.Tensor | None = None,  # [batch, seq] bool
         targets: torch.Tensor | None = None,  # [n_positions] token ids, one per True in logprob_positions
         full_logits: bool = False,
+        past_key_values: object | None = None,  # an HF cache holding the keys/values of earlier tokens
+        unembed: bool = True,
     ) -> RunOutput:
         """One forward pass with hooks. Gradients flow unless the caller uses torch.no_grad().
+
+        With past_key_values, input_ids (and start_resid) are the tokens that follow the cached
+        ones; the cache is updated in place, as in transformers.
 
         With targets, only their log-probs are returned (RunOutput.target_logprobs), computed
         chunk by chunk: use this for next-token loss over many positions.
@@ -184,7 +192,8 @@ class LM:
                 out = self._base(
                     input_ids=input_ids.to(self.device),
                     attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                    use_cache=False,
+                    past_key_values=past_key_values,
+                    use_cache=past_key_values is not None,
                 )
                 hidden = out.last_hidden_state  # [batch, seq, d_model], final norm applied
             except _StopForward:
@@ -193,7 +202,9 @@ class LM:
         result = state.out
         if hidden is not None and logprob_positions is not None:
             selected = hidden[logprob_positions.to(hidden.device)]  # [n, d_model]
-            if targets is None:
+            if not unembed:
+                result.hidden = selected
+            elif targets is None:
                 result.logprobs = self._logprobs(selected)
             else:
                 result.target_logprobs = self._target_logprobs(selected, targets.to(hidden.device))
@@ -231,6 +242,10 @@ class LM:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    def logprobs_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, d_model] (RunOutput.hidden) -> log-probs [n, vocab]."""
+        return self._logprobs(hidden)
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self._logits(hidden), dim=-1)

@@ -56,3 +56,44 @@ def save_figure(fig: Any, stem: str | os.PathLike) -> list[Path]:
         fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
         paths.append(atomic_write_bytes(f"{stem}.{ext}", buf.getvalue()))
     return paths
+
+
+class ResumeLog:
+    """Append-only JSON-lines log of finished units of work (one line per key), for resuming.
+
+    The first line holds `header` (the run's configuration); a log written under another
+    header is ignored, so changing a setting starts afresh instead of mixing results. A torn
+    last line from a crash is dropped: that unit is simply redone.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.header = json.loads(json.dumps(header))  # normalise tuples etc. as JSON sees them
+        self.done: dict[str, Any] = self._read()
+        if not self.done:
+            atomic_write_text(self.path, json.dumps({"header": self.header}) + "\n")
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            if json.loads(lines[0]).get("header") != self.header:
+                return {}
+        except (IndexError, json.JSONDecodeError, AttributeError):
+            return {}
+        done = {}
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+                done[rec["key"]] = rec["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+        return done
+
+    def add(self, key: str, value: Any) -> None:
+        self.done[key] = value
+        with self.path.open("a", encoding="utf-8") as f:  # a crash loses at most this unit
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

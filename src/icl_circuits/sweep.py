@@ -1,13 +1,12 @@
 """Task-vector layer sweep over many tasks (Fig. 2's 'original task vector' curve), resumable.
 
-Each finished task is appended to `partial.jsonl` in the run directory; a rerun with the same
+Each finished task is appended to `partial.jsonl` in the run directory (`storage.ResumeLog`); a rerun with the same
 configuration skips those tasks. Final outputs: sweep.json, sweep.csv, best_layers.csv and
 the plot layer_sweep.png/.svg.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .model import LM
 from .plots import plot_layer_sweep
-from .storage import write_csv, write_json
+from .storage import ResumeLog, write_csv, write_json
 from .task_vectors import TaskVectorConfig, sweep_task
 from .tasks import Task
 
@@ -33,21 +32,15 @@ def run_layer_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = dict(model=lm.name, layers=layers, config=cfg.to_dict())
-    partial = out / "partial.jsonl"
-    done = _load_partial(partial, header)
-    if not done:
-        write_json(out / "sweep_config.json", header)
-        partial.write_text(json.dumps({"header": header}) + "\n")
+    log = ResumeLog(out / "partial.jsonl", header)
+    done = log.done
+    write_json(out / "sweep_config.json", header)
 
     todo = [t for t in tasks if t.name not in done]
     bar = tqdm(todo, desc="task-vector sweep", disable=not progress, initial=len(tasks) - len(todo), total=len(tasks))
     for task in bar:
         bar.set_postfix(task=task.name)
-        rows = sweep_task(lm, task, layers, cfg)
-        done[task.name] = rows
-        with partial.open("a") as f:  # one line per finished task: a crash loses at most one task
-            f.write(json.dumps({"task": task.name, "rows": rows}) + "\n")
-            f.flush()
+        log.add(task.name, sweep_task(lm, task, layers, cfg))
 
     rows = [r for t in tasks for r in done[t.name]]
     best = best_layers(rows, layers)
@@ -95,23 +88,3 @@ def best_layers(rows: list[dict], layers: list[int]) -> list[dict]:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _load_partial(path: Path, header: dict) -> dict[str, list[dict]]:
-    """Finished tasks of an earlier run with the same header; a different header starts afresh."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text().splitlines()
-    try:
-        if json.loads(lines[0]).get("header") != json.loads(json.dumps(header)):
-            return {}
-    except (IndexError, json.JSONDecodeError):
-        return {}
-    done = {}
-    for line in lines[1:]:
-        try:
-            rec = json.loads(line)
-            done[rec["task"]] = rec["rows"]
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a crash: redo that task
-    return done

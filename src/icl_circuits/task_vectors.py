@@ -11,11 +11,12 @@ each steered evaluation runs only blocks L..end and scores only the output posit
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .model import LM
+from .prefix_cache import PrefixCache
 from .prompts import FAKE_PAIR, PromptBatch, PromptFormat, fake_pair_prompts, icl_prompts, zero_shot_prompts
 from .sites import Intervention, Site
 from .tasks import Task
@@ -112,25 +113,32 @@ class ZeroShotSteering:
 
     def __init__(
         self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1,
-        steer_at: torch.Tensor | None = None,
+        steer_at: torch.Tensor | None = None, prefix_cache: bool = True,
     ) -> None:
         self.lm, self.batch = lm, batch
-        self.scoring = batch.scoring("last", n_score_tokens)
-        self.steer_at = batch.arrow_mask("last") if steer_at is None else steer_at  # [batch, seq] bool
-        if self.steer_at.shape != batch.input_ids.shape or self.steer_at.dtype != torch.bool:
-            raise ValueError(f"steer_at must be a bool mask {tuple(batch.input_ids.shape)}, got {self.steer_at.dtype} {tuple(self.steer_at.shape)}")
-        if not self.steer_at.any(1).all():
+        scoring = batch.scoring("last", n_score_tokens)
+        steer_at = batch.arrow_mask("last") if steer_at is None else steer_at  # [batch, seq] bool
+        if steer_at.shape != batch.input_ids.shape or steer_at.dtype != torch.bool:
+            raise ValueError(f"steer_at must be a bool mask {tuple(batch.input_ids.shape)}, got {steer_at.dtype} {tuple(steer_at.shape)}")
+        if not steer_at.any(1).all():
             raise ValueError("steer_at selects no position in some prompts")
+        # the model is causal: tokens after the last scored position cannot change any score, so drop them
+        end = int(scoring.positions.nonzero()[:, 1].max()) + 1
+        self.input_ids, self.attention_mask = batch.input_ids[:, :end], batch.attention_mask[:, :end]  # [batch, end]
+        self.scoring = replace(scoring, positions=scoring.positions[:, :end])
+        self.steer_at = steer_at[:, :end]
         layers = sorted(set(layers))
         with torch.no_grad():
             out = lm.run(
-                batch.input_ids,
-                batch.attention_mask,
+                self.input_ids,
+                self.attention_mask,
                 read=[Site(l, "resid_pre") for l in layers],
                 logprob_positions=self.scoring.positions,
             )
         self.cache = {l: out.acts[Site(l, "resid_pre")] for l in layers}  # [batch, seq, d_model]
         self.baseline = Score(self.scoring.nll(out.logprobs).item(), self.scoring.accuracy(out.logprobs).item())
+        # keys/values of the tokens before the first steered one: each evaluation re-runs only the rest
+        self.prefix = PrefixCache(lm, self.input_ids, self.steer_at, self.scoring.positions) if prefix_cache else None
 
     def logprobs(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
         """Differentiable: [n_scored, vocab] log-probs with `vector` [d_model] added at `steer_at` of resid_pre[layer]."""
@@ -138,12 +146,15 @@ class ZeroShotSteering:
             raise ValueError(f"layer {layer} was not cached; cached layers: {sorted(self.cache)}")
         if vector.shape != (self.lm.d_model,):
             raise ValueError(f"steering vector must be [d_model={self.lm.d_model}], got {tuple(vector.shape)}")
+        steer = [Intervention(Site(layer, "resid_pre"), self.steer_at, vector)]
+        if self.prefix is not None:
+            return self.prefix.logprobs(layer, self.cache[layer], steer)
         out = self.lm.run(
-            self.batch.input_ids,
-            self.batch.attention_mask,
+            self.input_ids,
+            self.attention_mask,
             start_layer=layer,
             start_resid=self.cache[layer],
-            interventions=[Intervention(Site(layer, "resid_pre"), self.steer_at, vector)],
+            interventions=steer,
             logprob_positions=self.scoring.positions,
         )
         return out.logprobs  # type: ignore[return-value]

@@ -1,0 +1,329 @@
+"""Task Vector Cleaning and its ITO baseline on tiny models, against independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from icl_circuits import Task, zero_shot_prompts
+from icl_circuits.prompts import PromptFormat
+from icl_circuits.cleaning import CleaningConfig, CleaningDiverged, clean_vector, jumprelu, load_cleaning
+from icl_circuits.cleaning_runs import cleaning_setup, clean_task, l1_sweep, run_cleaning
+from icl_circuits.ito import gradient_pursuit, ito_weights
+from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
+from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering
+
+from .conftest import make_tiny, word_tokenizer
+from .test_task_vectors import ANTONYMS, UPPER
+
+MANY = ANTONYMS + UPPER + [(y, x) for x, y in ANTONYMS + UPPER]  # 48 pairs, no new words (the tiny vocab is 160)
+
+
+def _lm(family: str = "gemma3", dtype: torch.dtype = torch.float32):
+    lm, _ = make_tiny(family)
+    lm.model.to(dtype)
+    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
+    lm.tokenizer = word_tokenizer(words)
+    return lm
+
+
+def _sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0) -> JumpReLUSAE:
+    g = torch.Generator().manual_seed(seed)
+    d = lm.d_model
+    W_dec = torch.randn(d_sae, d, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    tensors = dict(
+        W_enc=W_dec.T.clone() + 0.3 * torch.randn(d, d_sae, generator=g),
+        b_enc=0.1 * torch.randn(d_sae, generator=g),
+        W_dec=W_dec * scale,
+        b_dec=0.05 * torch.randn(d, generator=g),
+        threshold=torch.full((d_sae,), 0.05),
+    )
+    cfg = SAEConfig(d_in=d, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, model=lm.name)
+    return JumpReLUSAE(cfg, tensors).to(lm.dtype)
+
+
+def _steering(lm, layer: int = 1, n: int = 6) -> ZeroShotSteering:
+    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n, seed=1)
+    return ZeroShotSteering(lm, zero, layers=[layer])
+
+
+def _direct_loss(lm, steering: ZeroShotSteering, layer: int, v: torch.Tensor) -> float:
+    """Reference NLL: each prompt alone through plain transformers from layer 0, a forward-pre-hook adding v
+    at the query arrow, full-vocabulary logits at every position."""
+    block = lm.adapter.blocks(lm.model)[layer]
+    nlls = []
+    for p in steering.batch.prompts:
+        arrow, target = p.pairs[-1].arrow, p.ids[p.pairs[-1].arrow + 1]
+
+        def hook(m, args, kwargs):
+            h = args[0].clone()
+            h[0, arrow] += v.to(h.dtype)
+            return (h, *args[1:]), kwargs
+
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([p.ids])).logits[0]  # [seq, vocab]
+        finally:
+            handle.remove()
+        nlls.append(-torch.log_softmax(logits[arrow].double(), -1)[target].item())
+    return sum(nlls) / len(nlls)
+
+
+# GPT-2 runs entirely in float64, so central differences are exact to ~1e-9; Gemma-style RMSNorms compute in
+# float32 even in a float64 model, so there a larger step keeps float32 rounding out of the difference quotient.
+@pytest.mark.parametrize("family, eps, rel", [("gpt2", 1e-6, 1e-6), ("gemma3", 1e-3, 2e-2)])
+def test_tvc_gradient_matches_finite_differences_of_a_direct_forward(family, eps, rel):
+    lm = _lm(family, torch.float64)
+    sae = _sae(lm).double()
+    steering = _steering(lm)
+    l1 = 0.01
+    W, b = sae.W_dec.detach(), sae.b_dec.detach()
+    theta = sae.pre_acts(torch.randn(lm.d_model, dtype=torch.float64) * 3).detach()
+    active = (theta > sae.threshold.detach() + 1e-3).nonzero().flatten()
+    assert len(active) >= 3
+
+    # ours: the exact loss clean_vector optimises, differentiated by autograd through ZeroShotSteering
+    t = theta.clone().requires_grad_(True)
+    w = jumprelu(sae, t)
+    loss = steering.loss(1, w @ W + b) + l1 * w.sum()
+    (grad,) = torch.autograd.grad(loss, t)
+
+    # reference: central differences of the direct full-forward loss
+    def direct(th: torch.Tensor) -> float:
+        wt = torch.relu(th) * (th > sae.threshold.detach())
+        return _direct_loss(lm, steering, 1, wt @ W + b) + l1 * wt.sum().item()
+
+    assert direct(theta) == pytest.approx(loss.item(), rel=1e-6)
+    for i in active[:4].tolist():
+        e = torch.zeros_like(theta)
+        e[i] = eps
+        fd = (direct(theta + e) - direct(theta - e)) / (2 * eps)
+        assert grad[i].item() == pytest.approx(fd, rel=rel, abs=1e-7)
+    inactive = (theta <= sae.threshold.detach()).nonzero().flatten()
+    assert (grad[inactive] == 0).all()  # below threshold a latent has no gradient: it stays off
+
+
+class _Quadratic:
+    """A stand-in steering setting whose 'NLL' is ||v - target||^2: the optimum is known exactly."""
+
+    def __init__(self, lm, target: torch.Tensor) -> None:
+        self.lm = SimpleNamespace(name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers)
+        self.target = target
+
+    def loss(self, layer: int, v: torch.Tensor) -> torch.Tensor:
+        return ((v - self.target) ** 2).sum()
+
+
+def test_planted_three_directions_are_recovered():
+    lm = _lm()
+    sae = _sae(lm, d_sae=24, seed=3)
+    planted = [2, 9, 17]
+    w_true = torch.zeros(24)
+    w_true[planted] = torch.tensor([2.0, 1.5, 1.0])
+    tv = w_true @ sae.W_dec.detach() + sae.b_dec.detach()  # task vector = b_dec + sum of 3 decoder rows
+    assert int((sae.encode(tv) > 0).sum()) > 3  # plain SAE encoding is cluttered (as the paper finds)
+    cfg = CleaningConfig(l1_coeff=0.02, lr=0.05, patience=50, max_steps=1000)
+    r = clean_vector(sae, _Quadratic(lm, tv), 1, tv, cfg)
+    assert r.l0 <= 3 and set(r.features) <= set(planted) and len(r.features) == 3
+    torch.testing.assert_close(r.weights[planted], w_true[planted], atol=0.05, rtol=0)  # L1 shrinks each by λ/2
+
+
+def test_planted_directions_on_a_real_tiny_model():
+    """The 'task' is whatever the planted vector makes the model say: TVC must keep only its latents."""
+    lm = _lm()
+    sae = _sae(lm, d_sae=24, seed=4, scale=4.0)
+    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 8, seed=1)
+    planted = [1, 7, 20]
+    w_true = torch.zeros(24)
+    w_true[planted] = torch.tensor([3.0, 2.5, 2.0])
+    tv = w_true @ sae.W_dec.detach() + sae.b_dec.detach()
+    # relabel each prompt's target as the steered model's top token at the arrow
+    base = ZeroShotSteering(lm, zero, layers=[1])
+    with torch.no_grad():
+        top = base.logprobs(1, tv).argmax(-1)
+    base.scoring.targets = top
+    r = clean_vector(sae, base, 1, tv, CleaningConfig(l1_coeff=0.02, lr=0.3, max_steps=600))
+    assert int((sae.encode(tv) > 0).sum()) > 3
+    assert r.l0 <= 3 and set(r.features) == set(planted)
+    with torch.no_grad():
+        steered = base.loss(1, r.weights @ sae.W_dec + sae.b_dec).item()
+        planted_loss = base.loss(1, tv).item()
+        unsteered = base.loss(1, torch.zeros(lm.d_model)).item()
+    assert steered < unsteered and steered == pytest.approx(planted_loss, abs=0.01)  # the planted vector's effect is kept
+
+
+def test_early_stopping_fires_after_patience_steps_without_an_l0_change():
+    lm = _lm()
+    sae = _sae(lm)
+    tv = torch.randn(lm.d_model) * 2
+    setting = _Quadratic(lm, tv)
+    # λ = 0 and a tiny lr: L0 never changes, so it stops after exactly `patience` steps
+    r = clean_vector(sae, setting, 1, tv, CleaningConfig(l1_coeff=0.0, lr=1e-6, patience=7, max_steps=100))
+    assert (r.stopped, r.steps, len(r.l0_history)) == ("patience", 7, 7)
+    # when L0 changes, the count starts again: it stops `patience` steps after the last change
+    r = clean_vector(sae, setting, 1, tv, CleaningConfig(l1_coeff=5.0, lr=0.1, patience=10, max_steps=500))
+    changes = [i for i in range(1, len(r.l0_history)) if r.l0_history[i] != r.l0_history[i - 1]]
+    first_change = 0 if r.l0_history[0] != int((r.initial_weights > 0).sum()) else None
+    last = max(changes) if changes else first_change
+    assert r.stopped == "patience" and last is not None and r.steps == last + 1 + 10
+    r = clean_vector(sae, setting, 1, tv, CleaningConfig(l1_coeff=0.0, lr=1e-6, patience=50, max_steps=5))
+    assert (r.stopped, r.steps) == ("max_steps", 5)
+
+
+def test_bad_input_gives_clear_errors():
+    lm = _lm()
+    steering = _steering(lm)
+    other = _sae(SimpleNamespace(d_model=lm.d_model + 8, name=lm.name, dtype=torch.float32))
+    with pytest.raises(ValueError, match="d_in"):
+        clean_vector(other, steering, 1, torch.zeros(lm.d_model))
+    with pytest.raises(ValueError, match="resid_pre.1"):
+        clean_vector(_sae(lm, layer=0), steering, 1, torch.zeros(lm.d_model))
+    with pytest.raises(ValueError, match="NaN"):
+        clean_vector(_sae(lm), steering, 1, torch.full((lm.d_model,), float("nan")))
+    with pytest.raises(ValueError, match=r"vector must be"):
+        clean_vector(_sae(lm), steering, 1, torch.zeros(lm.d_model + 1))
+    # no valid prompts: with no space before the output, the tokenizer glues arrow and output together
+    glued = PromptFormat(before_output="")
+    with pytest.raises(ValueError, match="0 valid held-out prompts"):
+        cleaning_setup(lm, Task("many", tuple(MANY)), 1, CleaningConfig(n_train=2, n_eval=2), TaskVectorConfig(n_shots=2, n_prompts=2), glued)
+    with pytest.raises(ValueError, match="valid held-out prompts"):  # too few pairs for 24 + 24 prompts
+        cleaning_setup(lm, Task("small", tuple(ANTONYMS)), 1, CleaningConfig(), TaskVectorConfig(n_shots=2, n_prompts=2))
+    with pytest.raises(ValueError, match="setting"):
+        CleaningConfig(setting="bogus")
+
+
+def test_nan_loss_raises_with_the_partial_result():
+    lm = _lm()
+    sae = _sae(lm)
+
+    class Exploding(_Quadratic):
+        calls = 0
+
+        def loss(self, layer, v):
+            self.calls += 1
+            return super().loss(layer, v) * (float("nan") if self.calls > 3 else 1.0)
+
+    with pytest.raises(CleaningDiverged, match="step 3") as err:
+        clean_vector(sae, Exploding(lm, torch.randn(lm.d_model)), 1, torch.randn(lm.d_model), CleaningConfig(l1_coeff=0))
+    assert err.value.partial.steps == 3 and torch.isfinite(err.value.partial.weights).all()
+
+
+def test_gradient_pursuit_against_hand_worked_and_brute_force_cases():
+    # orthonormal atoms: the signal 3 e0 + 2 e3 is recovered exactly in 2 iterations
+    D = torch.eye(6)
+    w = gradient_pursuit(torch.tensor([3.0, 0, 0, 2, 0, 0]), D, 2)
+    torch.testing.assert_close(w, torch.tensor([3.0, 0, 0, 2, 0, 0]))
+    # non-negative: a negative component is never used
+    w = gradient_pursuit(torch.tensor([3.0, -5, 0, 0, 0, 0]), D, 3)
+    assert (w >= 0).all() and w[1] == 0 and w[0] == pytest.approx(3.0)
+    # atom norms do not matter: weights come back in the dictionary's own units
+    w = gradient_pursuit(torch.tensor([3.0, 0, 0, 2, 0, 0]), D * torch.arange(1, 7.0)[:, None], 2)
+    torch.testing.assert_close(w, torch.tensor([3.0, 0, 0, 0.5, 0, 0]))
+    # random overcomplete dictionary: at most k atoms, non-negative, error falls with k and is within
+    # a small margin of the best non-negative least-squares fit on the same support (brute force)
+    g = torch.Generator().manual_seed(0)
+    D = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    y = torch.rand(40, generator=g, dtype=torch.float64) @ D
+    errs = []
+    for k in (1, 3, 6, 10):
+        w = gradient_pursuit(y, D, k)
+        assert int((w > 0).sum()) <= k and (w >= 0).all()
+        errs.append((y - w @ D).norm().item())
+    assert errs == sorted(errs, reverse=True)
+    with pytest.raises(ValueError):
+        gradient_pursuit(y, D, 0)
+
+
+def test_ito_weights_reconstruct_through_the_sae_decoder():
+    lm = _lm()
+    sae = _sae(lm, d_sae=24)
+    w_true = torch.zeros(24)
+    w_true[[3, 11]] = torch.tensor([2.0, 1.0])
+    v = w_true @ sae.W_dec.detach() + sae.b_dec.detach()
+    w = ito_weights(sae, v, 5)
+    assert int((w > 0).sum()) <= 5
+    torch.testing.assert_close(w @ sae.W_dec.detach() + sae.b_dec.detach(), v, atol=0.15, rtol=0)
+
+
+def test_clean_task_end_to_end_scores_every_method_and_round_trips(tmp_path):
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    task = Task("many", tuple(MANY))
+    tv_cfg = TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5)
+    cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=30, patience=5, l1_coeff=0.01)
+    r = clean_task(lm, sae, task, 1, cfg, tv_cfg, sae_spec="tiny", ito_l0s=(2, 4))
+    assert set(r.scores) == {"zero_shot", "tv", "sae_reconstruction", "ito_2", "ito_4", "tvc"}
+    assert r.scores["ito_2"]["l0"] <= 2 and r.scores["sae_reconstruction"]["l0"] == len(r.initial_features)
+    # the evaluation batch is scored independently: recompute the TV's relative loss decrease by hand
+    setup = cleaning_setup(lm, task, 1, cfg, tv_cfg)
+    torch.testing.assert_close(setup.vector, r.vector)
+    direct_tv = _direct_loss(lm, setup.evaluation, 1, r.vector)
+    direct_zero = _direct_loss(lm, setup.evaluation, 1, torch.zeros(lm.d_model))
+    assert r.scores["tv"]["relative_loss_decrease"] == pytest.approx((direct_zero - direct_tv) / direct_zero, rel=1e-4)
+    assert [e["index"] for e in r.feature_effects] == r.features
+    # train and evaluation prompts are disjoint
+    train_q = {p.text for p in setup.train.batch.prompts}
+    assert not train_q & {p.text for p in setup.evaluation.batch.prompts}
+    # save / load round trip
+    r.save(tmp_path / "r")
+    back = load_cleaning(tmp_path / "r")
+    assert back.features == r.features and back.scores == json.loads(json.dumps(r.scores))
+    torch.testing.assert_close(back.weights, r.weights)
+    assert back.l0_history == r.l0_history and back.stopped == r.stopped
+    # deterministic on CPU
+    again = clean_task(lm, sae, task, 1, cfg, tv_cfg, sae_spec="tiny", ito_l0s=(2, 4))
+    assert torch.equal(again.weights, r.weights)
+
+
+def test_detection_setting_steers_the_fake_pair_output():
+    lm = _lm()
+    task = Task("many", tuple(MANY))
+    cfg = CleaningConfig(n_train=4, n_eval=4, setting="detection")
+    setup = cleaning_setup(lm, task, 1, cfg, TaskVectorConfig(n_prompts=3, n_shots=3))
+    for p, row in zip(setup.train.batch.prompts, setup.train.steer_at):
+        assert row.nonzero().flatten().tolist() == [p.pairs[0].outputs[-1]]
+        assert lm.tokenizer.decode([p.ids[p.pairs[0].outputs[-1]]]).strip() == "Y"
+    # the detection vector is the mean of resid_pre over the demonstrations' output tokens
+    from icl_circuits.prompts import icl_prompts
+    from icl_circuits.task_vectors import collect_resid
+
+    train, _ = task.split(0.5, 0)
+    icl = icl_prompts(lm.tokenizer, train, 3, 3, seed=0)
+    resid, _ = collect_resid(lm, icl, [1])
+    rows = [resid[1][b, s.outputs[-1]] for b, p in enumerate(icl.prompts) for s in p.pairs[:-1]]
+    torch.testing.assert_close(setup.vector, torch.stack(rows).mean(0))
+
+
+def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
+    import icl_circuits.cleaning_runs as runs
+
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    tasks = [Task("many", tuple(MANY)), Task("many2", tuple((y, x) for x, y in MANY))]
+    tv_cfg = TaskVectorConfig(n_prompts=3, n_shots=3)
+    cfg = CleaningConfig(n_train=4, n_eval=4, max_steps=8, patience=3)
+    results, files = run_cleaning(lm, sae, tasks, 1, tmp_path / "c", cfg, tv_cfg, sae_spec="tiny", progress=False)
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert [r["task"] for r in summary] == ["many", "many2", "mean"]
+    assert summary[-1]["tvc"] == pytest.approx((summary[0]["tvc"] + summary[1]["tvc"]) / 2)
+    assert (tmp_path / "c" / "summary.png").stat().st_size > 1000
+    assert (tmp_path / "c" / "many" / "curves.png").is_file()
+    calls = []
+    monkeypatch.setattr(runs, "clean_task", lambda *a, **k: calls.append(a) or results[0])
+    again, _ = run_cleaning(lm, sae, tasks, 1, tmp_path / "c", cfg, tv_cfg, sae_spec="tiny", progress=False)
+    assert calls == [] and again[1].features == results[1].features  # both loaded from disk
+    monkeypatch.undo()
+
+    rows, files = l1_sweep(lm, sae, tasks[:1], 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)
+    tvc = [r for r in rows if r["method"] == "tvc"]
+    assert [r["l1_coeff"] for r in tvc] == [1e-3, 1e-1]
+    tv = next(r for r in rows if r["method"] == "tv")
+    assert tv["tv_loss_delta"] == 0 and tv["l0_fraction"] is None  # the raw TV is dense
+    assert all(math.isfinite(r["relative_loss_decrease"]) for r in rows)
+    assert (tmp_path / "s" / "l1_sweep.png").is_file() and (tmp_path / "s" / "tv_loss_delta.svg").is_file()
