@@ -14,13 +14,27 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## task-vector layer sweep on the bundled Gemma 3 270M, all 23 tasks
 	$(VENV)/bin/icl-circuits task-vectors --model gemma-3-270m --tasks all --out runs/task_vectors
 
-test: $(STAMP)  ## the whole test suite (CI runs exactly this)
+test: $(STAMP) chromium  ## the whole test suite (CI runs exactly this)
 	$(VENV)/bin/python -m pytest -q
+
+# Headless Chromium for tests/test_browser.py: Debian's packages, installed only when missing (sudo only if
+# not root). If it cannot be installed the browser tests skip and say why.
+.PHONY: chromium
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if command -v apt-get >/dev/null; then \
+			SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+			$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+				|| echo "warning: could not install chromium; the browser tests will skip"; \
+		else echo "warning: no apt-get; install chromium and chromedriver to run the browser tests"; fi; \
+	fi
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_steering.py
 	$(VENV)/bin/python benchmarks/bench_harvest.py
 	$(VENV)/bin/python benchmarks/bench_sae_training.py
+	$(VENV)/bin/python benchmarks/bench_examples.py
+	$(VENV)/bin/python benchmarks/bench_circuits.py
 
 saes: $(STAMP)  ## retrain the shipped starter suite (CPU: ~25 min for 600k tokens), then `make sae-eval`
 	$(VENV)/bin/icl-circuits sae train --model gemma-3-270m --saes resid:11,resid:12,attn:11,attn:12,transcoder:11,transcoder:12 \
