@@ -1,0 +1,412 @@
+"""Task-detection features and their link to task-execution features (Sec. 3.1, 4.2, App. G, Tables 1-2, Fig. 11).
+
+- Token-type activation masses (Tables 1, 2): the share of a feature's summed activation that
+  falls on prompt / input / arrow / output / newline / extra tokens of ICL prompts. Executors
+  (layer-12 cleaning) should sit on arrows, detectors (fake-pair cleaning) on outputs.
+- Detection-layer sweep (App. G): steer the fake pair's output token with the mean residual over
+  demo outputs, layer by layer.
+- Detector -> executor link (Fig. 11): on ICL prompts, zero each task's top detector latent at
+  every output token with attention patterns frozen at their clean values, and measure the
+  relative drop of every task's top executor at arrow tokens, averaged over the positions where
+  the executor was active on the clean run, pooled over the prompts of all tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .frozen_attention import FrozenAttention
+from .model import LM
+from .prompts import TYPE_ID, PromptBatch
+from .sae.dictionary import JumpReLUSAE
+from .sites import Intervention, Site
+from .storage import read_json, write_json
+
+# BOS is left out: its residual is an attention sink with a huge norm, dropped from SAE training too.
+MASS_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
+
+# Paper, Gemma 1 2B (Tables 1, 2), in %; the paper has no 'extra' row.
+PAPER_EXECUTOR_MASS = {"arrow": 89.80, "output": 6.46, "input": 3.2, "newline": 0.54, "prompt": 0.0}
+PAPER_DETECTOR_MASS = {"output": 96.76, "input": 3.22, "newline": 0.01, "arrow": 0.0, "prompt": 0.0}
+
+
+# -- token-type activation masses ----------------------------------------------------------------
+
+
+def token_type_masses(latents: torch.Tensor, token_types: torch.Tensor, types: Sequence[str] = MASS_TYPES) -> torch.Tensor:
+    """Summed activation of each feature on each token type: latents [batch, seq, F], token_types [batch, seq] -> [F, n_types]."""
+    if latents.dim() != 3 or latents.shape[:2] != token_types.shape:
+        raise ValueError(f"latents must be [batch, seq, F] matching token_types {tuple(token_types.shape)}, got {tuple(latents.shape)}")
+    unknown = [t for t in types if t not in TYPE_ID]
+    if unknown or not types:
+        raise ValueError(f"unknown token types {unknown}; choose from {sorted(TYPE_ID)}")
+    if (latents < 0).any():
+        raise ValueError("activation masses need non-negative latents (SAE feature activations)")
+    return torch.stack([latents[token_types == TYPE_ID[t]].sum(0) for t in types], dim=1).float()  # [F, n_types]
+
+
+def mass_shares(masses: torch.Tensor) -> torch.Tensor:
+    """[F, n_types] masses -> shares summing to 1 per feature (NaN for a feature that never fires)."""
+    total = masses.sum(-1, keepdim=True)
+    return torch.where(total > 0, masses / total.clamp_min(1e-30), torch.full_like(masses, float("nan")))
+
+
+@dataclass(frozen=True)
+class MassConfig:
+    n_prompts: int = 16
+    n_shots: int = 16
+    seed: int = 0
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def activation_masses(
+    lm: LM, tasks: Sequence[Any], roles: dict[str, tuple[JumpReLUSAE, dict[str, list[int]]]], cfg: MassConfig = MassConfig(),
+    progress: bool = True,
+) -> list[dict]:  # fmt: skip
+    """Rows (task, role, n_features, share per type) for each role {name: (SAE, {task: features})}.
+
+    Per task, the masses of the role's features on that task's ICL prompts are pooled, then
+    turned into shares; `mean_masses` averages the shares over tasks (Tables 1-2).
+    One pass per task reads every SAE's site.
+    """
+    from tqdm.auto import tqdm
+
+    from .task_vectors import TaskVectorConfig, collect_resid, task_batches
+
+    for role, (sae, _) in roles.items():
+        if Site.parse(sae.cfg.site).kind != "resid_pre":
+            raise ValueError(f"role {role}: activation masses read resid_pre SAEs, got {sae.cfg.site}")
+    layers = sorted({Site.parse(sae.cfg.site).layer for sae, _ in roles.values()})
+    rows = []
+    for task in tqdm(tasks, desc="activation masses", disable=not progress):
+        icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed))
+        resid, _ = collect_resid(lm, icl, layers, cfg.batch_size)
+        for role, (sae, sets) in roles.items():
+            feats = sets.get(task.name, [])
+            if not feats:
+                continue
+            with torch.no_grad():
+                lat = sae.encode(resid[Site.parse(sae.cfg.site).layer])[..., feats]  # [batch, seq, F]
+            masses = token_type_masses(lat, icl.token_types).sum(0, keepdim=True)  # pooled over the task's features
+            shares = mass_shares(masses)[0]
+            rows.append(dict(task=task.name, role=role, n_features=len(feats), total_mass=float(masses.sum()),
+                             **{t: float(shares[i]) for i, t in enumerate(MASS_TYPES)}))  # fmt: skip
+    return rows
+
+
+def mean_masses(rows: list[dict], role: str) -> dict[str, float]:
+    """Shares averaged over the tasks where the role's features fired at all."""
+    rs = [r for r in rows if r["role"] == role and r["total_mass"] > 0]
+    if not rs:
+        raise ValueError(f"no rows with mass for role {role!r}")
+    return {t: sum(r[t] for r in rs) / len(rs) for t in MASS_TYPES}
+
+
+def mass_table(rows: list[dict]) -> list[dict]:
+    """Side-by-side table (%): ours for executors / detectors next to the paper's Tables 1-2."""
+    roles = sorted({r["role"] for r in rows})
+    means = {role: mean_masses(rows, role) for role in roles}
+    out = []
+    for t in MASS_TYPES:
+        row: dict[str, Any] = {"token_type": t}
+        for role in roles:
+            row[f"{role}_ours_%"] = round(100 * means[role][t], 2)
+        row["executor_paper_%"] = PAPER_EXECUTOR_MASS.get(t, "")
+        row["detector_paper_%"] = PAPER_DETECTOR_MASS.get(t, "")
+        out.append(row)
+    return out
+
+
+# -- detection-layer sweep (App. G) ----------------------------------------------------------------
+
+
+def detection_sweep_task(lm: LM, task: Any, layers: Sequence[int], cfg: Any) -> list[dict]:
+    """Per layer: relative loss decrease from adding the detection vector at the fake pair's output."""
+    from .task_vectors import ZeroShotSteering, detection_batches, extract_detection_vectors
+
+    icl, fake = detection_batches(lm, task, cfg)
+    vecs = extract_detection_vectors(lm, icl, layers, batch_size=cfg.batch_size)
+    st = ZeroShotSteering(lm, fake, layers, cfg.n_score_tokens, steer_at=fake.output_mask("first"))
+    rows = []
+    for layer in layers:
+        s = st.evaluate(layer, vecs[layer])
+        rows.append(dict(task=task.name, layer=layer, fake_pair_nll=st.baseline.nll, fake_pair_accuracy=st.baseline.accuracy,
+                         steered_nll=s.nll, steered_accuracy=s.accuracy, relative_loss_decrease=st.relative_loss_decrease(s)))  # fmt: skip
+    return rows
+
+
+def plot_detection_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
+    """Relative loss decrease of fake-pair steering with detection vectors, per layer; task mean in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .storage import save_figure
+
+    tasks = sorted({r["task"] for r in rows})
+    layers = sorted({r["layer"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab20", max(len(tasks), 1))
+    for i, t in enumerate(tasks):
+        rs = sorted((r for r in rows if r["task"] == t), key=lambda r: r["layer"])
+        ax.plot([r["layer"] for r in rs], [r["relative_loss_decrease"] for r in rs], lw=0.8, alpha=0.55, color=cmap(i), label=t)
+    mean = [sum(r["relative_loss_decrease"] for r in rows if r["layer"] == l) / len(tasks) for l in layers]
+    ax.plot(layers, mean, lw=3, color="black", marker="o", label="mean over tasks")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("layer (detection vector added to resid_pre at the fake pair's output)")
+    ax.set_ylabel("relative loss decrease vs. fake-pair prompt")
+    ax.set_title("Task detection: steering the fake pair 'X -> Y' (App. G)")
+    ax.set_xticks(layers)
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+# -- detector -> executor link (Fig. 11) ---------------------------------------------------------
+
+
+def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.Tensor) -> Intervention:
+    """Zero the SAE latents `features` at `positions`: x - sum_f f(x) * decoder_f (the SAE error stays)."""
+    feats = torch.tensor(list(features), dtype=torch.long)
+    dirs = sae.W_dec.detach()[feats].float() / sae.cfg.output_scale  # [k, d_model]
+
+    def fn(x: torch.Tensor, value_of: Any) -> torch.Tensor:
+        acts = sae.encode(x)[..., feats].float()  # [batch, seq, k]
+        return x - (acts @ dirs).to(x.dtype)
+
+    return Intervention(Site.parse(sae.cfg.site), positions, mode="fn", fn=fn)
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    n_prompts: int = 16
+    n_shots: int = 16
+    seed: int = 0
+    ablate_at: str = "output"  # token type whose detector activations are zeroed
+    measure_at: str = "arrow"  # token type where executor activations are read
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LinkResult:
+    detector_tasks: list[str]
+    executor_tasks: list[str]
+    detectors: dict[str, int]  # task -> its top detector feature
+    executors: dict[str, int]  # task -> its top executor feature
+    drop: torch.Tensor  # [n_detector_tasks, n_executor_tasks] mean relative drop (1 = executor silenced)
+    n_active: torch.Tensor  # [n_executor_tasks] clean active positions the mean is over
+    config: dict
+
+    def to_dict(self) -> dict:
+        return dict(detector_tasks=self.detector_tasks, executor_tasks=self.executor_tasks, detectors=self.detectors,
+                    executors=self.executors, drop=self.drop.tolist(), n_active=self.n_active.tolist(), config=self.config)  # fmt: skip
+
+
+def _executor_acts(sae: JumpReLUSAE, x: torch.Tensor, feats: list[int]) -> torch.Tensor:
+    return sae.encode(x)[..., feats].float()  # [batch, seq, E]
+
+
+def detector_executor_link(
+    lm: LM, tasks: Sequence[Any], detectors: dict[str, int], executors: dict[str, int],
+    det_sae: JumpReLUSAE, exec_sae: JumpReLUSAE, cfg: LinkConfig = LinkConfig(),
+    out_dir: str | Path | None = None, progress: bool = True,
+) -> LinkResult:  # fmt: skip
+    """Fig. 11: ablate each task's top detector (frozen attention), measure each task's top executor.
+
+    For every task's ICL prompts: one clean pass records the attention patterns of the layers
+    between the two SAEs; then, per detector, a pass from the detector layer with the detector
+    latent zeroed at `ablate_at` tokens and those patterns frozen. Drop = (clean - ablated) / clean
+    at `measure_at` tokens where the executor was active, averaged over all such positions.
+    Resumes from out_dir/link_progress.json (one entry per prompt task).
+    """
+    from tqdm.auto import tqdm
+
+    from .task_vectors import TaskVectorConfig, task_batches
+
+    s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
+    if s_det.kind != "resid_pre" or s_exec.kind != "resid_pre":
+        raise ValueError(f"the link needs resid_pre SAEs, got {s_det} and {s_exec}")
+    if s_det.layer >= s_exec.layer:
+        raise ValueError(f"the detector SAE ({s_det}) must come before the executor SAE ({s_exec})")
+    d_tasks = [t for t in detectors]
+    e_tasks = [t for t in executors]
+    if not d_tasks or not e_tasks:
+        raise ValueError("need at least one detector and one executor")
+    bad = {t: f for t, f in detectors.items() if not 0 <= int(f) < det_sae.d_sae}
+    if bad:
+        raise ValueError(f"detector features {bad} outside 0..{det_sae.d_sae - 1}")
+    e_feats = [int(executors[t]) for t in e_tasks]
+    if any(not 0 <= f < exec_sae.d_sae for f in e_feats):
+        raise ValueError(f"executor features {e_feats} outside 0..{exec_sae.d_sae - 1}")
+    path = Path(out_dir) / "link_progress.json" if out_dir else None
+    key = dict(config=cfg.to_dict(), detectors=detectors, executors=executors)
+    state: dict[str, Any] = {**key, "done": {}}
+    if path and path.is_file():
+        saved = read_json(path)
+        if any(saved.get(k) != v for k, v in key.items()):
+            raise ValueError(f"{path} was written with another config / feature choice; use a new --out or delete it")
+        state = saved
+    tv_cfg = TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed)
+    for task in tqdm([t for t in tasks if t.name not in state["done"]], desc="detector->executor", disable=not progress):
+        icl, _ = task_batches(lm, task, tv_cfg)
+        d_feats = [int(detectors[t]) for t in d_tasks]
+        unique = list(dict.fromkeys(d_feats))  # tasks often share a detector: ablate each feature once
+        sums, counts = link_on_batch(lm, icl, unique, e_feats, det_sae, exec_sae, cfg)
+        sums = sums[[unique.index(f) for f in d_feats]]
+        state["done"][task.name] = {"sums": sums.tolist(), "counts": counts.tolist()}
+        if path:
+            write_json(path, state)
+    sums = sum(torch.tensor(v["sums"]) for v in state["done"].values())
+    counts = sum(torch.tensor(v["counts"]) for v in state["done"].values())
+    drop = sums / counts.clamp_min(1)[None, :]  # [D, E]
+    return LinkResult(d_tasks, e_tasks, {t: int(v) for t, v in detectors.items()}, {t: int(v) for t, v in executors.items()},
+                      drop, counts, cfg.to_dict())  # fmt: skip
+
+
+@torch.no_grad()
+def link_on_batch(
+    lm: LM, batch: PromptBatch, det_feats: list[int], exec_feats: list[int], det_sae: JumpReLUSAE, exec_sae: JumpReLUSAE,
+    cfg: LinkConfig = LinkConfig(),
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(sum of relative drops [D, E], active clean positions [E]) on one batch; see detector_executor_link."""
+    s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
+    ablate = batch.type_mask(cfg.ablate_at)
+    measure = batch.type_mask(cfg.measure_at)
+    start = lm.run(batch.input_ids, batch.attention_mask, read=[s_det]).acts[s_det]  # [batch, seq, d_model]
+    run = dict(start_layer=s_det.layer, start_resid=start, read=[s_exec])
+    with FrozenAttention(lm, range(s_det.layer, s_exec.layer)) as fa:
+        fa.record()
+        clean = _executor_acts(exec_sae, lm.run(batch.input_ids, batch.attention_mask, **run).acts[s_exec], exec_feats)[measure]  # [n, E]
+        fa.freeze()
+        active = clean > 0  # [n, E]
+        sums = torch.zeros(len(det_feats), len(exec_feats))
+        for i, d in enumerate(det_feats):
+            iv = latent_ablation(det_sae, [d], ablate)
+            out = lm.run(batch.input_ids, batch.attention_mask, interventions=[iv], **run).acts[s_exec]
+            abl = _executor_acts(exec_sae, out, exec_feats)[measure]  # [n, E]
+            rel = torch.where(active, (clean - abl) / clean.clamp_min(1e-12), torch.zeros_like(clean))
+            sums[i] = rel.sum(0)
+    return sums, active.sum(0).float()
+
+
+def plot_link(result: LinkResult, stem: str | Path, order: Sequence[str] | None = None) -> list[Path]:
+    """Fig. 11: detector task (rows) x executor task (columns), effect = relative executor drop."""
+    from .steering import plot_feature_heatmap
+
+    order = list(order) if order else result.detector_tasks
+    rows = [result.detector_tasks.index(t) for t in order if t in result.detector_tasks]
+    cols = [result.executor_tasks.index(t) for t in order if t in result.executor_tasks]
+    m = result.drop[rows][:, cols]
+    return plot_feature_heatmap(
+        m, [f"{result.detector_tasks[r]} ({result.detectors[result.detector_tasks[r]]})" for r in rows],
+        [f"{result.executor_tasks[c]} ({result.executors[result.executor_tasks[c]]})" for c in cols], stem,
+        vmin=min(0.0, float(m.min())), vmax=max(1e-3, float(m.max())), cbar="Relative drop of executor activation",
+        xlabel="Executor (task, feature)", ylabel="Detector (task, feature)",
+        title="Ablating each task's top detector at output tokens (attention frozen): drop of top executors at arrows",
+    )  # fmt: skip
+
+
+# -- the `detectors` command ----------------------------------------------------------------------
+
+
+def top_features(results_dir: str | Path, heatmap_json: str | Path | None, tasks: Sequence[str] | None = None) -> tuple[dict[str, int], str]:
+    """Each task's strongest feature: by its steering effect on its own task (a `heatmap` run's
+    heatmap.json), or, without one, the largest cleaned weight. Returns ({task: feature}, source)."""
+    from .steering import HeatmapResult, load_feature_sets
+
+    sets, _ = load_feature_sets(results_dir, tasks)
+    if heatmap_json and Path(heatmap_json).is_file():
+        hm = HeatmapResult.from_dict(read_json(heatmap_json))
+        out = {}
+        for t, fs in sets.items():
+            if not fs.features:
+                continue
+            try:
+                out[t] = hm.top_feature(t)
+            except ValueError:
+                out[t] = fs.features[0]
+        return out, f"steering effect ({heatmap_json})"
+    return {t: fs.features[0] for t, fs in sets.items() if fs.features}, "largest cleaned weight"
+
+
+def run_detectors(
+    lm: LM, steps: Sequence[str], out_dir: str | Path, figures_dir: str | Path, executor_dir: str | Path | None = None,
+    detector_dir: str | Path | None = None, exec_heatmap: str | Path | None = None, det_heatmap: str | Path | None = None,
+    tasks: Sequence[str] | None = None, sweep_layers: Sequence[int] = (), mass_cfg: MassConfig = MassConfig(),
+    link_cfg: LinkConfig = LinkConfig(), progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """The `detectors` command: detection-layer sweep, token-type masses (Tables 1-2), detector->executor link (Fig. 11)."""
+    from tqdm.auto import tqdm
+
+    from .steering import cluster_order, load_feature_sets, sae_from_spec
+    from .storage import write_csv
+    from .task_vectors import TaskVectorConfig
+    from .tasks import list_tasks, load_task
+
+    bad = sorted(set(steps) - {"sweep", "masses", "link"})
+    if bad:
+        raise ValueError(f"unknown steps {bad}; choose from sweep, masses, link")
+    out, figs = Path(out_dir), Path(figures_dir)
+    summary: dict[str, Any] = {"files": []}
+    if "sweep" in steps:
+        if not sweep_layers:
+            raise ValueError("the sweep step needs layers")
+        names = list(tasks) if tasks else list_tasks()
+        path = out / "detection_sweep.json"
+        rows = read_json(path) if path.is_file() else []
+        cfg = TaskVectorConfig()
+        for n in tqdm([n for n in names if n not in {r["task"] for r in rows}], desc="detection sweep", disable=not progress):
+            rows += detection_sweep_task(lm, load_task(n), list(sweep_layers), cfg)
+            write_json(path, rows)
+        summary["files"] += plot_detection_sweep(rows, figs / "detection_layer_sweep")
+        summary["files"].append(write_csv(figs / "detection_layer_sweep.csv", rows))
+        summary["sweep"] = rows
+    if "masses" in steps or "link" in steps:
+        if executor_dir is None or detector_dir is None:
+            raise ValueError("masses and link need --executors and --detectors (folders of TVC results)")
+        ex_sets, ex_meta = load_feature_sets(executor_dir, tasks)
+        de_sets, de_meta = load_feature_sets(detector_dir, tasks)
+        ex_sae, de_sae = sae_from_spec(lm, ex_meta["sae_spec"]), sae_from_spec(lm, de_meta["sae_spec"])
+        names = [n for n in ex_sets if n in de_sets]
+        task_objs = [load_task(n) for n in names]
+        ex_top, ex_src = top_features(executor_dir, exec_heatmap, names)
+        de_top, de_src = top_features(detector_dir, det_heatmap, names)
+        summary["top"] = dict(executors=ex_top, detectors=de_top, executor_source=ex_src, detector_source=de_src)
+    if "masses" in steps:
+        roles = {
+            "executor": (ex_sae, {n: ex_sets[n].features for n in names}),
+            "detector": (de_sae, {n: de_sets[n].features for n in names}),
+            "top_executor": (ex_sae, {n: [ex_top[n]] for n in names if n in ex_top}),
+            "top_detector": (de_sae, {n: [de_top[n]] for n in names if n in de_top}),
+        }
+        rows = activation_masses(lm, task_objs, roles, mass_cfg, progress)
+        write_json(out / "masses.json", rows)
+        summary["files"].append(write_csv(figs / "token_type_masses_per_task.csv", rows))
+        table = mass_table(rows)
+        summary["files"].append(write_csv(figs / "token_type_masses.csv", table))
+        summary["masses"], summary["mass_table"] = rows, table
+    if "link" in steps:
+        res = detector_executor_link(lm, task_objs, {n: de_top[n] for n in names if n in de_top},
+                                     {n: ex_top[n] for n in names if n in ex_top}, de_sae, ex_sae, link_cfg, out, progress)  # fmt: skip
+        write_json(out / "link.json", res.to_dict())
+        order = [res.detector_tasks[i] for i in cluster_order(res.drop + res.drop.T if res.drop.shape[0] == res.drop.shape[1] else res.drop)]
+        summary["files"] += plot_link(res, figs / "detector_executor_link", order)
+        summary["files"].append(write_csv(figs / "detector_executor_link.csv", [
+            dict(detector_task=d, detector=res.detectors[d], **{e: round(float(res.drop[i, j]), 4) for j, e in enumerate(res.executor_tasks)})
+            for i, d in enumerate(res.detector_tasks)
+        ]))  # fmt: skip
+        summary["link"] = res
+    return summary

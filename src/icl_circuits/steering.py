@@ -1,0 +1,700 @@
+"""Steering with single SAE features: heatmaps of which feature helps which task (Sec. 3.2, App. F).
+
+Positive steering (Fig. 6, 22, 24, 25): for every task t and every feature f of the cleaned task
+vectors, add scale x f's decoder direction at the arrow of zero-shot prompts (or at a fake pair's
+output, for detectors, App. G) and record the relative loss decrease M(t, f). The scale is one
+shared value calibrated on a grid (the paper's Gemma 1 procedure, 15) or one per feature, the grid
+value with the largest loss decrease on any task, then used for that feature on every task (the
+Gemma 2 procedure). The paper's normalisation: clip at 1, per-task min-max, zero below 0.2, drop
+features with a low maximum effect.
+
+Negative steering (App. F.1, Fig. 23): subtract scale x direction at every arrow of full ICL
+prompts (16 prompts x 32 shots); accuracy over all pairs; per feature the smallest scale in 1..30
+that lowers accuracy by >= 0.1 on some task.
+
+`PromptSteering` evaluates many steering vectors on one prompt batch, several per forward pass,
+resuming from the cached resid_pre of the steered layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import LM
+from .prompts import PromptBatch
+from .sae.dictionary import JumpReLUSAE
+from .sites import Intervention, Site
+from .storage import read_json, write_json
+
+# -- one feature as a steering vector ----------------------------------------------------------
+
+
+def feature_directions(sae: JumpReLUSAE, features: Sequence[int]) -> torch.Tensor:
+    """Decoder rows of `features` in the model's units (what a latent of 1 adds): [n, d_out]."""
+    feats = list(features)
+    if not feats:
+        raise ValueError("no features given")
+    bad = [f for f in feats if not 0 <= int(f) < sae.d_sae]
+    if bad:
+        raise ValueError(f"features {bad[:5]} outside 0..{sae.d_sae - 1} of the SAE at {sae.cfg.site}")
+    return sae.W_dec.detach()[torch.tensor(feats, dtype=torch.long)].float() / sae.cfg.output_scale
+
+
+def feature_intervention(
+    sae: JumpReLUSAE, feature: int, scale: float, positions: torch.Tensor, site: str | Site | None = None
+) -> Intervention:
+    """Add scale x the feature's decoder row at `positions` [batch, seq] of the SAE's output site."""
+    site = Site.parse(site or sae.cfg.out_site or sae.cfg.site)
+    return Intervention(site, positions, scale * feature_directions(sae, [feature])[0])
+
+
+# -- many steering vectors on one batch -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringScores:
+    nll: torch.Tensor  # [n_vectors]
+    accuracy: torch.Tensor | None  # [n_vectors], when asked for
+
+
+class PromptSteering:
+    """Scores steering vectors added to resid_pre[layer] at `steer_at` of a fixed batch.
+
+    scoring: which outputs the loss / accuracy covers ('last' for zero-shot and fake-pair
+    prompts, 'all' for negative steering on ICL prompts). The batch is cut after the last
+    scored position (the model is causal, so nothing later matters), resid_pre[layer] is cached
+    once, and each evaluation runs blocks layer..end on `vectors_per_pass` copies of the batch.
+    """
+
+    def __init__(
+        self, lm: LM, batch: PromptBatch, layer: int, steer_at: torch.Tensor, scoring: str = "last",
+        n_score_tokens: int = 1, vectors_per_pass: int = 8, prompts_per_pass: int | None = None,
+    ) -> None:  # fmt: skip
+        if steer_at.dtype != torch.bool or steer_at.shape != batch.input_ids.shape:
+            raise ValueError(f"steer_at must be a bool mask {tuple(batch.input_ids.shape)}, got {steer_at.dtype} {tuple(steer_at.shape)}")
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} outside 0..{lm.n_layers - 1}")
+        if vectors_per_pass < 1:
+            raise ValueError(f"vectors_per_pass must be >= 1, got {vectors_per_pass}")
+        self.lm, self.layer = lm, layer
+        sc = batch.scoring(scoring, n_score_tokens)
+        seq = int(sc.positions.nonzero()[:, 1].max()) + 1  # positions after the last scored one never matter
+        self.ids, self.mask = batch.input_ids[:, :seq], batch.attention_mask[:, :seq]
+        self.steer_at, self.positions = steer_at[:, :seq], sc.positions[:, :seq]
+        if not self.steer_at.any():
+            raise ValueError("steer_at selects no position before the last scored token")
+        self.targets, self.is_first = sc.targets, sc.is_first
+        self.vectors_per_pass = vectors_per_pass
+        self.prompts_per_pass = prompts_per_pass or len(batch)
+        site = Site(layer, "resid_pre")
+        with torch.no_grad():
+            self.cache = torch.cat([
+                lm.run(self.ids[i : i + self.prompts_per_pass], self.mask[i : i + self.prompts_per_pass], read=[site]).acts[site]
+                for i in range(0, len(batch), self.prompts_per_pass)
+            ])  # [batch, seq, d_model]  # fmt: skip
+        self.baseline = self._score(torch.zeros(1, lm.d_model), need_accuracy=True)
+        self.baseline_nll = float(self.baseline.nll[0])
+        self.baseline_accuracy = float(self.baseline.accuracy[0])  # type: ignore[index]
+
+    @torch.no_grad()
+    def score(self, vectors: torch.Tensor, need_accuracy: bool = False) -> SteeringScores:
+        """vectors [n, d_model] -> NLL (and accuracy) of the scored tokens with each one added."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.lm.d_model:
+            raise ValueError(f"vectors must be [n, d_model={self.lm.d_model}], got {tuple(vectors.shape)}")
+        parts = [self._score(vectors[i : i + self.vectors_per_pass], need_accuracy) for i in range(0, len(vectors), self.vectors_per_pass)]
+        nll = torch.cat([p.nll for p in parts]) if parts else torch.zeros(0)
+        acc = torch.cat([p.accuracy for p in parts]) if need_accuracy and parts else None  # type: ignore[misc]
+        return SteeringScores(nll, acc)
+
+    def relative_loss_decrease(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[n]: (L_zero - L_steered) / L_zero for each vector [n, d_model]."""
+        return (self.baseline_nll - self.score(vectors).nll) / self.baseline_nll
+
+    def _score(self, vectors: torch.Tensor, need_accuracy: bool) -> SteeringScores:
+        k, n_prompts = len(vectors), len(self.ids)
+        nll_sum = torch.zeros(k)
+        hits = torch.zeros(k)
+        n_rows = n_first = 0
+        for s in range(0, n_prompts, self.prompts_per_pass):
+            e = min(s + self.prompts_per_pass, n_prompts)
+            b = e - s
+            pos = self.positions[s:e]
+            n = int(pos.sum())
+            if n == 0:
+                continue
+            first_rows = int(self.positions[:s].sum())
+            targets = self.targets[first_rows : first_rows + n]
+            value = vectors.float().repeat_interleave(b, 0)[:, None, :]  # [k*b, 1, d_model]; copy j = rows j*b..
+            out = self.lm.run(
+                self.ids[s:e].repeat(k, 1), self.mask[s:e].repeat(k, 1),
+                start_layer=self.layer, start_resid=self.cache[s:e].repeat(k, 1, 1),
+                interventions=[Intervention(Site(self.layer, "resid_pre"), self.steer_at[s:e].repeat(k, 1), value)],
+                logprob_positions=pos.repeat(k, 1),
+                targets=None if need_accuracy else targets.repeat(k),
+            )  # fmt: skip
+            if need_accuracy:
+                lp = out.logprobs.view(k, n, -1)  # type: ignore[union-attr]  # [k, n, vocab]
+                tl = lp.gather(-1, targets.to(lp.device)[None, :, None].expand(k, n, 1))[..., 0]  # [k, n]
+                first = self.is_first[first_rows : first_rows + n].to(lp.device)
+                hits += (lp[:, first].argmax(-1) == targets.to(lp.device)[first]).float().sum(1).cpu()
+                n_first += int(first.sum())
+            else:
+                tl = out.target_logprobs.view(k, n)  # type: ignore[union-attr]
+            nll_sum += -tl.float().sum(1).cpu()
+            n_rows += n
+        return SteeringScores(nll_sum / n_rows, hits / n_first if need_accuracy else None)
+
+
+# -- positive steering heatmap -----------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """The features one task contributes: cleaned (kept by TVC), and those in the raw task vector."""
+
+    task: str
+    features: list[int]  # active after cleaning, strongest first
+    in_task_vector: list[int] = field(default_factory=list)  # nonzero in the SAE encoding of the raw TV
+    weights: list[float] = field(default_factory=list)  # cleaned weights, same order as features
+
+
+def feature_set_from_cleaning(result: Any, top_k: int | None = None) -> FeatureSet:
+    """Adapter for `icl_circuits.cleaning.CleaningResult` (features sorted by weight, descending)."""
+    feats = [int(f) for f in result.features][:top_k]
+    w = result.weights
+    in_tv = [int(i) for i in torch.as_tensor(result.initial_weights).nonzero().flatten().tolist()]
+    return FeatureSet(result.task, feats, in_tv, [float(w[f]) for f in feats])
+
+
+def _jsonable(d: dict) -> dict:
+    """As it reads back from JSON (tuples become lists), so saved and current configs compare equal."""
+    return json.loads(json.dumps(d))
+
+
+def log_grid(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    """n log-spaced values from lo to hi, rounded to 3 significant digits."""
+    if not (0 < lo <= hi) or n < 1:
+        raise ValueError(f"need 0 < lo <= hi and n >= 1, got lo={lo} hi={hi} n={n}")
+    if n == 1:
+        return (float(lo),)
+    return tuple(float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n))
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    setting: str = "execution"  # 'execution': query arrow of zero-shot prompts; 'detection': fake pair's output
+    layer: int = 12
+    scale_mode: str = "per_feature"  # 'per_feature' (Gemma 2), 'shared' (one calibrated scale, Gemma 1), 'fixed'
+    scale: float = 15.0  # used when scale_mode == 'fixed'
+    scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    select_on: str = "owner"  # scales chosen on the tasks the feature came from ('owner') or on every task ('all')
+    top_only: bool = False  # heatmap of each task's strongest feature only (Fig. 10)
+    n_eval: int = 32  # zero-shot prompts (32 random pairs)
+    eval_share: float = 0.5
+    seed: int = 0
+    vectors_per_pass: int = 8
+
+    def __post_init__(self) -> None:
+        if self.setting not in ("execution", "detection"):
+            raise ValueError(f"setting must be 'execution' or 'detection', got {self.setting!r}")
+        if self.scale_mode not in ("per_feature", "shared", "fixed"):
+            raise ValueError(f"scale_mode must be 'per_feature', 'shared' or 'fixed', got {self.scale_mode!r}")
+        if self.select_on not in ("owner", "all"):
+            raise ValueError(f"select_on must be 'owner' or 'all', got {self.select_on!r}")
+        if not self.scale_grid or any(s <= 0 for s in self.scale_grid):
+            raise ValueError(f"scale_grid must be positive values, got {self.scale_grid}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def steering_batch(lm: LM, task: Any, cfg: HeatmapConfig) -> PromptSteering:
+    """Zero-shot (execution) or fake-pair (detection) prompts of the task's held-out pairs."""
+    from .task_vectors import TaskVectorConfig, detection_batches, task_batches
+
+    tv_cfg = TaskVectorConfig(n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed, n_shots=1, n_prompts=1)
+    if cfg.setting == "execution":
+        _, batch = task_batches(lm, task, tv_cfg)
+        steer_at = batch.arrow_mask("last")
+    else:
+        _, batch = detection_batches(lm, task, tv_cfg)
+        steer_at = batch.output_mask("first")
+    return PromptSteering(lm, batch, cfg.layer, steer_at, "last", vectors_per_pass=cfg.vectors_per_pass)
+
+
+@dataclass
+class HeatmapResult:
+    tasks: list[str]
+    features: list[int]
+    raw: torch.Tensor  # [n_tasks, n_features] relative loss decrease
+    scales: list[float]  # per feature
+    owners: dict[int, list[str]]  # feature -> tasks whose cleaned vector holds it
+    in_task_vector: dict[int, list[str]]  # feature -> tasks whose raw TV holds it
+    baselines: dict[str, float]  # task -> zero-shot NLL
+    grid: dict[str, dict[int, list[float]]]  # task -> feature -> effect at each grid scale
+    config: dict
+
+    def top_feature(self, task: str) -> int:
+        """The task's own feature with the largest effect on it (raises if it has none)."""
+        t = self.tasks.index(task)
+        own = [i for i, f in enumerate(self.features) if task in self.owners.get(f, [])]
+        if not own:
+            raise ValueError(f"task {task!r} contributes no feature to this heatmap")
+        return self.features[max(own, key=lambda i: float(self.raw[t, i]))]
+
+    def marks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n_tasks, n_features] bool in raw TV, [n_tasks, n_features] bool kept by cleaning)."""
+        in_tv = torch.tensor([[t in self.in_task_vector.get(f, []) for f in self.features] for t in self.tasks])
+        kept = torch.tensor([[t in self.owners.get(f, []) for f in self.features] for t in self.tasks])
+        return in_tv.reshape(len(self.tasks), len(self.features)), kept.reshape(len(self.tasks), len(self.features))
+
+    def to_dict(self) -> dict:
+        return dict(
+            tasks=self.tasks, features=self.features, raw=self.raw.tolist(), scales=self.scales,
+            owners={str(k): v for k, v in self.owners.items()},
+            in_task_vector={str(k): v for k, v in self.in_task_vector.items()},
+            baselines=self.baselines, grid={t: {str(f): v for f, v in g.items()} for t, g in self.grid.items()},
+            config=self.config,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeatmapResult":
+        return cls(
+            d["tasks"], [int(f) for f in d["features"]], torch.tensor(d["raw"]).reshape(len(d["tasks"]), len(d["features"])),
+            [float(s) for s in d["scales"]], {int(k): v for k, v in d["owners"].items()},
+            {int(k): v for k, v in d["in_task_vector"].items()}, d["baselines"],
+            {t: {int(f): v for f, v in g.items()} for t, g in d["grid"].items()}, d["config"],
+        )  # fmt: skip
+
+
+def choose_scales(
+    grid: dict[str, dict[int, list[float]]], features: Sequence[int], scale_grid: Sequence[float], mode: str,
+) -> tuple[list[float], float | None]:
+    """Per-feature scales from grid effects {task: {feature: [effect per grid scale]}}.
+
+    per_feature: the grid scale with the largest effect on any task it was tried on.
+    shared: the grid scale maximising the mean over tasks of the best own-feature effect (calibration).
+    """
+    if mode == "per_feature":
+        scales = []
+        for f in features:
+            rows = [g[f] for g in grid.values() if f in g]
+            if not rows:
+                raise ValueError(f"feature {f} has no grid evaluation")
+            best = max(range(len(scale_grid)), key=lambda j: max(r[j] for r in rows))
+            scales.append(float(scale_grid[best]))
+        return scales, None
+    if mode == "shared":
+        per_task = [g for g in grid.values() if g]
+        if not per_task:
+            raise ValueError("no grid evaluations to calibrate the shared scale on")
+        means = [sum(max(v[j] for v in g.values()) for g in per_task) / len(per_task) for j in range(len(scale_grid))]
+        best = max(range(len(scale_grid)), key=lambda j: means[j])
+        return [float(scale_grid[best])] * len(features), float(scale_grid[best])
+    raise ValueError(f"mode must be 'per_feature' or 'shared', got {mode!r}")
+
+
+def positive_heatmap(
+    lm: LM, tasks: Sequence[Any], feature_sets: dict[str, FeatureSet], sae: JumpReLUSAE, cfg: HeatmapConfig,
+    out_dir: str | Path | None = None, progress: bool = True,
+) -> HeatmapResult:  # fmt: skip
+    """Steer every task with every feature of the tasks' cleaned vectors (Fig. 22/24; Fig. 10 with top_only).
+
+    Every evaluated (task, feature, scale) cell is saved to out_dir/heatmap_cells.json as soon
+    as its task is done; a rerun, also one with more tasks or features, computes only missing cells.
+    """
+    from tqdm.auto import tqdm
+
+    if Site.parse(sae.cfg.site) != Site(cfg.layer, "resid_pre"):
+        raise ValueError(f"SAE reads {sae.cfg.site} but the heatmap steers resid_pre.{cfg.layer}")
+    names = [t.name for t in tasks]
+    missing = [n for n in names if n not in feature_sets]
+    if missing:
+        raise ValueError(f"no features for tasks {missing}")
+    owners: dict[int, list[str]] = {}
+    in_tv: dict[int, list[str]] = {}
+    for n in names:
+        for f in feature_sets[n].features:
+            owners.setdefault(int(f), []).append(n)
+        for f in feature_sets[n].in_task_vector:
+            in_tv.setdefault(int(f), []).append(n)
+    features = sorted(owners)
+    if not features:
+        raise ValueError("the feature sets hold no features")
+    directions = dict(zip(features, feature_directions(sae, features)))  # feature -> [d_model]
+
+    # cells depend only on the prompts and the SAE; anything else may change between runs
+    key = _jsonable(dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
+                         sae=sae.cfg.site, sae_model=sae.cfg.model, d_sae=sae.d_sae))  # fmt: skip
+    path = Path(out_dir) / "heatmap_cells.json" if out_dir else None
+    state: dict[str, Any] = {"key": key, "cells": {}, "baselines": {}}
+    if path and path.is_file():
+        saved = read_json(path)
+        if saved.get("key") != key:
+            raise ValueError(f"{path} was written for other prompts or another SAE ({saved.get('key')}); use a new --out or delete it")
+        state = saved
+    cells: dict[str, dict[str, float]] = state["cells"]
+
+    def fill(todo: dict[str, list[tuple[int, float]]], desc: str) -> None:
+        """Evaluate the missing (feature, scale) cells of each task, one steering batch per task."""
+        for task in tqdm([t for t in tasks if todo.get(t.name)], desc=desc, disable=not progress):
+            need = [(f, s) for f, s in dict.fromkeys(todo[task.name]) if f"{f}@{s:g}" not in cells.get(task.name, {})]
+            if not need:
+                continue
+            st = steering_batch(lm, task, cfg)
+            state["baselines"][task.name] = st.baseline_nll
+            eff = st.relative_loss_decrease(torch.stack([s * directions[f] for f, s in need]))
+            cells.setdefault(task.name, {}).update({f"{f}@{s:g}": float(e) for (f, s), e in zip(need, eff)})
+            if path:
+                write_json(path, state)
+
+    # 1. scale selection on a grid (skipped for a fixed scale)
+    grid: dict[str, dict[int, list[float]]] = {}
+    if cfg.scale_mode == "fixed":
+        scales = {f: cfg.scale for f in features}
+    else:
+        tried = {n: (feature_sets[n].features if cfg.select_on == "owner" else features) for n in names}
+        fill({n: [(int(f), s) for f in fs for s in cfg.scale_grid] for n, fs in tried.items()}, "scale grid")
+        grid = {n: {int(f): [cells[n][f"{f}@{s:g}"] for s in cfg.scale_grid] for f in fs} for n, fs in tried.items()}
+        chosen, _ = choose_scales(grid, features, cfg.scale_grid, cfg.scale_mode)
+        scales = dict(zip(features, chosen))
+
+    # 2. which features go in the heatmap: all, or each task's strongest on itself (Fig. 10)
+    if cfg.top_only:
+        fill({n: [(int(f), scales[int(f)]) for f in feature_sets[n].features] for n in names}, "own effects")
+        top = [max(feature_sets[n].features, key=lambda f: cells[n][f"{f}@{scales[int(f)]:g}"]) for n in names if feature_sets[n].features]
+        keep = [int(f) for f in dict.fromkeys(top)]
+    else:
+        keep = features
+
+    # 3. every task x every kept feature at its scale
+    fill({n: [(f, scales[f]) for f in keep] for n in names}, "heatmap")
+    raw = torch.tensor([[cells[n][f"{f}@{scales[f]:g}"] for f in keep] for n in names]).reshape(len(names), len(keep))
+    return HeatmapResult(
+        names, keep, raw, [scales[f] for f in keep], {f: owners[f] for f in keep},
+        {f: in_tv.get(f, []) for f in keep}, {n: state["baselines"][n] for n in names}, grid, cfg.to_dict(),
+    )  # fmt: skip
+
+
+# -- the paper's normalisation and ordering -------------------------------------------------------
+
+
+def normalize_effects(raw: torch.Tensor, clip: float = 1.0, floor: float = 0.2, min_effect: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """App. F post-processing of the effects D [n_tasks, n_features] (relative loss decrease, 1 - L_steered / L_zero).
+
+    The paper writes it for M = L_steered / L_zero: 1. M = min(M, clip), so steering that hurts
+    counts as no effect (D = max(D, 1 - clip)); 2. per task (row) min-max over features, higher =
+    stronger; 3. values below `floor` become 0; 4. drop features whose largest raw effect over tasks
+    is below min_effect, and features left all zero. Returns (normalised [n_tasks, n_kept], kept
+    column indices). A row with max == min becomes 0.
+    """
+    if raw.dim() != 2 or raw.numel() == 0:
+        raise ValueError(f"raw must be a non-empty [n_tasks, n_features] matrix, got shape {tuple(raw.shape)}")
+    if not torch.isfinite(raw).all():
+        raise ValueError("raw effects contain NaN or inf")
+    m = raw.clamp(min=1 - clip)
+    lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
+    span = hi - lo
+    m = torch.where(span > 0, (m - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(m))
+    m = torch.where(m < floor, torch.zeros_like(m), m)
+    kept = [j for j in range(raw.shape[1]) if float(raw[:, j].max()) >= min_effect and bool((m[:, j] > 0).any())]
+    return m[:, kept], kept
+
+
+def cluster_order(matrix: torch.Tensor) -> list[int]:
+    """Row order that puts similar rows together: average-linkage clustering on cosine distance, leaf order."""
+    n = matrix.shape[0]
+    if n <= 2:
+        return list(range(n))
+    x = matrix.float()
+    norms = x.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, x / norms.clamp_min(1e-12), torch.zeros_like(x))
+    dist = 1 - unit @ unit.T  # [n, n]; an all-zero row is at distance 1 from everything
+    clusters: dict[int, list[int]] = {i: [i] for i in range(n)}
+    while len(clusters) > 1:
+        keys = sorted(clusters)
+        best, pair = math.inf, (keys[0], keys[1])
+        for a_i, a in enumerate(keys):
+            for b in keys[a_i + 1 :]:
+                d = float(dist[clusters[a]][:, clusters[b]].mean())
+                if d < best - 1e-12:
+                    best, pair = d, (a, b)
+        a, b = pair
+        clusters[a] = clusters[a] + clusters.pop(b)
+    return next(iter(clusters.values()))
+
+
+def column_order(matrix: torch.Tensor, row_order: Sequence[int]) -> list[int]:
+    """Columns sorted by the (ordered) row where they peak, strongest first: a near-diagonal picture."""
+    rank = {r: i for i, r in enumerate(row_order)}
+    return sorted(range(matrix.shape[1]), key=lambda j: (rank[int(matrix[:, j].argmax())], -float(matrix[:, j].max())))
+
+
+# -- negative steering -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NegativeConfig:
+    layer: int = 12
+    n_prompts: int = 16
+    n_shots: int = 32
+    scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    min_drop: float = 0.1  # a feature's scale: the smallest lowering accuracy by this much on some task
+    seed: int = 0
+    prompts_per_pass: int = 2  # full-vocab log-probs at every pair: keep passes small
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(s <= 0 for s in self.scales) or list(self.scales) != sorted(self.scales):
+            raise ValueError(f"scales must be positive and ascending, got {self.scales}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NegativeResult:
+    tasks: list[str]
+    features: list[int]
+    drop: torch.Tensor  # [n_tasks, n_features] accuracy decrease at the chosen scale
+    scales: list[float]  # per feature
+    baseline_accuracy: dict[str, float]
+    owners: dict[int, list[str]]
+    config: dict
+
+    def to_dict(self) -> dict:
+        return dict(tasks=self.tasks, features=self.features, drop=self.drop.tolist(), scales=self.scales,
+                    baseline_accuracy=self.baseline_accuracy, owners={str(k): v for k, v in self.owners.items()}, config=self.config)
+
+
+def negative_steering(
+    lm: LM, tasks: Sequence[Any], feature_sets: dict[str, FeatureSet], sae: JumpReLUSAE, cfg: NegativeConfig,
+    out_dir: str | Path | None = None, progress: bool = True,
+) -> NegativeResult:  # fmt: skip
+    """App. F.1: subtract scale x direction at every arrow of ICL prompts; accuracy over all pairs.
+
+    Scales are tried in ascending order; a feature stops at the first one that lowers accuracy by
+    >= min_drop on some task (or the largest). Resumes from out_dir/negative_progress.json.
+    """
+    from tqdm.auto import tqdm
+
+    from .prompts import icl_prompts
+
+    names = [t.name for t in tasks]
+    owners: dict[int, list[str]] = {}
+    for n in names:
+        if n not in feature_sets:
+            raise ValueError(f"no features for task {n!r}")
+        for f in feature_sets[n].features:
+            owners.setdefault(int(f), []).append(n)
+    features = sorted(owners)
+    if not features:
+        raise ValueError("the feature sets hold no features")
+    directions = feature_directions(sae, features)
+    path = Path(out_dir) / "negative_progress.json" if out_dir else None
+    state: dict[str, Any] = {"config": _jsonable(cfg.to_dict()), "features": features, "done": {}}
+    if path and path.is_file():
+        saved = read_json(path)
+        if saved.get("config") != state["config"] or saved.get("features") != features:
+            raise ValueError(f"{path} was written with another config or feature list; use a new --out or delete it")
+        state = saved
+
+    steerers = {}
+    for task in tqdm(tasks, desc="ICL prompts", disable=not progress):
+        train, _ = task.split(0.5, cfg.seed)
+        batch = icl_prompts(lm.tokenizer, train, cfg.n_prompts, cfg.n_shots, seed=cfg.seed)
+        steerers[task.name] = PromptSteering(lm, batch, cfg.layer, batch.arrow_mask("all"), "all", vectors_per_pass=1, prompts_per_pass=cfg.prompts_per_pass)
+    base = {n: s.baseline_accuracy for n, s in steerers.items()}
+    for i, f in enumerate(tqdm(features, desc="negative steering", disable=not progress)):
+        if str(f) in state["done"]:
+            continue
+        for scale in cfg.scales:
+            acc = {n: float(steerers[n].score((-scale * directions[i])[None], need_accuracy=True).accuracy[0]) for n in names}  # type: ignore[index]
+            drops = [base[n] - acc[n] for n in names]
+            if max(drops) >= cfg.min_drop or scale == cfg.scales[-1]:
+                state["done"][str(f)] = {"scale": scale, "drop": drops}
+                break
+        if path:
+            write_json(path, state)
+    drop = torch.tensor([[state["done"][str(f)]["drop"][t] for f in features] for t in range(len(names))])
+    return NegativeResult(names, features, drop, [state["done"][str(f)]["scale"] for f in features], base, owners, cfg.to_dict())
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+
+def plot_feature_heatmap(
+    values: torch.Tensor, tasks: Sequence[str], features: Sequence[int], stem: str | Path, *,
+    in_tv: torch.Tensor | None = None, kept: torch.Tensor | None = None, title: str = "",
+    cbar: str = "Effect strength", vmin: float | None = 0.0, vmax: float | None = None, cmap: str = "viridis",
+    xlabel: str = "Feature", ylabel: str = "Task",
+) -> list[Path]:  # fmt: skip
+    """Tasks x features heatmap; red dots: feature in the task's raw TV, green: kept by cleaning (Fig. 22)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .storage import save_figure
+
+    n_t, n_f = values.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n_f + 3), max(4.0, 0.3 * n_t + 1.5)))
+    im = ax.imshow(values.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(n_f), [str(f) for f in features], rotation=90, fontsize=6)
+    ax.set_yticks(range(n_t), list(tasks), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    handles = []
+    if in_tv is not None and in_tv.any():
+        r, c = in_tv.nonzero(as_tuple=True)
+        handles.append(ax.scatter(c.numpy() - 0.18, r.numpy(), s=9, c="red", label="in raw task vector"))
+    if kept is not None and kept.any():
+        r, c = kept.nonzero(as_tuple=True)
+        handles.append(ax.scatter(c.numpy() + 0.18, r.numpy(), s=9, c="lime", edgecolors="black", linewidths=0.3, label="kept by cleaning"))
+    if handles:
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=7, frameon=False)
+    fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
+    if title:
+        ax.set_title(title, fontsize=9, pad=18 if handles else 6)
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def heatmap_figures(result: HeatmapResult, out_dir: str | Path, name: str = "heatmap", clip: float = 1.0, floor: float = 0.2,
+                    min_effect: float = 0.0, what: str = "task-execution features") -> dict[str, Any]:
+    """Raw and normalised heatmaps (PNG + SVG), ordered so similar tasks sit together; CSV tables."""
+    from .storage import write_csv
+
+    out = Path(out_dir)
+    norm, kept_cols = normalize_effects(result.raw, clip, floor, min_effect)
+    in_tv, kept = result.marks()
+    basis = norm if norm.shape[1] else result.raw.clamp(max=clip)
+    rows = cluster_order(basis)
+    files: list[Path] = []
+    cols = column_order(result.raw, rows)
+    v = max(float(result.raw.max()), 0.05)  # symmetric colours: harmful steering shows blue, clipped at -v
+    files += plot_feature_heatmap(
+        result.raw[rows][:, cols], [result.tasks[r] for r in rows], [result.features[c] for c in cols], out / f"{name}_raw",
+        in_tv=in_tv[rows][:, cols], kept=kept[rows][:, cols], vmin=-v, vmax=v, cmap="RdBu_r", cbar="Relative loss decrease",
+        title=f"Steering with {what}: raw relative loss decrease (Fig. 24 style; colours clipped at +-{v:.2f})",
+    )  # fmt: skip
+    if norm.shape[1]:
+        ncols = column_order(norm, rows)
+        orig = [kept_cols[c] for c in ncols]
+        files += plot_feature_heatmap(
+            norm[rows][:, ncols], [result.tasks[r] for r in rows], [result.features[c] for c in orig], out / f"{name}_normalized",
+            in_tv=in_tv[rows][:, orig], kept=kept[rows][:, orig], vmin=0.0, vmax=1.0,
+            title=f"Steering with {what}: harm clipped to 0, per-task min-max, < {floor} -> 0 (Fig. 22 style)",
+        )  # fmt: skip
+    table = [
+        dict(task=t, feature=f, scale=result.scales[j], relative_loss_decrease=round(float(result.raw[i, j]), 5),
+             in_task_vector=bool(in_tv[i, j]), kept_by_cleaning=bool(kept[i, j]))
+        for i, t in enumerate(result.tasks) for j, f in enumerate(result.features)
+    ]  # fmt: skip
+    files.append(write_csv(out / f"{name}.csv", table))
+    return dict(files=files, row_order=[result.tasks[r] for r in rows], kept_features=[result.features[c] for c in kept_cols])
+
+
+def specificity(result: HeatmapResult) -> list[dict]:
+    """Per task: its own best feature's effect on it, and the largest effect that feature has on another task."""
+    out = []
+    for t, name in enumerate(result.tasks):
+        try:
+            f = result.top_feature(name)
+        except ValueError:
+            out.append(dict(task=name, top_feature=None, scale=None, own_effect=None, best_other_effect=None, best_other_task=None, specific=None))
+            continue
+        j = result.features.index(f)
+        others = [(float(result.raw[u, j]), result.tasks[u]) for u in range(len(result.tasks)) if u != t]
+        off, off_task = max(others) if others else (float("nan"), "")
+        own = float(result.raw[t, j])
+        out.append(dict(task=name, top_feature=f, scale=result.scales[j], own_effect=round(own, 4),
+                        best_other_effect=round(off, 4), best_other_task=off_task,
+                        specific=bool(own > 0.05 and own >= 2 * max(off, 0.0))))
+    return out
+
+
+
+def load_feature_sets(results_dir: str | Path, tasks: Sequence[str] | None = None, top_k: int | None = None) -> tuple[dict[str, FeatureSet], dict]:
+    """Feature sets from a folder of TVC results (`<dir>/<task>/cleaning.json`), and their shared layer / setting / SAE."""
+    from .cleaning import load_cleaning
+
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder of cleaning results")
+    names = list(tasks) if tasks is not None else sorted(p.name for p in root.iterdir() if (p / "cleaning.json").is_file())
+    if not names:
+        raise FileNotFoundError(f"{root}: holds no <task>/cleaning.json")
+    sets, meta = {}, None
+    for n in names:
+        r = load_cleaning(root / n)
+        m = dict(layer=int(r.layer), setting=r.setting, sae_spec=r.sae_spec)
+        if meta is None:
+            meta = m
+        elif m != meta:
+            raise ValueError(f"{root / n}: cleaned with {m}, but other tasks with {meta}")
+        sets[n] = feature_set_from_cleaning(r, top_k)
+    return sets, meta  # type: ignore[return-value]
+
+
+def sae_from_spec(lm: LM, spec: str) -> JumpReLUSAE:
+    """'resid:12' -> the starter SAE for lm; anything else is a path in any supported format."""
+    from .sae.formats import load_any
+    from .sae.suite import starter_sae
+
+    kind, _, layer = spec.partition(":")
+    if layer.isdigit() and kind in ("resid", "attn", "transcoder"):
+        return starter_sae(lm, spec, train_if_missing=False)
+    sae = load_any(spec)
+    sae.check_compatible(lm)
+    return sae
+
+
+def run_heatmap(
+    lm: LM, results_dir: str | Path, out_dir: str | Path, figures_dir: str | Path | None = None, name: str | None = None,
+    tasks: Sequence[str] | None = None, top_k: int | None = None, overrides: dict | None = None,
+    floor: float = 0.2, min_effect: float = 0.0, negative: NegativeConfig | None = None, all_rows: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results."""
+    from .storage import write_csv
+    from .tasks import load_task
+
+    sets, meta = load_feature_sets(results_dir, tasks, top_k)
+    if all_rows:  # every built-in task is a row, also those without (yet) a cleaning result
+        from .tasks import list_tasks
+
+        sets = {**sets, **{n: FeatureSet(n, []) for n in list_tasks() if n not in sets}}
+    sae = sae_from_spec(lm, meta["sae_spec"])
+    cfg = HeatmapConfig(setting=meta["setting"], layer=meta["layer"], **(overrides or {}))
+    task_objs = [load_task(n) for n in sets]
+    out = Path(out_dir)
+    res = positive_heatmap(lm, task_objs, sets, sae, cfg, out_dir=out, progress=progress)
+    write_json(out / "heatmap.json", res.to_dict())
+    name = name or f"{cfg.setting}{'_top' if cfg.top_only else ''}"
+    figs = Path(figures_dir) if figures_dir else out
+    what = "task-detection features (fake pair)" if cfg.setting == "detection" else "task-execution features"
+    info = heatmap_figures(res, figs, name, floor=floor, min_effect=min_effect, what=what)
+    spec_rows = specificity(res)
+    info["files"].append(write_csv(figs / f"{name}_specificity.csv", spec_rows))
+    summary: dict[str, Any] = dict(heatmap=res, specificity=spec_rows, files=info["files"], meta=meta)
+    if negative is not None:
+        neg = negative_steering(lm, task_objs, sets, sae, replace(negative, layer=cfg.layer), out_dir=out, progress=progress)
+        write_json(out / "negative.json", neg.to_dict())
+        rows = cluster_order(neg.drop.clamp_min(0))
+        cols = column_order(neg.drop, rows)
+        kept = torch.tensor([[t in neg.owners.get(f, []) for f in neg.features] for t in neg.tasks]).reshape(neg.drop.shape)
+        summary["files"] += plot_feature_heatmap(
+            neg.drop[rows][:, cols], [neg.tasks[r] for r in rows], [neg.features[c] for c in cols], figs / f"{name}_negative",
+            kept=kept[rows][:, cols], vmin=None, cbar="Accuracy decrease", cmap="magma",
+            title="Negative steering on ICL prompts (every arrow), smallest scale lowering accuracy by >= 0.1 (Fig. 23 style)",
+        )  # fmt: skip
+        summary["negative"] = neg
+    return summary
