@@ -327,3 +327,34 @@ def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
     assert tv["tv_loss_delta"] == 0 and tv["l0_fraction"] is None  # the raw TV is dense
     assert all(math.isfinite(r["relative_loss_decrease"]) for r in rows)
     assert (tmp_path / "s" / "l1_sweep.png").is_file() and (tmp_path / "s" / "tv_loss_delta.svg").is_file()
+
+
+def test_layer_comparison_scores_every_method_at_every_layer(tmp_path):
+    from icl_circuits.cleaning_runs import METHODS, layer_comparison
+
+    lm = _lm()
+    saes = {0: _sae(lm, layer=0, scale=3.0), 1: _sae(lm, layer=1, scale=3.0, seed=1)}
+    rows, files = layer_comparison(
+        lm, saes, [Task("many", tuple(MANY))], tmp_path, CleaningConfig(n_train=4, n_eval=4, max_steps=5, patience=2),
+        TaskVectorConfig(n_prompts=2, n_shots=3), progress=False,
+    )  # fmt: skip
+    assert {(r["layer"], r["method"]) for r in rows} == {(l, m) for l in (0, 1) for m in METHODS}
+    # each layer's TV row is that layer's own task vector, scored independently
+    for layer in (0, 1):
+        setup = cleaning_setup(lm, Task("many", tuple(MANY)), layer, CleaningConfig(n_train=4, n_eval=4), TaskVectorConfig(n_prompts=2, n_shots=3))
+        tv = next(r for r in rows if r["layer"] == layer and r["method"] == "tv")
+        assert tv["relative_loss_decrease"] == pytest.approx(setup.evaluation.relative_loss_decrease(setup.evaluation.evaluate(layer, setup.vector)))
+    assert (tmp_path / "layer_comparison.png").is_file()
+
+
+def test_mean_encode_init_starts_from_the_mean_of_token_encodings():
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, CleaningConfig(n_train=4, n_eval=4), TaskVectorConfig(n_prompts=2, n_shots=3))
+    init = setup.initial_latents(sae, "mean_encode")
+    torch.testing.assert_close(init, torch.stack([sae.encode(t) for t in setup.tokens]).mean(0))
+    assert setup.initial_latents(sae, "encode_mean") is None
+    r = clean_vector(sae, setup.train, 1, setup.vector, CleaningConfig(max_steps=1, lr=1e-9), init=init)
+    assert set(r.initial_features) == set(torch.nonzero(init > 0).flatten().tolist())
+    with pytest.raises(ValueError, match="init"):
+        clean_vector(sae, setup.train, 1, setup.vector, init=-init - 1)

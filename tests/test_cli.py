@@ -78,3 +78,34 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
     first = next(e for e in evals if e["site"] == "resid_pre.1")
     assert again["ce_spliced"] == first["ce_spliced"] and again["l0"] == first["l0"]  # SAELens export = our SAE
     assert main(["sae", "train", "--saes", "mlp:3", "--model", "/nonexistent"]) == 2
+
+
+def test_clean_command_on_local_folder(tmp_path, capsys):
+    from icl_circuits.sae.formats import save_sae
+
+    from .test_cleaning import MANY, _lm, _sae
+
+    lm = _lm("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    sae = _sae(lm, layer=1, scale=3.0)
+    sae.cfg.model = str(model_dir)  # the name load_model gives a folder
+    save_sae(sae, tmp_path / "sae")
+    task_file = tmp_path / "many.json"
+    task_file.write_text(json.dumps(dict(MANY)))
+    out = tmp_path / "run"
+    args = ["clean", "--model", str(model_dir), "--task", str(task_file), "--layer", "1", "--sae", str(tmp_path / "sae"),
+            "--n-prompts", "2", "--n-shots", "3", "--n-train", "4", "--n-eval", "4", "--max-steps", "6", "--patience", "3",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "many (execution, layer 1): L0" in printed and "relative loss decrease: tv" in printed and "feature" in printed
+    summary = json.loads((out / "many" / "cleaning.json").read_text())
+    assert summary["config"]["max_steps"] == 6 and set(summary["scores"]) >= {"tv", "sae_reconstruction", "ito_5", "ito_20", "tvc"}
+    assert (out / "summary.png").is_file() and (out / "summary.csv").is_file() and (out / "report.html").is_file()
+    # a λ sweep on the same task, and an SAE that reads another layer is refused with a clear message
+    assert main([*args[:-3], "--sweep-l1", "0.001,0.1", "--out", str(tmp_path / "sweep"), "--quiet"]) == 0
+    assert (tmp_path / "sweep" / "l1_sweep.png").is_file()
+    assert main([*args[:6], "0", *args[7:]]) == 2
+    assert "resid_pre.0" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from .model import LM
 from .prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
 from .sae.dictionary import JumpReLUSAE
 from .storage import ResumeLog, read_json, write_csv, write_json
-from .task_vectors import TaskVectorConfig, ZeroShotSteering, extract_detection_vectors, extract_task_vectors
+from .task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
 from .tasks import Task
 
 ITO_L0S: tuple[int, ...] = (5, 20)
@@ -42,6 +42,14 @@ class CleaningSetup:
     vector: torch.Tensor  # [d_model] raw task / detection vector
     train: ZeroShotSteering  # the n_train prompts optimised on
     evaluation: ZeroShotSteering  # the n_eval held-out prompts every method is scored on
+    tokens: torch.Tensor  # [n_tokens, d_model] the residuals averaged into `vector`
+
+    def initial_latents(self, sae: JumpReLUSAE, init: str) -> torch.Tensor | None:
+        """TVC's starting point (App. D): None = encode the mean vector; 'mean_encode' = mean of the per-token encodings."""
+        if init == "encode_mean":
+            return None
+        with torch.no_grad():
+            return sae.encode(self.tokens).float().mean(0)  # [d_sae]
 
 
 def _prompts(tokenizer: object, pairs: Sequence[tuple[str, str]], setting: str, fmt: PromptFormat) -> list[Prompt]:
@@ -74,10 +82,11 @@ def cleaning_setup(
             f"need n_train + n_eval = {need}; use a bigger task or smaller n_train/n_eval"
         )
     icl = icl_prompts(lm.tokenizer, train_pairs, tv_cfg.n_prompts, tv_cfg.n_shots, seed=tv_cfg.seed, fmt=fmt)
-    if cfg.setting == "execution":
-        vector = extract_task_vectors(lm, icl, [layer], tv_cfg.arrows, tv_cfg.batch_size)[layer]
-    else:
-        vector = extract_detection_vectors(lm, icl, [layer], "demos", tv_cfg.batch_size)[layer]
+    resid, _ = collect_resid(lm, icl, [layer], tv_cfg.batch_size)
+    # task vector: arrows (Sec. 2.3); detection vector: the demonstrations' output tokens (App. G)
+    mask = icl.arrow_mask(tv_cfg.arrows) if cfg.setting == "execution" else icl.output_mask("demos")
+    tokens = resid[layer][mask.to(resid[layer].device)]  # [n_tokens, d_model]
+    vector = mean_at(resid[layer], mask)
 
     pad = getattr(lm.tokenizer, "pad_token_id", None) or 0
     batches = [PromptBatch.collate(prompts[: cfg.n_train], pad), PromptBatch.collate(prompts[cfg.n_train : need], pad)]
@@ -85,10 +94,11 @@ def cleaning_setup(
         ZeroShotSteering(
             lm, b, [layer], cfg.n_score_tokens,
             steer_at=b.arrow_mask("last") if cfg.setting == "execution" else b.output_mask("first"),
+            unembed_dtype=dtype,
         )
-        for b in batches
+        for b, dtype in zip(batches, (getattr(torch, cfg.train_unembed), None))
     ]  # fmt: skip
-    return CleaningSetup(task.name, layer, cfg.setting, vector, steer[0], steer[1])
+    return CleaningSetup(task.name, layer, cfg.setting, vector, steer[0], steer[1], tokens)
 
 
 @torch.no_grad()
@@ -143,7 +153,10 @@ def clean_task(
     """TVC for one task, with every baseline scored on the same evaluation prompts."""
     sae.check_compatible(lm)
     setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
-    result = clean_vector(sae, setup.train, layer, setup.vector, cfg, setup.evaluation, task=task.name, sae_spec=sae_spec, progress=progress)
+    result = clean_vector(
+        sae, setup.train, layer, setup.vector, cfg, setup.evaluation, task=task.name, sae_spec=sae_spec, progress=progress,
+        init=setup.initial_latents(sae, cfg.init),
+    )  # fmt: skip
     result.scores = {**baseline_scores(setup, sae, ito_l0s), **result.scores}
     if effects:
         result.feature_effects = feature_effects(setup, sae, result)
@@ -184,7 +197,7 @@ def run_cleaning(
     sae_spec: str = "", progress: bool = True,
 ) -> tuple[list[CleaningResult], list[Path]]:  # fmt: skip
     """Clean every task into out_dir/<task>/; a task already done with the same settings is loaded, not redone."""
-    from .plots import plot_cleaning_curves, plot_cleaning_summary
+    from .plots import plot_cleaning_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,10 +214,25 @@ def run_cleaning(
             done.save(folder)
             plot_cleaning_curves(done, folder / "curves")
         results.append(done)
+    return results, write_summary(results, out)
+
+
+def write_summary(results: Sequence[CleaningResult], out_dir: str | Path) -> list[Path]:
+    """summary.json / .csv (one row per task + mean) and the summary plot."""
+    from .plots import plot_cleaning_summary
+
+    out = Path(out_dir)
     rows = summary_rows(results)
-    files = [write_json(out / "summary.json", rows), write_csv(out / "summary.csv", rows)]
-    files += plot_cleaning_summary(rows, out / "summary")
-    return results, files
+    return [write_json(out / "summary.json", rows), write_csv(out / "summary.csv", rows), *plot_cleaning_summary(rows, out / "summary")]
+
+
+def load_results(out_dir: str | Path) -> list[CleaningResult]:
+    """Every finished task under out_dir (e.g. to summarise a run that is still going)."""
+    found = []
+    for folder in sorted(Path(out_dir).iterdir()):
+        if (folder / "cleaning.json").is_file():
+            found.append(load_cleaning(folder))
+    return found
 
 
 def _load_if_same(folder: Path, cfg: CleaningConfig, layer: int, sae_spec: str) -> CleaningResult | None:
@@ -212,7 +240,8 @@ def _load_if_same(folder: Path, cfg: CleaningConfig, layer: int, sae_spec: str) 
         r = load_cleaning(folder)
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    same = r.config == cfg.to_dict() and r.layer == layer and r.sae_spec == sae_spec and "tvc" in r.scores
+    config = {**CleaningConfig().to_dict(), **r.config}  # fields added since the result was written take their defaults
+    same = config == cfg.to_dict() and r.layer == layer and r.sae_spec == sae_spec and "tvc" in r.scores
     return r if same else None
 
 
@@ -238,7 +267,10 @@ def l1_sweep(
         l0_tv = base["sae_reconstruction"]["l0"]
         rows = [_sweep_row(task.name, m, None, s, base, l0_tv) for m, s in base.items() if m != "zero_shot"]
         for l1 in l1_coeffs:
-            r = clean_vector(sae, setup.train, layer, setup.vector, replace(cfg, l1_coeff=l1), setup.evaluation, task=task.name)
+            r = clean_vector(
+                sae, setup.train, layer, setup.vector, replace(cfg, l1_coeff=l1), setup.evaluation, task=task.name,
+                init=setup.initial_latents(sae, cfg.init),
+            )  # fmt: skip
             rows.append(_sweep_row(task.name, "tvc", l1, r.scores["tvc"], base, l0_tv, steps=r.steps))
         log.add(task.name, rows)
     rows = [row for t in tasks for row in log.done[t.name]]

@@ -5,6 +5,9 @@
     icl-circuits sae train --model gemma-3-270m --saes resid:12,attn:12,transcoder:12 --corpus generated:2048 --out runs/saes
     icl-circuits sae eval --model gemma-3-270m --sae runs/saes/saes/resid_12 --corpus generated:2048
     torchrun --nproc_per_node 2 -m icl_circuits.cli sae train ...   (SAEs spread over ranks)
+    icl-circuits examples --model gemma-3-270m --saes resid:12 --corpus generated:512+python-docs --out runs/examples
+    icl-circuits view runs/examples [--port 8000] [--host 127.0.0.1]
+    icl-circuits circuit --model gemma-3-270m --tasks all --layers 11-12 --out runs/circuits
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
             f"{b['icl_accuracy']:7.2f}  {b['zero_shot_accuracy']:10.2f}  {b['steered_accuracy']:11.2f}"
         )
     print("\nwrote:", *[str(p) for p in result.files], sep="\n  ")
+    from .report import write_report
+
+    print(f"  {write_report(args.out, 'Task-vector layer sweep')}")
     return 0
 
 
@@ -148,6 +154,9 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         write_json(args.out / "eval.json", [r.to_dict() for r in results])
         _print_eval(results)
     print(f"\nSAEs in {args.out / 'saes'} (ours) and {args.out / 'saelens'} (SAELens format)")
+    from .report import write_report
+
+    print(f"report: {write_report(args.out, 'SAE training')}")
     return 0
 
 
@@ -181,6 +190,249 @@ def cmd_sae_export(args: argparse.Namespace) -> int:
     for path in export_suite(args.run, args.dest, corpus=args.corpus):
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         print(f"{path}  ({size:.1f} MiB)")
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    import torch
+
+    from .corpus import from_spec
+    from .examples import ExampleConfig, build_example_store, summarize_store
+    from .loading import load_model
+    from .report import Section, write_report
+
+    cfg = ExampleConfig(
+        seq_len=args.seq_len, batch_size=args.batch_size, top_k=args.top_k, bin_width=args.bin_width,
+        per_bin=args.per_bin, context_before=args.context_before, context_after=args.context_after, seed=args.seed,
+        corpus=args.corpus + (f"[:{args.max_docs}]" if args.max_docs else ""),
+    )  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    saes = _load_saes(lm, args.saes, progress=not args.quiet)
+    docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    if args.max_docs:
+        import itertools
+
+        docs = list(itertools.islice(docs, args.max_docs))
+    store = build_example_store(lm, saes, docs, args.out / "examples.sqlite", cfg, progress=not args.quiet)
+    rows = summarize_store(store, args.out)
+    for r in rows:
+        print(f"{r['sae']:14s} {r['site']:14s} {r['latents_fired']:5d}/{r['d_sae']} latents fired, {r['examples']:,} examples")
+    print(f"store: {store.path}\nreport: {write_report(args.out, 'Max-activating examples', [Section('Stores', table=rows)])}")
+    print(f"browse: icl-circuits view {args.out}")
+    return 0
+
+
+def _load_saes(lm, specs: str, progress: bool) -> dict:  # type: ignore[no-untyped-def]
+    """'resid:12,attn:11' (starter suite) or 'NAME=PATH' items (any supported SAE format) -> {name: SAE}."""
+    from .sae.formats import load_any
+    from .sae.suite import starter_sae
+    from .sae.training import SAESpec
+
+    saes = {}
+    for item in [x for x in specs.split(",") if x]:
+        if "=" in item:
+            name, _, path = item.partition("=")
+            saes[name] = load_any(path).float()
+        else:
+            saes[SAESpec.parse(item).name] = starter_sae(lm, item, progress=progress)
+    if not saes:
+        raise ValueError("no SAEs given: use e.g. --saes resid:12 or --saes mine=path/to/sae")
+    return saes
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from .viewer import serve
+
+    try:
+        serve(args.run_dir, host=args.host, port=args.port, example_stores=args.examples)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # e.g. the port is taken
+        print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _floats(spec: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in spec.split(",") if x)
+    except ValueError:
+        raise SystemExit(f"error: bad {what} {spec!r}; use comma-separated numbers") from None
+
+
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loading import load_model
+    from .steering import NegativeConfig, run_heatmap, specificity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=_floats(args.scale_grid, "--scale-grid"),
+                     select_on=args.select_on, top_only=args.top_only, n_eval=args.n_eval, seed=args.seed)  # fmt: skip
+    negative = NegativeConfig(scales=_floats(args.negative_scales, "--negative-scales")) if args.negative else None  # layer: the results'
+    lm = load_model(args.model)
+    out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
+                      floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,
+                      progress=not args.quiet)  # fmt: skip
+    print(f"\n{'task':30s} {'top feature':>11s} {'scale':>6s} {'own effect':>10s} {'best other':>10s}  other task / specific")
+    for r in specificity(out["heatmap"]):
+        if r["top_feature"] is None:
+            print(f"{r['task']:30s} {'-':>11s}")
+            continue
+        print(f"{r['task']:30s} {r['top_feature']:11d} {r['scale']:6g} {r['own_effect']:10.3f} {r['best_other_effect']:10.3f}  "
+              f"{r['best_other_task']} / {'yes' if r['specific'] else 'no'}")  # fmt: skip
+    print("\nwrote:", *[str(p) for p in out["files"]], sep="\n  ")
+    return 0
+
+
+def cmd_detectors(args: argparse.Namespace) -> int:
+    import torch
+
+    from .detection import LinkConfig, MassConfig, run_detectors
+    from .loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    steps = [s for s in args.steps.split(",") if s]
+    lm = load_model(args.model)
+    layers = parse_layers(args.sweep_layers, lm.n_layers) if "sweep" in steps else []
+    out = run_detectors(
+        lm, steps, args.out, args.figures, args.executors, args.detectors, args.exec_heatmap, args.det_heatmap, tasks, layers,
+        MassConfig(n_prompts=args.n_prompts, n_shots=args.n_shots), LinkConfig(n_prompts=args.n_prompts, n_shots=args.n_shots),
+        progress=not args.quiet,
+    )  # fmt: skip
+    if "mass_table" in out:
+        print("\ntoken-type activation masses (%), ours vs. the paper's Tables 1-2:")
+        for r in out["mass_table"]:
+            print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    if "link" in out:
+        res = out["link"]
+        print("\ndetector task -> drop of its own executor / largest drop of another task's executor")
+        for i, d in enumerate(res.detector_tasks):
+            own = float(res.drop[i, res.executor_tasks.index(d)]) if d in res.executor_tasks else float("nan")
+            j = max((j for j, e in enumerate(res.executor_tasks) if e != d), key=lambda j: float(res.drop[i, j]), default=None)
+            other = f"{float(res.drop[i, j]):.3f} ({res.executor_tasks[j]})" if j is not None else "-"
+            print(f"  {d:30s} {own:6.3f}   {other}")
+    print("\nwrote:", *[str(p) for p in out["files"]], sep="\n  ")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Task Vector Cleaning for one or many tasks (or a λ sweep / a layer comparison), resumable."""
+    import torch
+
+    from .cleaning import CleaningConfig
+    from .cleaning_runs import l1_sweep, layer_comparison, run_cleaning
+    from .loading import load_model
+    from .sae.formats import load_any
+    from .sae.suite import starter_sae
+    from .task_vectors import TaskVectorConfig
+    from .tasks import load_tasks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = load_tasks(args.tasks or args.task)  # fail on a bad task name before the slow model load
+    given = dict(l1_coeff=args.l1, lr=args.lr, patience=args.patience, max_steps=args.max_steps, n_train=args.n_train, n_eval=args.n_eval)
+    cfg = CleaningConfig(
+        **{k: v for k, v in given.items() if v is not None}, n_score_tokens=args.n_score_tokens, setting=args.setting, seed=args.seed,
+        init=args.init,
+    )
+    tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
+    lm = load_model(args.model)
+    layer = args.layer if args.layer is not None else (12 if args.setting == "execution" else 11)
+
+    def sae_for(layer: int):  # type: ignore[no-untyped-def]
+        if args.sae and args.sae != "starter":
+            return args.sae, load_any(args.sae).float()
+        return f"resid:{layer}", starter_sae(lm, f"resid:{layer}", progress=not args.quiet)
+
+    if args.compare_layers:
+        layers = parse_layers(args.compare_layers, lm.n_layers)
+        rows, files = layer_comparison(lm, {l: sae_for(l)[1] for l in layers}, tasks, args.out, cfg, tv_cfg, progress=not args.quiet)
+        from .report import write_report
+
+        files.append(write_report(args.out, "Task vector reconstructions by layer (Fig. 2)"))
+        print(f"\n{'layer':>5s} " + " ".join(f"{m:>18s}" for m in ("tv", "sae_reconstruction", "ito_5", "ito_20", "tvc")))
+        for l in layers:
+            means = [_mean_of(rows, layer=l, method=m) for m in ("tv", "sae_reconstruction", "ito_5", "ito_20", "tvc")]
+            print(f"{l:5d} " + " ".join(f"{x:18.3f}" for x in means))
+        print("\nwrote:", *[str(p) for p in files], sep="\n  ")
+        return 0
+    spec, sae = sae_for(layer)
+    if args.sweep_l1:
+        grid = [float(x) for x in args.sweep_l1.split(",")] if args.sweep_l1 != "paper" else None
+        kw = {} if grid is None else dict(l1_coeffs=grid)
+        rows, files = l1_sweep(lm, sae, tasks, layer, args.out, cfg=cfg, tv_cfg=tv_cfg, sae_spec=spec, progress=not args.quiet, **kw)
+        from .report import write_report
+
+        files.append(write_report(args.out, f"TVC λ sweep (layer {layer}, SAE {spec})"))
+        print(f"\n{'l1':>8s} {'rel. loss decrease':>18s} {'TV L0 fraction':>14s}")
+        for l1 in sorted({r["l1_coeff"] for r in rows if r["method"] == "tvc"}):
+            print(f"{l1:8g} {_mean_of(rows, method='tvc', l1_coeff=l1):18.3f} "
+                  f"{_mean_of(rows, method='tvc', l1_coeff=l1, key='l0_fraction'):14.3f}")  # fmt: skip
+        print("\nwrote:", *[str(p) for p in files], sep="\n  ")
+        return 0
+    results, files = run_cleaning(lm, sae, tasks, layer, args.out, cfg, tv_cfg, sae_spec=spec, progress=not args.quiet)
+    from .cleaning_runs import summary_rows
+    from .report import Section, write_report
+
+    table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in summary_rows(results)]
+    files.append(write_report(args.out, f"Task Vector Cleaning ({args.setting}, layer {layer}, SAE {spec})",
+                              [Section("Relative loss decrease of each method, L0 before/after cleaning", table=table, images=["summary.png"])]))  # fmt: skip
+    for r in results:
+        s = r.scores
+        print(f"\n{r.task} ({r.setting}, layer {r.layer}): L0 {len(r.initial_features)} -> {r.l0} in {r.steps} steps ({r.stopped}, {r.seconds:.0f} s)")
+        print("  relative loss decrease: " + ", ".join(f"{m} {s[m]['relative_loss_decrease']:.3f}" for m in s if m != "zero_shot"))
+        print(f"  {'feature':>8s} {'weight':>8s} {'alone':>8s} {'drop without':>12s}")
+        for e in r.feature_effects:
+            print(f"  {e['index']:8d} {e['weight']:8.3f} {e['alone']:8.3f} {e['drop_without']:12.3f}")
+    print("\nwrote:", *[str(p) for p in files], sep="\n  ")
+    return 0
+
+
+def _mean_of(rows: list[dict], key: str = "relative_loss_decrease", **match: object) -> float:
+    vals = [r[key] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def cmd_circuit(args: argparse.Namespace) -> int:
+    import torch
+
+    from .ablation import CircuitRunConfig, run_circuits
+    from .circuits import CircuitConfig
+    from .loading import load_model
+    from .tasks import load_tasks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = load_tasks(args.tasks or args.task)  # fail on a bad task name before the slow model load
+    user_saes = {}
+    for item in args.sae or []:
+        key, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sae takes KIND.LAYER=PATH (e.g. resid.11=runs/saes/saes/resid_11), got {item!r}")
+        from .sae.formats import load_any
+
+        user_saes[key] = load_any(path).float()
+    lm = load_model(args.model)
+    layers = tuple(parse_layers(args.layers, lm.n_layers))
+    cfg = CircuitRunConfig(
+        circuit=CircuitConfig(layers=layers, kinds=tuple(k for k in args.kinds.split(",") if k), metric_pairs=args.metric),
+        n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, rank_by=args.rank_by, edge_k=args.edge_k,
+        ie_quality_per_sae=args.ie_quality, faith_target=args.faith_target, cross_target=args.cross_target,
+        keep_errors_curve=args.keep_errors_curve,
+    )  # fmt: skip
+    res = run_circuits(lm, tasks, cfg, args.out, saes=user_saes or None, cross_task=not args.no_cross_task, progress=not args.quiet)
+    print(f"\n{'task':30s} m(M)     m(empty)  non-zero nodes  nodes for faithfulness {cfg.faith_target}  edges")
+    for s in res["summaries"]:
+        print(f"{s['task']:30s} {s['metric_eval']:7.3f}  {s['metric_empty']:8.3f}  {s['n_nonzero_nodes']:14d}  "
+              f"{str(s['nodes_for_target']):>29s}  {s['n_edges']:5d}")  # fmt: skip
+    print("\nwrote:", *[str(p) for p in res["files"]], f"{args.out}/<task>/ (nodes.csv, graph.json, faithfulness.json, ...)", sep="\n  ")
     return 0
 
 
@@ -254,6 +506,127 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dest", type=Path, help="e.g. src/icl_circuits/data/saes/gemma-3-270m")
     s.add_argument("--corpus", default="generated:512+python-docs", help="corpus spec named in the model cards")
     s.set_defaults(func=cmd_sae_export)
+
+    s = sub.add_parser("examples", help="max-activating examples of SAE latents on a corpus (resumable SQLite store)")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--saes", default="resid:12", help="comma-separated starter specs (resid:12) or NAME=PATH items")
+    s.add_argument("--corpus", default="generated:512+python-docs", help="'generated:N', 'python-docs', 'A+B', or .txt/.jsonl paths")
+    s.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0: all)")
+    s.add_argument("--out", type=Path, default=Path("runs/examples"), help="run directory (resumes if a partial store is there)")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--top-k", type=int, default=16, help="top examples per latent (one per chunk)")
+    s.add_argument("--per-bin", type=int, default=4, help="sampled examples per activation bin")
+    s.add_argument("--bin-width", type=float, default=0.5)
+    s.add_argument("--context-before", type=int, default=24)
+    s.add_argument("--context-after", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_examples)
+
+    s = sub.add_parser("view", help="browse a run in a local web page (tasks, features, examples, circuits, plots)")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--examples", action="append", help="an example store outside RUN_DIR (repeatable)")
+    s.set_defaults(func=cmd_view)
+    s = sub.add_parser("heatmap", help="steering heatmaps of cleaned task-vector features (Sec. 3.2, App. F; Fig. 10 with --top-only)")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--results", type=Path, required=True, help="folder of TVC results, <results>/<task>/cleaning.json")
+    s.add_argument("--tasks", default="all", help="'all' (every task in --results) or comma-separated names")
+    s.add_argument("--top-k", type=int, default=None, help="use only each task's k largest cleaned weights")
+    s.add_argument("--scale-mode", choices=["per_feature", "shared", "fixed"], default="per_feature",
+                   help="per_feature: best grid scale on any task (Gemma 2); shared: one calibrated scale (Gemma 1); fixed: --scale")
+    s.add_argument("--scale", type=float, default=15.0, help="the scale for --scale-mode fixed (paper, Gemma 1: 15)")
+    s.add_argument("--scale-grid", default="4,8,16,32,64,128", help="comma-separated scales (log-spaced)")
+    s.add_argument("--select-on", choices=["owner", "all"], default="owner",
+                   help="grid scales tried on the feature's own tasks (cheap) or on every task (the paper)")
+    s.add_argument("--top-only", action="store_true", help="only each task's strongest feature (Fig. 10)")
+    s.add_argument("--all-rows", action="store_true", help="a row for every built-in task, also those missing from --results")
+    s.add_argument("--n-eval", type=int, default=32, help="zero-shot / fake-pair prompts per task")
+    s.add_argument("--floor", type=float, default=0.2, help="normalised values below this become 0")
+    s.add_argument("--min-effect", type=float, default=0.0, help="drop features whose best raw effect is below this")
+    s.add_argument("--negative", action="store_true", help="also negative steering on 16 x 32-shot ICL prompts (App. F.1; slow)")
+    s.add_argument("--negative-scales", default="1,2,4,8,16,30")
+    s.add_argument("--out", type=Path, default=Path("runs/heatmap"), help="run folder (resumes if present)")
+    s.add_argument("--figures", type=Path, default=Path("docs/results/heatmaps"), help="where figures and tables go")
+    s.add_argument("--name", default=None, help="file stem of the figures (default: the setting)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_heatmap)
+
+    s = sub.add_parser("detectors", help="task-detection features: layer sweep, token-type masses, detector->executor link (Sec. 4.2)")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--steps", default="sweep,masses,link", help="comma-separated: sweep, masses, link")
+    s.add_argument("--executors", type=Path, default=None, help="TVC results of the execution setting (<dir>/<task>/)")
+    s.add_argument("--detectors", type=Path, default=None, help="TVC results of the detection (fake-pair) setting")
+    s.add_argument("--exec-heatmap", type=Path, default=None, help="heatmap.json of `heatmap` on --executors (top executor per task)")
+    s.add_argument("--det-heatmap", type=Path, default=None, help="heatmap.json of `heatmap` on --detectors (top detector per task)")
+    s.add_argument("--tasks", default="all")
+    s.add_argument("--sweep-layers", default="4-16", help="layers of the detection-layer sweep")
+    s.add_argument("--n-prompts", type=int, default=16, help="ICL prompts per task for masses and the link")
+    s.add_argument("--n-shots", type=int, default=16)
+    s.add_argument("--out", type=Path, default=Path("runs/detectors"), help="run folder (resumes if present)")
+    s.add_argument("--figures", type=Path, default=Path("docs/results/heatmaps"))
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_detectors)
+
+    s = sub.add_parser("clean", help="Task Vector Cleaning (Sec. 3.1): TV -> sparse SAE latents, with baselines, λ sweeps, layer comparison")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--task", help="one task name or task file")
+    g.add_argument("--tasks", help="'all', or comma-separated names / files")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--layer", type=int, default=None, help="resid_pre layer to steer (default 12 for execution, 11 for detection)")
+    s.add_argument("--sae", default="starter", help="'starter' (the shipped resid SAE of that layer) or a path in any supported format")
+    s.add_argument("--setting", choices=["execution", "detection"], default="execution",
+                   help="execution: steer the query arrow of zero-shot prompts; detection: the fake pair's output (App. G)")
+    s.add_argument("--l1", type=float, default=None, help="default: CleaningConfig.l1_coeff")
+    s.add_argument("--lr", type=float, default=None, help="default: CleaningConfig.lr")
+    s.add_argument("--patience", type=int, default=None, help="default: CleaningConfig.patience")
+    s.add_argument("--max-steps", type=int, default=None, help="default: CleaningConfig.max_steps")
+    s.add_argument("--n-train", type=int, default=None, help="default: CleaningConfig.n_train")
+    s.add_argument("--n-eval", type=int, default=None, help="default: CleaningConfig.n_eval")
+    s.add_argument("--n-score-tokens", type=int, default=1)
+    s.add_argument("--n-prompts", type=int, default=16, help="n-shot prompts averaged into the task vector")
+    s.add_argument("--n-shots", type=int, default=16)
+    s.add_argument("--arrows", choices=["all", "demos", "last"], default="all")
+    s.add_argument("--init", choices=["encode_mean", "mean_encode"], default="encode_mean",
+                   help="start from the encoding of the mean vector (Alg. 1) or the mean of per-token encodings (App. D)")
+    s.add_argument("--sweep-l1", help="run a λ sweep instead: 'paper' (1e-5 ... 0.1) or comma-separated values")
+    s.add_argument("--compare-layers", help="run every method at these layers instead (Fig. 2), e.g. 11,12")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=Path("runs/clean"))
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_clean)
+
+    s = sub.add_parser("circuit", help="sparse feature circuits: node/edge effects by token type, faithfulness, cross-task ablation (Sec. 4)")
+    s.add_argument("--model", default="gemma-3-270m")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--task", default="antonyms", help="one task name or task file")
+    g.add_argument("--tasks", default=None, help="'all', or comma-separated task names (cross-task ablation when > 1)")
+    s.add_argument("--layers", default="11-12", help="layers with SAEs, e.g. '11-12' (the starter suite) or '10-17'")
+    s.add_argument("--kinds", default="resid,attn,transcoder", help="SAE kinds spliced at every layer")
+    s.add_argument("--sae", action="append", metavar="KIND.LAYER=PATH", help="your own SAE for one site (repeatable; then give all)")
+    s.add_argument("--metric", choices=["all_but_first", "last"], default="all_but_first",
+                   help="log-prob of the outputs of all pairs but the first (paper) or of the query only (original SFC)")
+    s.add_argument("--n-prompts", type=int, default=8, help="prompts in the IE batch and in the held-out batch")
+    s.add_argument("--n-shots", type=int, default=8)
+    s.add_argument("--rank-by", choices=["abs", "value"], default="abs", help="circuit = top-N nodes by |effect| or signed effect")
+    s.add_argument("--edge-k", type=int, default=3, help="edge targets per (layer, token type)")
+    s.add_argument("--ie-quality", type=int, default=16, help="single-node ablations per (SAE, token type) for Fig. 20/21; 0 = skip")
+    s.add_argument("--faith-target", type=float, default=0.6)
+    s.add_argument("--cross-target", type=float, default=0.3, help="cross-task: ablate until the task's faithfulness is this")
+    s.add_argument("--no-cross-task", action="store_true")
+    s.add_argument("--keep-errors-curve", action="store_true", help="also faithfulness with error nodes never ablated (weak-SAE diagnostic)")
+    s.add_argument("--out", type=Path, default=Path("runs/circuits"), help="run folder (finished tasks are skipped)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_circuit)
     return p
 
 

@@ -61,7 +61,9 @@ class PrefixCache:
         self.inverse = torch.argsort(torch.cat(order))  # group-major rows -> global row order
         self.input_ids, self.changed, self.scored = input_ids, changed, scored
 
-    def logprobs(self, layer: int, start_resid: torch.Tensor, interventions: list[Intervention]) -> torch.Tensor:
+    def logprobs(
+        self, layer: int, start_resid: torch.Tensor, interventions: list[Intervention], unembed_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """[n_scored, vocab] log-probs in torch.nonzero(scored) order.
 
         start_resid: resid_pre[layer] of the whole batch [batch, seq, d_model] (the clean values);
@@ -84,7 +86,7 @@ class PrefixCache:
             )
             parts.append(out.hidden)
         # one unembedding for all groups: it reads the whole [vocab, d_model] matrix, which dominates on CPU
-        return self.lm.logprobs_of(torch.cat(parts)[self.inverse])
+        return self.lm.logprobs_of(torch.cat(parts)[self.inverse], unembed_dtype)
 
 
 def _rows(value: torch.Tensor | None, g: _Group) -> torch.Tensor | None:

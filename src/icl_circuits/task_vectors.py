@@ -113,9 +113,10 @@ class ZeroShotSteering:
 
     def __init__(
         self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1,
-        steer_at: torch.Tensor | None = None, prefix_cache: bool = True,
+        steer_at: torch.Tensor | None = None, prefix_cache: bool = True, unembed_dtype: torch.dtype | None = None,
     ) -> None:
         self.lm, self.batch = lm, batch
+        self.unembed_dtype = unembed_dtype  # e.g. torch.bfloat16 for fast optimisation steps (LM.logprobs_of)
         scoring = batch.scoring("last", n_score_tokens)
         steer_at = batch.arrow_mask("last") if steer_at is None else steer_at  # [batch, seq] bool
         if steer_at.shape != batch.input_ids.shape or steer_at.dtype != torch.bool:
@@ -148,7 +149,7 @@ class ZeroShotSteering:
             raise ValueError(f"steering vector must be [d_model={self.lm.d_model}], got {tuple(vector.shape)}")
         steer = [Intervention(Site(layer, "resid_pre"), self.steer_at, vector)]
         if self.prefix is not None:
-            return self.prefix.logprobs(layer, self.cache[layer], steer)
+            return self.prefix.logprobs(layer, self.cache[layer], steer, self.unembed_dtype)
         out = self.lm.run(
             self.input_ids,
             self.attention_mask,
@@ -156,8 +157,9 @@ class ZeroShotSteering:
             start_resid=self.cache[layer],
             interventions=steer,
             logprob_positions=self.scoring.positions,
+            unembed=False,
         )
-        return out.logprobs  # type: ignore[return-value]
+        return self.lm.logprobs_of(out.hidden, self.unembed_dtype)  # type: ignore[arg-type]
 
     def loss(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
         """Differentiable NLL of the scored output tokens under steering."""
