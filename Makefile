@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_sae_training.py
 	$(VENV)/bin/python benchmarks/bench_examples.py
 	$(VENV)/bin/python benchmarks/bench_circuits.py
+	$(VENV)/bin/python benchmarks/bench_tvc.py
 
 saes: $(STAMP)  ## retrain the shipped starter suite (CPU: ~25 min for 600k tokens), then `make sae-eval`
 	$(VENV)/bin/icl-circuits sae train --model gemma-3-270m --saes resid:11,resid:12,attn:11,attn:12,transcoder:11,transcoder:12 \

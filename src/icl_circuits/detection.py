@@ -145,32 +145,12 @@ def detection_sweep_task(lm: LM, task: Any, layers: Sequence[int], cfg: Any) -> 
 
 def plot_detection_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
     """Relative loss decrease of fake-pair steering with detection vectors, per layer; task mean in black."""
-    import matplotlib
+    from .plots import plot_layer_sweep
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .storage import save_figure
-
-    tasks = sorted({r["task"] for r in rows})
-    layers = sorted({r["layer"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    cmap = plt.get_cmap("tab20", max(len(tasks), 1))
-    for i, t in enumerate(tasks):
-        rs = sorted((r for r in rows if r["task"] == t), key=lambda r: r["layer"])
-        ax.plot([r["layer"] for r in rs], [r["relative_loss_decrease"] for r in rs], lw=0.8, alpha=0.55, color=cmap(i), label=t)
-    mean = [sum(r["relative_loss_decrease"] for r in rows if r["layer"] == l) / len(tasks) for l in layers]
-    ax.plot(layers, mean, lw=3, color="black", marker="o", label="mean over tasks")
-    ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("layer (detection vector added to resid_pre at the fake pair's output)")
-    ax.set_ylabel("relative loss decrease vs. fake-pair prompt")
-    ax.set_title("Task detection: steering the fake pair 'X -> Y' (App. G)")
-    ax.set_xticks(layers)
-    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(alpha=0.3)
-    paths = save_figure(fig, stem)
-    plt.close(fig)
-    return paths
+    return plot_layer_sweep(
+        rows, stem, xlabel="layer (detection vector added to resid_pre at the fake pair's output)",
+        ylabel="relative loss decrease vs. fake-pair prompt", title="Task detection: steering the fake pair 'X -> Y' (App. G)",
+    )  # fmt: skip
 
 
 # -- detector -> executor link (Fig. 11) ---------------------------------------------------------

@@ -12,8 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .storage import save_figure  # noqa: E402
 
 
-def plot_layer_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
-    """Fig. 2 style: relative loss decrease of TV steering vs. layer, per task and task mean."""
+def plot_layer_sweep(
+    rows: list[dict], stem: str | Path, xlabel: str = "layer (task vector added to resid_pre)",
+    ylabel: str = "relative loss decrease vs. zero-shot", title: str = "Original task vector: steering effect by layer",
+) -> list[Path]:  # fmt: skip
+    """Fig. 2 style: relative loss decrease of steering vs. layer, per task and task mean."""
     tasks = sorted({r["task"] for r in rows})
     layers = sorted({r["layer"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -24,9 +27,9 @@ def plot_layer_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
     mean = [sum(r["relative_loss_decrease"] for r in rows if r["layer"] == l) / len(tasks) for l in layers]
     ax.plot(layers, mean, lw=3, color="black", marker="o", label="mean over tasks")
     ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("layer (task vector added to resid_pre)")
-    ax.set_ylabel("relative loss decrease vs. zero-shot")
-    ax.set_title("Original task vector: steering effect by layer")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_xticks(layers)
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
