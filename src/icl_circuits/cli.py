@@ -286,6 +286,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         print(f"{r['task']:30s} {r['top_feature']:11d} {r['scale']:6g} {r['own_effect']:10.3f} {r['best_other_effect']:10.3f}  "
               f"{r['best_other_task']} / {'yes' if r['specific'] else 'no'}")  # fmt: skip
     print("\nwrote:", *[str(p) for p in out["files"]], sep="\n  ")
+    print(f"report: {_report(args.out, 'Feature steering heatmaps')}")
     return 0
 
 
@@ -319,6 +320,7 @@ def cmd_detectors(args: argparse.Namespace) -> int:
             other = f"{float(res.drop[i, j]):.3f} ({res.executor_tasks[j]})" if j is not None else "-"
             print(f"  {d:30s} {own:6.3f}   {other}")
     print("\nwrote:", *[str(p) for p in out["files"]], sep="\n  ")
+    print(f"report: {_report(args.out, 'Task-detection features')}")
     return 0
 
 
@@ -395,6 +397,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(run_dir: Path, title: str) -> Path:
+    """Every command leaves a static report.html (figures and tables found in its run directory)."""
+    from .report import write_report
+
+    return write_report(run_dir, title)
+
+
 def _mean_of(rows: list[dict], key: str = "relative_loss_decrease", **match: object) -> float:
     vals = [r[key] for r in rows if all(r.get(k) == v for k, v in match.items())]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -433,6 +442,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         print(f"{s['task']:30s} {s['metric_eval']:7.3f}  {s['metric_empty']:8.3f}  {s['n_nonzero_nodes']:14d}  "
               f"{str(s['nodes_for_target']):>29s}  {s['n_edges']:5d}")  # fmt: skip
     print("\nwrote:", *[str(p) for p in res["files"]], f"{args.out}/<task>/ (nodes.csv, graph.json, faithfulness.json, ...)", sep="\n  ")
+    print(f"report: {_report(args.out, 'Sparse feature circuits')}")
     return 0
 
 
