@@ -432,7 +432,9 @@ def task_page(data: RunData, name: str) -> str | None:
     t = data.tasks.get(name)
     if t is None:
         return None
-    steer = data.task_steering(t["task"], t["setting"])
+    # a heatmap's effect (scale x direction) when there is one, else the cleaning run's own: the feature alone
+    own = {e["index"]: e.get("alone") for e in t["extra"].get("feature_effects", []) if isinstance(e, dict) and "index" in e}
+    steer = {**own, **data.task_steering(t["task"], t["setting"])}
     parts = [html_table([t["summary"]]) if t["summary"] else ""]
     parts.append(f"<h2>Cleaned features ({len(t['features'])})</h2>")
     rows = [[feature_link(data, t["sae"], f["latent"]), _num(f["weight"]), _num(f.get("initial_weight")), _num(steer.get(f["latent"]))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
+import urllib.parse
 from pathlib import Path
 
 from selenium import webdriver
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--examples", action="append")
     ap.add_argument("--feature", help="SAE/LATENT, e.g. resid_12/123")
+    ap.add_argument("--task", help="also shoot this task's page (task vector vs. cleaned features), saved as task.png")
     ap.add_argument("--out", type=Path, default=Path("docs/results/viewer"))
     args = ap.parse_args()
 
@@ -51,6 +53,9 @@ def main() -> None:
         pages = {"index": "/", "feature": feature_url(sae, int(latent)), "sae": f"/sae/{sae}"}
         if data.circuits:
             pages["circuit"] = "/circuit/0"
+        if args.task:
+            key = next(k for k in data.tasks if k == args.task or k.startswith(args.task))
+            pages["task"] = f"/task/{urllib.parse.quote(key)}"
         for name, path in pages.items():
             d.get(base + path)
             d.save_screenshot(str(args.out / f"{name}.png"))
