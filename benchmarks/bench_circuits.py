@@ -16,24 +16,14 @@ Medians over repeats, all in the same run. Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import timed
 
 from icl_circuits import load_model, load_task
 from icl_circuits.ablation import CircuitRunConfig, circuit_batches
 from icl_circuits.circuits import CircuitConfig, circuit_saes, metric_of, metric_scoring, node_effects
 from icl_circuits.sites import Site
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:

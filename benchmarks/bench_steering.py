@@ -15,22 +15,13 @@ Prints medians over repeats and the ratios. Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from _timing import timed
 
 from icl_circuits import load_model, load_task, zero_shot_prompts
 from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:

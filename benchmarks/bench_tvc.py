@@ -16,20 +16,10 @@ baselines, TVC with the default config, per-feature effects).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    times, value = [], 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), value
+from _timing import timed
 
 
 def main() -> None:
@@ -89,7 +79,7 @@ def main() -> None:
     }
     print(f"model gemma-3-270m, task {args.task}, layer {args.layer}, {len(batch)} training prompts "
           f"(seq {batch.input_ids.shape[1]}), {torch.get_num_threads()} threads, median of {args.steps}")  # fmt: skip
-    results = {name: timed(fn, args.steps) for name, fn in variants.items()}
+    results = {name: timed(fn, args.steps, warmup=True) for name, fn in variants.items()}
     losses = [v for _, v in results.values()]
     assert max(losses) - min(losses) < 1e-3 * abs(losses[0]), f"variants disagree: {losses}"
     naive = results["naive (full forward, full logits)"][0]

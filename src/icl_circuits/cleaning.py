@@ -143,10 +143,14 @@ class CleaningDiverged(FloatingPointError):
         self.partial = partial
 
 
-def jumprelu(sae: JumpReLUSAE, theta: torch.Tensor) -> torch.Tensor:
-    """The SAE's own activation applied to pre-activations θ [..., d_sae] (ReLU gated at the threshold)."""
-    threshold = sae.threshold.detach().to(theta.dtype)
+def jumprelu_at(theta: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU of pre-activations θ [..., d_sae] with per-latent thresholds [d_sae]: ReLU gated at the threshold."""
     return torch.relu(theta) * (theta > threshold)
+
+
+def jumprelu(sae: JumpReLUSAE, theta: torch.Tensor) -> torch.Tensor:
+    """The SAE's own activation applied to pre-activations θ [..., d_sae]."""
+    return jumprelu_at(theta, sae.threshold.detach().to(theta.dtype))
 
 
 def frozen_decoder(sae: JumpReLUSAE) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -202,8 +206,8 @@ def clean_vector(
     unit = sae.W_dec.detach().float().norm(dim=1).clamp_min(1e-8) if cfg.unit_norm_latents else torch.ones(sae.cfg.d_sae)  # [d_sae]
     threshold = sae.threshold.detach().float() * unit  # [d_sae]
 
-    def act(u: torch.Tensor) -> torch.Tensor:  # JumpReLU in unit-norm coordinates
-        return torch.relu(u) * (u > threshold)
+    def act(u: torch.Tensor) -> torch.Tensor:  # the SAE's JumpReLU in unit-norm coordinates
+        return jumprelu_at(u, threshold)
 
     with torch.no_grad():
         if init is None:

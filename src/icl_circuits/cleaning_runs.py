@@ -125,7 +125,8 @@ def feature_effects(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResu
     every decoded vector has), and how much the cleaned vector's effect drops without it."""
     ev, layer = setup.evaluation, setup.layer
     decode = frozen_decoder(sae)
-    full = ev.relative_loss_decrease(ev.evaluate(layer, decode(result.weights)))
+    scored = result.scores.get("tvc")  # clean_vector already scored the cleaned vector on these prompts
+    full = scored["relative_loss_decrease"] if scored else ev.relative_loss_decrease(ev.evaluate(layer, decode(result.weights)))
     bias_only = ev.relative_loss_decrease(ev.evaluate(layer, decode(torch.zeros_like(result.weights))))
     rows = []
     for i in result.features:
