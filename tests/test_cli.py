@@ -109,3 +109,67 @@ def test_clean_command_on_local_folder(tmp_path, capsys):
     assert (tmp_path / "sweep" / "l1_sweep.png").is_file()
     assert main([*args[:6], "0", *args[7:]]) == 2
     assert "resid_pre.0" in capsys.readouterr().err
+
+
+def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
+    """clean (execution at layer 1, detection at layer 0) -> heatmap (+ negative on one feature) -> detectors."""
+    from icl_circuits.detection import MASS_TYPES
+    from icl_circuits.sae.formats import save_sae
+
+    from .test_cleaning import MANY, _lm, _sae
+
+    lm = _lm("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    for layer in (0, 1):
+        sae = _sae(lm, layer=layer, scale=3.0, seed=layer)
+        sae.cfg.model = str(model_dir)
+        save_sae(sae, tmp_path / f"sae{layer}")
+    tasks = []
+    for name, pairs in (("many", MANY), ("flipped", [(y, x) for x, y in MANY])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(pairs)))
+        tasks.append(str(tmp_path / f"{name}.json"))
+    common = ["--model", str(model_dir), "--tasks", ",".join(tasks), "--n-prompts", "2", "--n-shots", "3", "--n-train", "4",
+              "--n-eval", "4", "--max-steps", "4", "--patience", "2", "--l1", "1e-4", "--quiet"]  # fmt: skip
+    for setting, layer in (("execution", 1), ("detection", 0)):
+        assert main(["clean", *common, "--setting", setting, "--layer", str(layer), "--sae", str(tmp_path / f"sae{layer}"),
+                     "--out", str(tmp_path / setting)]) == 0  # fmt: skip
+    capsys.readouterr()
+    figs = tmp_path / "figs"
+    hm = ["heatmap", "--model", str(model_dir), "--n-eval", "4", "--scale-grid", "1,4", "--figures", str(figs), "--quiet"]
+    exec_feats = [f["index"] for f in json.loads((tmp_path / "execution" / "many" / "cleaning.json").read_text())["features"]]
+    assert exec_feats, "the planted SAE keeps features at this λ"
+    assert main([*hm, "--results", str(tmp_path / "execution"), "--out", str(tmp_path / "hm_exec"), "--negative",
+                 "--negative-prompts", "2", "--negative-shots", "3", "--negative-scales", "1,8",
+                 "--negative-features", str(exec_feats[0])]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "top feature" in printed and "report:" in printed
+    heat = json.loads((tmp_path / "hm_exec" / "heatmap.json").read_text())
+    assert heat["tasks"] == ["flipped", "many"] and len(heat["raw"]) == 2
+    neg = json.loads((tmp_path / "hm_exec" / "negative.json").read_text())
+    assert neg["features"] == [exec_feats[0]] and neg["scales"][0] in (1.0, 8.0)  # only the chosen feature was subtracted
+    assert (figs / "execution_negative.png").stat().st_size > 1000 and (figs / "execution_raw.png").is_file()
+    assert main([*hm, "--results", str(tmp_path / "detection"), "--top-only", "--out", str(tmp_path / "hm_det")]) == 0
+    assert main(["detectors", "--model", str(model_dir), "--steps", "masses,link", "--executors", str(tmp_path / "execution"),
+                 "--detectors", str(tmp_path / "detection"), "--exec-heatmap", str(tmp_path / "hm_exec" / "heatmap.json"),
+                 "--det-heatmap", str(tmp_path / "hm_det" / "heatmap.json"), "--n-prompts", "2", "--n-shots", "3",
+                 "--out", str(tmp_path / "det"), "--figures", str(figs), "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "token-type activation masses" in printed and "detector task" in printed
+    rows = [r for r in json.loads((tmp_path / "det" / "masses.json").read_text()) if r["total_mass"] > 0]
+    assert rows and all(abs(sum(r[t] for t in MASS_TYPES) - 1) < 1e-6 for r in rows)
+    link = json.loads((tmp_path / "det" / "link.json").read_text())
+    assert (figs / "detector_executor_link.png").is_file() and len(link["drop"]) == len(link["detector_tasks"])
+    # a feature outside every cleaned vector is refused before any slow work
+    assert main([*hm, "--results", str(tmp_path / "execution"), "--out", str(tmp_path / "hm_bad"), "--negative",
+                 "--negative-features", "100000"]) == 2  # fmt: skip
+    assert "in no task's cleaned vector" in capsys.readouterr().err
+
+
+def test_default_layers_are_the_bundled_models_sweep_results():
+    from icl_circuits.cli import default_layer
+
+    assert default_layer("gemma-3-270m", "execution") == 12 and default_layer("gemma-3-270m", "detection") == 6
+    with pytest.raises(SystemExit, match="--layer is needed"):
+        default_layer("gpt2", "detection")

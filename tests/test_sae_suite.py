@@ -69,6 +69,10 @@ def test_export_writes_bf16_weights_and_model_cards(small_recipe, tmp_path):
     card = (tmp_path / "ship" / "resid_1" / "README.md").read_text()
     assert "resid_pre.1" in card and "| 10 | 3.0 | 0.500 |" in card and "200 tokens" in card
     assert "mlp_out.0" in (tmp_path / "ship" / "transcoder_0" / "README.md").read_text()
+    # exporting again (e.g. once the evaluation exists) replaces the folders, model cards included
+    (run / "eval.json").write_text(json.dumps([]))
+    suite.export_suite(run, tmp_path / "ship")
+    assert "| 10 | 3.0 |" not in (tmp_path / "ship" / "resid_1" / "README.md").read_text()
 
 
 def test_weight_dtype_round_trip(tmp_path):

@@ -83,3 +83,15 @@ def test_malformed_task_files_give_clear_errors(tmp_path, name, text, match):
 def test_unknown_task_name():
     with pytest.raises(FileNotFoundError, match="neither a built-in task"):
         load_task("capital_country")
+
+
+def test_saved_task_reads_back_identically_and_result_folders_prefer_their_own_copy(tmp_path):
+    from icl_circuits.tasks import Task, save_task, task_of_result
+
+    # repeated inputs and non-ASCII survive (a dict-shaped file would merge the repeats)
+    task = Task("mine", (("a", "b"), ("a", "c"), ("été", "summer"), ("x, y", '"q"')))
+    save_task(task, tmp_path / "mine" / "task.json")
+    assert task_of_result(tmp_path / "mine", "mine") == task
+    assert task_of_result(tmp_path / "elsewhere", "antonyms") == load_task("antonyms")  # no copy: the built-in
+    with pytest.raises(FileNotFoundError, match="neither a built-in task"):
+        task_of_result(tmp_path / "elsewhere", "mine")

@@ -28,7 +28,7 @@ from .prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt,
 from .sae.dictionary import JumpReLUSAE
 from .storage import ResumeLog, read_json, write_csv, write_json
 from .task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
-from .tasks import Task
+from .tasks import Task, list_tasks, save_task
 
 ITO_L0S: tuple[int, ...] = (5, 20)
 L1_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 2.5e-2, 5e-2, 1e-1)  # the paper's sweep (App. D.1)
@@ -213,6 +213,8 @@ def run_cleaning(
         if done is None:
             done = clean_task(lm, sae, task, layer, cfg, tv_cfg, sae_spec=sae_spec, progress=progress)
             done.save(folder)
+            if task.name not in list_tasks():  # a user task: keep its pairs, so later steps need only this folder
+                save_task(task, folder / "task.json")
             plot_cleaning_curves(done, folder / "curves")
         results.append(done)
     return results, write_summary(results, out)

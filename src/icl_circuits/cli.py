@@ -273,11 +273,13 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     tasks = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=_floats(args.scale_grid, "--scale-grid"),
                      select_on=args.select_on, top_only=args.top_only, n_eval=args.n_eval, seed=args.seed)  # fmt: skip
-    negative = NegativeConfig(scales=_floats(args.negative_scales, "--negative-scales")) if args.negative else None  # layer: the results'
+    negative = (NegativeConfig(scales=_floats(args.negative_scales, "--negative-scales"), n_prompts=args.negative_prompts,
+                               n_shots=args.negative_shots) if args.negative else None)  # layer: the results'  # fmt: skip
+    neg_features = [int(f) for f in _floats(args.negative_features, "--negative-features")] if args.negative_features else None
     lm = load_model(args.model)
     out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
                       floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,
-                      progress=not args.quiet)  # fmt: skip
+                      negative_features=neg_features, progress=not args.quiet)  # fmt: skip
     print(f"\n{'task':30s} {'top feature':>11s} {'scale':>6s} {'own effect':>10s} {'best other':>10s}  other task / specific")
     for r in specificity(out["heatmap"]):
         if r["top_feature"] is None:
@@ -324,6 +326,20 @@ def cmd_detectors(args: argparse.Namespace) -> int:
     return 0
 
 
+# The bundled model's best layers, from the README's sweeps: task vectors (execution, best 12) and
+# the fake-pair detection sweep (best 6; detection collapses from layer 10 on).
+BUNDLED_LAYERS = {"execution": 12, "detection": 6}
+
+
+def default_layer(model: str, setting: str) -> int:
+    if model == "gemma-3-270m":
+        return BUNDLED_LAYERS[setting]
+    raise SystemExit(
+        f"--layer is needed for {model}: find the best one with `icl-circuits task-vectors` (execution) "
+        "or `icl-circuits detectors --steps sweep` (detection)"
+    )
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """Task Vector Cleaning for one or many tasks (or a λ sweep / a layer comparison), resumable."""
     import torch
@@ -346,7 +362,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     )
     tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
     lm = load_model(args.model)
-    layer = args.layer if args.layer is not None else (12 if args.setting == "execution" else 11)
+    layer = args.layer if args.layer is not None else default_layer(lm.name, args.setting)
 
     def sae_for(layer: int):  # type: ignore[no-untyped-def]
         if args.sae and args.sae != "starter":
@@ -549,16 +565,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-mode", choices=["per_feature", "shared", "fixed"], default="per_feature",
                    help="per_feature: best grid scale on any task (Gemma 2); shared: one calibrated scale (Gemma 1); fixed: --scale")
     s.add_argument("--scale", type=float, default=15.0, help="the scale for --scale-mode fixed (paper, Gemma 1: 15)")
-    s.add_argument("--scale-grid", default="4,8,16,32,64,128", help="comma-separated scales (log-spaced)")
+    s.add_argument("--scale-grid", default="4,8,16,32,64,128,256", help="comma-separated scales (log-spaced)")
     s.add_argument("--select-on", choices=["owner", "all"], default="owner",
                    help="grid scales tried on the feature's own tasks (cheap) or on every task (the paper)")
     s.add_argument("--top-only", action="store_true", help="only each task's strongest feature (Fig. 10)")
     s.add_argument("--all-rows", action="store_true", help="a row for every built-in task, also those missing from --results")
     s.add_argument("--n-eval", type=int, default=32, help="zero-shot / fake-pair prompts per task")
     s.add_argument("--floor", type=float, default=0.2, help="normalised values below this become 0")
-    s.add_argument("--min-effect", type=float, default=0.0, help="drop features whose best raw effect is below this")
+    s.add_argument("--min-effect", type=float, default=0.05, help="drop features whose best raw effect (relative loss decrease) is below this")
     s.add_argument("--negative", action="store_true", help="also negative steering on 16 x 32-shot ICL prompts (App. F.1; slow)")
     s.add_argument("--negative-scales", default="1,2,4,8,16,30")
+    s.add_argument("--negative-prompts", type=int, default=16, help="ICL prompts per task for negative steering")
+    s.add_argument("--negative-shots", type=int, default=32, help="shots per ICL prompt for negative steering")
+    s.add_argument("--negative-features", default=None, help="comma-separated features for negative steering (default: all)")
     s.add_argument("--out", type=Path, default=Path("runs/heatmap"), help="run folder (resumes if present)")
     s.add_argument("--figures", type=Path, default=Path("docs/results/heatmaps"), help="where figures and tables go")
     s.add_argument("--name", default=None, help="file stem of the figures (default: the setting)")
@@ -589,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", help="one task name or task file")
     g.add_argument("--tasks", help="'all', or comma-separated names / files")
     s.add_argument("--model", default="gemma-3-270m")
-    s.add_argument("--layer", type=int, default=None, help="resid_pre layer to steer (default 12 for execution, 11 for detection)")
+    s.add_argument("--layer", type=int, default=None, help="resid_pre layer to steer (bundled model: 12 for execution, 6 for detection; others: required)")
     s.add_argument("--sae", default="starter", help="'starter' (the shipped resid SAE of that layer) or a path in any supported format")
     s.add_argument("--setting", choices=["execution", "detection"], default="execution",
                    help="execution: steer the query arrow of zero-shot prompts; detection: the fake pair's output (App. G)")

@@ -334,7 +334,7 @@ def run_detectors(
     from .steering import cluster_order, load_feature_sets, sae_from_spec
     from .storage import write_csv
     from .task_vectors import TaskVectorConfig
-    from .tasks import list_tasks, load_task
+    from .tasks import list_tasks, load_task, task_of_result
 
     bad = sorted(set(steps) - {"sweep", "masses", "link"})
     if bad:
@@ -361,7 +361,7 @@ def run_detectors(
         de_sets, de_meta = load_feature_sets(detector_dir, tasks)
         ex_sae, de_sae = sae_from_spec(lm, ex_meta["sae_spec"]), sae_from_spec(lm, de_meta["sae_spec"])
         names = [n for n in ex_sets if n in de_sets]
-        task_objs = [load_task(n) for n in names]
+        task_objs = [task_of_result(Path(executor_dir) / n, n) for n in names]
         ex_top, ex_src = top_features(executor_dir, exec_heatmap, names)
         de_top, de_src = top_features(detector_dir, det_heatmap, names)
         summary["top"] = dict(executors=ex_top, detectors=de_top, executor_source=ex_src, detector_source=de_src)

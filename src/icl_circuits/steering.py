@@ -193,7 +193,7 @@ class HeatmapConfig:
     layer: int = 12
     scale_mode: str = "per_feature"  # 'per_feature' (Gemma 2), 'shared' (one calibrated scale, Gemma 1), 'fixed'
     scale: float = 15.0  # used when scale_mode == 'fixed'
-    scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)  # single features of the bundled model peak at 32-256
     select_on: str = "owner"  # scales chosen on the tasks the feature came from ('owner') or on every task ('all')
     top_only: bool = False  # heatmap of each task's strongest feature only (Fig. 10)
     n_eval: int = 32  # zero-shot prompts (32 random pairs)
@@ -530,7 +530,7 @@ def negative_steering(
 
 
 def plot_feature_heatmap(
-    values: torch.Tensor, tasks: Sequence[str], features: Sequence[int], stem: str | Path, *,
+    values: torch.Tensor, tasks: Sequence[str], features: Sequence[int | str], stem: str | Path, *,
     in_tv: torch.Tensor | None = None, kept: torch.Tensor | None = None, title: str = "",
     cbar: str = "Effect strength", vmin: float | None = 0.0, vmax: float | None = None, cmap: str = "viridis",
     xlabel: str = "Feature", ylabel: str = "Task",
@@ -661,20 +661,25 @@ def run_heatmap(
     lm: LM, results_dir: str | Path, out_dir: str | Path, figures_dir: str | Path | None = None, name: str | None = None,
     tasks: Sequence[str] | None = None, top_k: int | None = None, overrides: dict | None = None,
     floor: float = 0.2, min_effect: float = 0.0, negative: NegativeConfig | None = None, all_rows: bool = False,
-    progress: bool = True,
+    negative_features: Sequence[int] | None = None, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results."""
     from .storage import write_csv
-    from .tasks import load_task
+    from .tasks import load_task, task_of_result
 
     sets, meta = load_feature_sets(results_dir, tasks, top_k)
+    loaded = set(sets)
+    chosen = {int(f) for f in negative_features or ()}
+    unknown = chosen - {f for fs in sets.values() for f in fs.features}
+    if unknown:  # checked before any slow work
+        raise ValueError(f"negative-steering features {sorted(unknown)} are in no task's cleaned vector")
     if all_rows:  # every built-in task is a row, also those without (yet) a cleaning result
         from .tasks import list_tasks
 
         sets = {**sets, **{n: FeatureSet(n, []) for n in list_tasks() if n not in sets}}
     sae = sae_from_spec(lm, meta["sae_spec"])
     cfg = HeatmapConfig(setting=meta["setting"], layer=meta["layer"], **(overrides or {}))
-    task_objs = [load_task(n) for n in sets]
+    task_objs = [task_of_result(Path(results_dir) / n, n) if n in loaded else load_task(n) for n in sets]
     out = Path(out_dir)
     res = positive_heatmap(lm, task_objs, sets, sae, cfg, out_dir=out, progress=progress)
     write_json(out / "heatmap.json", res.to_dict())
@@ -686,15 +691,27 @@ def run_heatmap(
     info["files"].append(write_csv(figs / f"{name}_specificity.csv", spec_rows))
     summary: dict[str, Any] = dict(heatmap=res, specificity=spec_rows, files=info["files"], meta=meta)
     if negative is not None:
+        if negative_features:  # the slow part: often run on a chosen subset (e.g. each task's top executor)
+            sets = {n: replace(fs, features=[f for f in fs.features if f in chosen]) for n, fs in sets.items()}
         neg = negative_steering(lm, task_objs, sets, sae, replace(negative, layer=cfg.layer), out_dir=out, progress=progress)
         write_json(out / "negative.json", neg.to_dict())
-        rows = cluster_order(neg.drop.clamp_min(0))
-        cols = column_order(neg.drop, rows)
-        kept = torch.tensor([[t in neg.owners.get(f, []) for f in neg.features] for t in neg.tasks]).reshape(neg.drop.shape)
-        summary["files"] += plot_feature_heatmap(
-            neg.drop[rows][:, cols], [neg.tasks[r] for r in rows], [neg.features[c] for c in cols], figs / f"{name}_negative",
-            kept=kept[rows][:, cols], vmin=None, cbar="Accuracy decrease", cmap="magma",
-            title="Negative steering on ICL prompts (every arrow), smallest scale lowering accuracy by >= 0.1 (Fig. 23 style)",
-        )  # fmt: skip
+        summary["files"] += plot_negative(neg, figs / f"{name}_negative")
+        summary["files"].append(write_csv(figs / f"{name}_negative.csv", [
+            dict(task=t, baseline_accuracy=round(neg.baseline_accuracy[t], 4),
+                 **{f"{f}@{s:g}": round(float(neg.drop[i, j]), 4) for j, (f, s) in enumerate(zip(neg.features, neg.scales))})
+            for i, t in enumerate(neg.tasks)
+        ]))  # fmt: skip
         summary["negative"] = neg
     return summary
+
+
+def plot_negative(neg: NegativeResult, stem: str | Path) -> list[Path]:
+    """Fig. 23: accuracy decrease of each task (rows) when each feature (columns) is subtracted."""
+    rows = cluster_order(neg.drop.clamp_min(0))
+    cols = column_order(neg.drop, rows)
+    kept = torch.tensor([[t in neg.owners.get(f, []) for f in neg.features] for t in neg.tasks]).reshape(neg.drop.shape)
+    return plot_feature_heatmap(
+        neg.drop[rows][:, cols], [neg.tasks[r] for r in rows], [f"{neg.features[c]} (x{neg.scales[c]:g})" for c in cols], stem,
+        kept=kept[rows][:, cols], vmin=None, cbar="Accuracy decrease", cmap="magma",
+        title="Negative steering on ICL prompts (every arrow), smallest scale lowering accuracy by >= 0.1 (Fig. 23 style)",
+    )  # fmt: skip

@@ -97,6 +97,19 @@ def load_task(name_or_path: str | Path) -> Task:
     return parse_task(path.read_text(encoding="utf-8"), path.stem, suffix)
 
 
+def save_task(task: Task, path: str | Path) -> Path:
+    """Write a task file (JSON list of {input, output}) that load_task reads back as the same task."""
+    from .storage import write_json
+
+    return write_json(path, [{"input": x, "output": y} for x, y in task.pairs])
+
+
+def task_of_result(folder: str | Path, name: str) -> Task:
+    """The task a result folder was made from: its own task.json (a user task), else the built-in `name`."""
+    own = Path(folder) / "task.json"
+    return parse_task(own.read_text(encoding="utf-8"), name, "json") if own.is_file() else load_task(name)
+
+
 def load_tasks(names: str | list[str]) -> list[Task]:
     """'all', a comma-separated string, or a list of names/paths."""
     if isinstance(names, str):

@@ -130,17 +130,21 @@ def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 # -- our own format ------------------------------------------------------------------------
-def save_sae(sae: JumpReLUSAE, directory: PathLike, weight_dtype: torch.dtype | None = None) -> Path:
+def save_sae(sae: JumpReLUSAE, directory: PathLike, weight_dtype: torch.dtype | None = None, card: str | None = None) -> Path:
     """Write `directory`/sae.safetensors + config.json, atomically. Bitwise round-trip with load_sae.
 
     weight_dtype (e.g. torch.bfloat16) stores W_enc and W_dec in that dtype and keeps biases and
     thresholds as they are, halving the file for shipping; load_sae then computes in float32.
+    card: a model card written as README.md in the same atomic step (so a re-export may replace it).
     """
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **sae.cfg.to_dict()}
     tensors = sae.tensors()
     if weight_dtype is not None:
         tensors = {k: v.to(weight_dtype) if k in ("W_enc", "W_dec") else v for k, v in tensors.items()}
-    return _publish_dir(directory, {"sae.safetensors": _st_bytes(tensors), "config.json": _json_bytes(config)})
+    files = {"sae.safetensors": _st_bytes(tensors), "config.json": _json_bytes(config)}
+    if card is not None:
+        files["README.md"] = card.encode("utf-8")
+    return _publish_dir(directory, files)
 
 
 def _require_files(directory: Path, names: tuple[str, ...], what: str) -> list[Path]:

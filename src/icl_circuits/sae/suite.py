@@ -18,7 +18,7 @@ import torch
 
 from ..loading import cache_dir
 from ..model import LM
-from ..storage import atomic_write_text, read_json
+from ..storage import read_json
 from .dictionary import JumpReLUSAE
 from .formats import load_sae, save_sae
 from .training import SAESpec, TrainConfig
@@ -65,8 +65,7 @@ def export_suite(run_dir: str | Path, dest: str | Path, corpus: str = STARTER_CO
     for sae_dir in sorted((run / "saes").iterdir()):
         sae = load_sae(sae_dir)
         target = dest / sae_dir.name
-        save_sae(sae, target, weight_dtype=torch.bfloat16)
-        atomic_write_text(target / "README.md", model_card(sae, header, evals.get(sae.cfg.site), corpus))
+        save_sae(sae, target, weight_dtype=torch.bfloat16, card=model_card(sae, header, evals.get(sae.cfg.site), corpus))
         out.append(target)
     return out
 
