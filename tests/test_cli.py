@@ -12,6 +12,13 @@ from .conftest import make_tiny, word_tokenizer
 from .test_task_vectors import ANTONYMS
 
 
+def _saved(model, tokenizer, folder):
+    """Save a tiny model and its tokenizer where load_model reads a local folder; returns the folder."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_parse_layers():
     assert parse_layers("all", 4) == [0, 1, 2, 3]
     assert parse_layers("1,3-5", 8) == [1, 3, 4, 5]
@@ -35,9 +42,7 @@ def test_unknown_task_fails_fast(capsys):
 def test_task_vectors_command_on_local_folder(tmp_path, capsys):
     lm, _ = make_tiny("llama")
     words = ["Follow", "the", "pattern:", "->"] + [w for p in ANTONYMS for w in p]
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    word_tokenizer(words).save_pretrained(model_dir)
+    model_dir = _saved(lm.model, word_tokenizer(words), tmp_path / "tiny")
     task_file = tmp_path / "ant.json"
     task_file.write_text(json.dumps(dict(ANTONYMS)))
     out = tmp_path / "run"
@@ -56,9 +61,7 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
 
     lm, _ = make_tiny("llama")
     words = [f"w{i}" for i in range(50)]
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    word_tokenizer(words).save_pretrained(model_dir)
+    model_dir = _saved(lm.model, word_tokenizer(words), tmp_path / "tiny")
     rng = random.Random(0)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n" for _ in range(30)))
@@ -86,9 +89,7 @@ def test_clean_command_on_local_folder(tmp_path, capsys):
     from .test_cleaning import MANY, _lm, _sae
 
     lm = _lm("llama")
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")
     sae = _sae(lm, layer=1, scale=3.0)
     sae.cfg.model = str(model_dir)  # the name load_model gives a folder
     save_sae(sae, tmp_path / "sae")
@@ -119,9 +120,7 @@ def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
     from .test_cleaning import MANY, _lm, _sae
 
     lm = _lm("llama")
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")
     for layer in (0, 1):
         sae = _sae(lm, layer=layer, scale=3.0, seed=layer)
         sae.cfg.model = str(model_dir)

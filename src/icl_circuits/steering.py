@@ -665,10 +665,9 @@ def run_heatmap(
 ) -> dict[str, Any]:  # fmt: skip
     """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results."""
     from .storage import write_csv
-    from .tasks import load_task, task_of_result
+    from .tasks import task_of_result
 
     sets, meta = load_feature_sets(results_dir, tasks, top_k)
-    loaded = set(sets)
     chosen = {int(f) for f in negative_features or ()}
     unknown = chosen - {f for fs in sets.values() for f in fs.features}
     if unknown:  # checked before any slow work
@@ -679,7 +678,7 @@ def run_heatmap(
         sets = {**sets, **{n: FeatureSet(n, []) for n in list_tasks() if n not in sets}}
     sae = sae_from_spec(lm, meta["sae_spec"])
     cfg = HeatmapConfig(setting=meta["setting"], layer=meta["layer"], **(overrides or {}))
-    task_objs = [task_of_result(Path(results_dir) / n, n) if n in loaded else load_task(n) for n in sets]
+    task_objs = [task_of_result(Path(results_dir) / n, n) for n in sets]  # built-in rows without a result fall back by name
     out = Path(out_dir)
     res = positive_heatmap(lm, task_objs, sets, sae, cfg, out_dir=out, progress=progress)
     write_json(out / "heatmap.json", res.to_dict())
