@@ -37,11 +37,22 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_circuits.py
 	$(VENV)/bin/python benchmarks/bench_tvc.py
 
-saes: $(STAMP)  ## retrain the shipped starter suite (CPU: ~25 min for 600k tokens), then `make sae-eval`
-	$(VENV)/bin/icl-circuits sae train --model gemma-3-270m --saes resid:11,resid:12,attn:11,attn:12,transcoder:11,transcoder:12 \
-		--corpus generated:512+python-docs --out runs/saes_starter --d-sae 4096 --tokens 600000 --batch-tokens 512 \
-		--eval-docs 64 --dead-window 200 --dead-steps 400 --b-dec-init mean --norm-centered --l1 30 --l1-kind transcoder=4 --checkpoint-every 50 --no-eval
-	$(VENV)/bin/icl-circuits sae export runs/saes_starter src/icl_circuits/data/saes/gemma-3-270m
+# Starter suite v2 (docs/saes.md): one harvest feeds every SAE; two training processes share the 2 cores.
+SUITE_RESID := resid:6,resid:10,resid:11,resid:12,resid:13
+SUITE_OTHER := attn:11,attn:12,transcoder:11,transcoder:12
+SUITE_RECIPE := --arch topk --k 64 --d-sae 4096 --tokens 2000000 --batch-tokens 1024 --b-dec-init mean --norm-centered \
+	--dead-window 200 --dead-steps 400 --trainer ghost_grads=false --checkpoint-every 100 --threads 1 --no-eval
+saes: $(STAMP)  ## rebuild the starter suite v2: harvest 2M tokens (~25 min), train 9 SAEs (~45 min), evaluate, export
+	$(VENV)/bin/icl-circuits sae harvest --saes $(SUITE_RESID),$(SUITE_OTHER) --tokens 2000000 --eval-docs 400 \
+		--out runs/acts_v2 --threads 2
+	$(VENV)/bin/icl-circuits sae train --cache runs/acts_v2 --saes $(SUITE_RESID) $(SUITE_RECIPE) --out runs/saes_v2_resid & \
+	$(VENV)/bin/icl-circuits sae train --cache runs/acts_v2 --saes $(SUITE_OTHER) $(SUITE_RECIPE) --out runs/saes_v2_other; wait
+	$(VENV)/bin/icl-circuits sae eval --cache runs/acts_v2 --sae runs/saes_v2_resid/saes/resid_6 --sae runs/saes_v2_resid/saes/resid_10 \
+		--sae runs/saes_v2_resid/saes/resid_11 --sae runs/saes_v2_resid/saes/resid_12 --sae runs/saes_v2_resid/saes/resid_13 \
+		--sae runs/saes_v2_other/saes/attn_11 --sae runs/saes_v2_other/saes/attn_12 --sae runs/saes_v2_other/saes/transcoder_11 \
+		--sae runs/saes_v2_other/saes/transcoder_12 --out runs/saes_v2_eval.json --threads 2
+	$(VENV)/bin/icl-circuits sae export runs/saes_v2_resid src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
+	$(VENV)/bin/icl-circuits sae export runs/saes_v2_other src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
 
-sae-eval: $(STAMP)  ## evaluate the starter suite on 24 held-out documents
-	$(VENV)/bin/icl-circuits sae eval --model gemma-3-270m --starter --corpus generated:512+python-docs --eval-docs 24 --out runs/sae_eval.json
+sae-eval: $(STAMP)  ## evaluate the starter suite on the held-out documents of `make saes`'s harvest
+	$(VENV)/bin/icl-circuits sae eval --starter --cache runs/acts_v2 --out runs/sae_eval.json

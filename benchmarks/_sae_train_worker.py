@@ -8,7 +8,12 @@ Run in a fresh process per implementation, so peak RSS of one trainer never mixe
 It imports only torch + safetensors + the implementation under test (the SAELens venv has no
 icl_circuits), loads the rows [n, d_in] from the file, builds the trainer, runs `--warmup`
 untimed steps and `--steps` timed ones over consecutive `--batch`-row slices (wrapping around),
-and prints one JSON line with the step times and memory figures.
+and prints one JSON line with the step times, memory figures and the dead fraction at the end.
+
+Archs: gated, relu (SAELens 'standard'), topk, batchtopk. For topk/batchtopk ours runs without
+ghost grads and with AuxK (SAELens's TopK/BatchTopK trainers use their aux loss instead).
+--dead-window N makes both count a latent dead after N steps without firing (so the dead-latent
+losses, AuxK / SAELens's aux loss, can be exercised in a short run); default: each library's own.
 """
 
 from __future__ import annotations
@@ -50,12 +55,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+TOPK_FAMILY = ("topk", "batchtopk")
+
+
 def build_ours(args, d_in: int, scale: float):
     from icl_circuits.sae.dictionary import SAEConfig
     from icl_circuits.sae.trainers import TrainerConfig, SAETrainer
 
+    kw = {}
+    if args.arch in TOPK_FAMILY:
+        kw["ghost_grads"] = False  # the TopK family revives dead latents with AuxK, as SAELens's aux loss does
+    if args.dead_window is not None:
+        # ours: dead when steps_since_fire >= dead_steps; SAELens: when passes_since_fired > dead_feature_window
+        kw["dead_steps"] = args.dead_window + 1
     cfg = TrainerConfig(arch=args.arch, d_in=d_in, d_sae=args.d_sae, lr=1e-3, betas=(0.0, 0.99), k=args.k,
-                        param_dtype=args.param_dtype)  # fmt: skip
+                        param_dtype=args.param_dtype, **kw)  # fmt: skip
     sae_cfg = SAEConfig(d_in=d_in, d_sae=args.d_sae, site="resid_pre.12", layer=12, model="bench",
                         k=args.k if args.arch == "topk" else None)  # fmt: skip
     tr = SAETrainer(cfg, sae_cfg)
@@ -64,9 +78,17 @@ def build_ours(args, d_in: int, scale: float):
     def step(x):
         return tr.step(x)["loss"]
 
-    desc = (f"icl_circuits SAETrainer arch={args.arch} params={args.param_dtype} (math fp32), Adam(1e-3,(0,0.99)), "
-            f"l1={cfg.l1_coeff}, centre on b_dec, ghost grads on (idle: no dead features this early)")  # fmt: skip
-    return step, desc
+    def dead_fraction() -> float:
+        return tr.dead_mask().float().mean().item()
+
+    if args.arch in TOPK_FAMILY:
+        extra = (f"k={cfg.k}, AuxK (aux_k={cfg.aux_k}, coeff {cfg.aux_coeff:g}), no ghost grads, "
+                 f"sparse decode, dead after {cfg.dead_steps} steps without firing")  # fmt: skip
+    else:
+        extra = f"l1={cfg.l1_coeff}, ghost grads {'on' if cfg.ghost_grads else 'off'}"
+    desc = (f"icl_circuits {type(tr).__name__} params={args.param_dtype} (math fp32), Adam(1e-3,(0,0.99)), "
+            f"centre on b_dec, {extra}")  # fmt: skip
+    return step, desc, dead_fraction
 
 
 def build_saelens(args, d_in: int, scale: float):
@@ -87,12 +109,24 @@ def build_saelens(args, d_in: int, scale: float):
     elif args.arch == "topk":
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args.k))
+        # SAELens defaults: rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, use_sparse_activations=False.
+        # --saelens-sparse: its COO-tensor decode (use_sparse_activations=True), which trains on CPU only without
+        # the decoder-norm rescaling (with it, backward fails: "aten::view ... SparseCPU", sae-lens 6.54 / torch 2.13)
+        sparse = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False} if args.saelens_sparse else {}
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args.k, **sparse))
+    elif args.arch == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        # its BatchTopK activation is always dense (flat top-k over batch * d_sae, scatter into zeros)
+        if args.saelens_sparse:
+            raise SystemExit("SAELens's BatchTopK has no sparse-activation option")
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=float(args.k)))
     else:
         raise SystemExit(f"unknown arch {args.arch}")
     total = (args.warmup + args.steps) * args.batch
+    kw = {} if args.dead_window is None else {"dead_feature_window": args.dead_window}
     tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=args.batch, lr=1e-3, lr_end=1e-4,
-                            adam_beta1=0.0, adam_beta2=0.99, device="cpu", autocast=False)  # fmt: skip
+                            adam_beta1=0.0, adam_beta2=0.99, device="cpu", autocast=False, **kw)  # fmt: skip
     trainer = SAETrainer(tcfg, sae, data_provider=iter(()))  # the data provider is only read by fit()
     # (lr_end = lr/10 is what the runner config fills in; unused by the constant scheduler)
     # fit() would estimate this from n_batches_for_norm_estimate batches; we set the same value ours uses
@@ -105,16 +139,25 @@ def build_saelens(args, d_in: int, scale: float):
         trainer.n_training_steps += 1
         return out.loss.item()
 
+    def dead_fraction() -> float:
+        return trainer.dead_neurons.float().mean().item()
+
+    extra = ""
+    if args.arch in TOPK_FAMILY:
+        c = sae.cfg
+        extra = (f", k={c.k}, aux loss coeff {c.aux_loss_coefficient:g}, rescale_acts_by_decoder_norm="
+                 f"{c.rescale_acts_by_decoder_norm}, use_sparse_activations={getattr(c, 'use_sparse_activations', None)}"
+                 f", dead after {tcfg.dead_feature_window} passes without firing")  # fmt: skip
     desc = (f"sae_lens {sae_lens.__version__} SAETrainer.step, {type(sae).__name__} fp32, Adam(1e-3,(0,0.99)), "
-            "constant lr, grad-norm clip 1.0, apply_b_dec_to_input")  # fmt: skip
-    return step, desc
+            f"constant lr, grad-norm clip 1.0, apply_b_dec_to_input{extra}")  # fmt: skip
+    return step, desc, dead_fraction
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", choices=["ours", "saelens"], required=True)
     ap.add_argument("--data", required=True, help=".safetensors file with tensor 'acts' [n, d_in] fp32")
-    ap.add_argument("--arch", default="gated", choices=["gated", "relu", "topk"])
+    ap.add_argument("--arch", default="gated", choices=["gated", "relu", "topk", "batchtopk"])
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
@@ -122,6 +165,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--saelens-sparse", action="store_true",
+                    help="SAELens topk: use_sparse_activations=True (and rescale_acts_by_decoder_norm=False)")
+    ap.add_argument("--dead-window", type=int, default=None,
+                    help="steps without firing before a latent counts as dead (both; default: each library's own)")
     args = ap.parse_args()
 
     import torch
@@ -137,7 +184,7 @@ def main() -> None:
     scale = math.sqrt(d_in) / acts.norm(dim=-1).mean().item()
 
     build = build_ours if args.impl == "ours" else build_saelens
-    step, desc = build(args, d_in, scale)
+    step, desc, dead_fraction = build(args, d_in, scale)
 
     n_batches = n // args.batch
     batches = [acts[i * args.batch : (i + 1) * args.batch] for i in range(n_batches)]  # [batch, d_in] views
@@ -160,7 +207,7 @@ def main() -> None:
         "d_in": d_in, "rows": n, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "step_times": times, "losses": [losses[0], losses[-1]],
         "rss_loop_start_mib": rss_start, "peak_rss_before_loop_mib": peak_start, "peak_rss_mib": peak_end,
-        "peak_reset": reset,
+        "peak_reset": reset, "dead_fraction": dead_fraction(), "saelens_sparse": args.saelens_sparse,
     }))  # fmt: skip
     sys.stdout.flush()
 

@@ -358,3 +358,19 @@ def test_mean_encode_init_starts_from_the_mean_of_token_encodings():
     assert set(r.initial_features) == set(torch.nonzero(init > 0).flatten().tolist())
     with pytest.raises(ValueError, match="init"):
         clean_vector(sae, setup.train, 1, setup.vector, init=-init - 1)
+
+
+def test_topk_sae_starts_from_its_own_top_k_encoding():
+    """Alg. 1 starts at SAE(TV); for a TopK SAE that is the top k latents, not every positive pre-activation."""
+    lm = _lm()
+    base = _sae(lm, d_sae=24)
+    tensors = {**base.tensors(), "threshold": torch.zeros(24), "b_enc": torch.full((24,), 5.0)}  # all 24 pre-acts > 0
+    sae = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_pre.1", layer=1, model=lm.name, k=3), tensors)
+    steering = _steering(lm)
+    v = torch.randn(lm.d_model)
+    assert int((sae.pre_acts(v) > 0).sum()) == 24
+    r = clean_vector(sae, steering, 1, v, CleaningConfig(max_steps=1, l1_coeff=0.0, lr=1e-6))
+    top3 = set(sae.pre_acts(v).topk(3).indices.tolist())
+    assert set(torch.nonzero(r.initial_weights).flatten().tolist()) == top3
+    torch.testing.assert_close(r.initial_weights, sae.encode(v).float())
+    assert r.l0_history[0] <= 3  # a latent outside the top k never turns on (its start is below threshold)

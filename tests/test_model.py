@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 
-from icl_circuits import Intervention, Site
+from icl_circuits import LM, Intervention, Site
 from icl_circuits.sites import SITE_KINDS
 
 from .conftest import VOCAB, make_tiny
@@ -237,3 +238,134 @@ def test_target_logprobs_are_chunked_gathers(tiny):
     assert out.logprobs is None
     small = lm._target_logprobs(lm.model.get_output_embeddings().weight[:5] * 0 + 1, torch.arange(5), chunk=2)
     assert small.shape == (5,)
+
+
+# -- attn_z and mlp_in: module-input sites -----------------------------------------------------
+def _o_proj(lm, layer):
+    return lm.adapter.o_proj_module(_block(lm, layer))
+
+
+def _project(lm, layer, z):
+    """o_proj / c_proj applied by hand: z [b, s, d_z] -> [b, s, d_model]."""
+    proj = _o_proj(lm, layer)
+    if isinstance(proj, torch.nn.Linear):
+        return torch.nn.functional.linear(z, proj.weight, proj.bias)
+    return z @ proj.weight + proj.bias  # GPT-2 Conv1D: weight [in, out]
+
+
+@torch.no_grad()
+def test_attn_z_and_mlp_in_against_transformers(tiny):
+    lm, norm_name = tiny
+    ids = _ids()
+    # references from plain HF hooks: what o_proj gets and returns, what the MLP module gets
+    o_in, o_out, mlp_got, norm_in = {}, {}, {}, {}
+    handles = []
+    for l in range(2):
+        block = _block(lm, l)
+        def keep(m, a, out, l=l):
+            o_in[l], o_out[l] = a[0], out
+
+        handles.append(_o_proj(lm, l).register_forward_hook(keep))
+        handles.append(lm.adapter.mlp_in_module(block).register_forward_pre_hook(lambda m, a, l=l: mlp_got.__setitem__(l, a[0])))
+        handles.append(getattr(block, norm_name).register_forward_pre_hook(lambda m, a, l=l: norm_in.__setitem__(l, a[0])))
+    ref = lm.model(ids).logits
+    for h in handles:
+        h.remove()
+
+    sites = [Site(l, k) for l in range(2) for k in ("attn_z", "attn_out", "resid_mid", "mlp_in")]
+    out = lm.run(ids, read=sites, full_logits=True)
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)  # reading changes nothing
+    n_heads = lm.model.config.num_attention_heads if hasattr(lm.model.config, "num_attention_heads") else lm.model.config.n_head
+    for l in range(2):
+        z = out.acts[Site(l, "attn_z")]
+        assert z.shape[-1] == lm.site_width(f"attn_z.{l}") == lm.d_z
+        assert lm.d_z % n_heads == 0
+        torch.testing.assert_close(z, o_in[l])
+        torch.testing.assert_close(_project(lm, l, z), o_out[l], rtol=1e-5, atol=1e-5)  # z @ W_o.T (+b) = attention output
+        torch.testing.assert_close(out.acts[Site(l, "mlp_in")], mlp_got[l])
+        # mlp_in is the MLP-input norm applied to resid_mid
+        norm = getattr(_block(lm, l), norm_name)
+        torch.testing.assert_close(out.acts[Site(l, "mlp_in")], norm(out.acts[Site(l, "resid_mid")]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm_in[l], out.acts[Site(l, "resid_mid")], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_attn_z_has_its_own_width_in_gemma():
+    """Gemma's n_heads * head_dim need not equal d_model: shapes follow the site."""
+    config = tf.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm = LM(tf.AutoModelForCausalLM.from_config(config).eval())
+    ids = _ids()
+    assert lm.site_width("attn_z.1") == 64 and lm.d_model == 32
+    out = lm.run(ids, read=["attn_z.1", "attn_out.1"])
+    z = out.acts[Site(1, "attn_z")]
+    assert z.shape == (*ids.shape, 64)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    # replace z by zeros: attention then adds exactly o_proj(0) = 0 (Gemma's o_proj has no bias)
+    zeroed = lm.run(ids, read=["attn_out.1"], interventions=[Intervention("attn_z.1", mask, torch.zeros(64), "replace")])
+    assert zeroed.acts[Site(1, "attn_out")].abs().max() == 0
+    with pytest.raises(ValueError, match="width 64"):
+        lm.run(ids, read=["attn_out.1"], interventions=[Intervention("attn_z.1", mask, torch.zeros(32))])
+
+
+def test_attn_z_and_mlp_in_interventions_and_gradients(tiny):
+    lm, _ = tiny
+    ids = _ids()
+    target = ids[:, 1:]
+
+    def metric(o):
+        return torch.log_softmax(o.logits[:, :-1], -1).gather(-1, target[..., None]).mean()
+
+    # reference gradient at o_proj's input / the MLP's input, from leaves made in plain HF hooks
+    leaves = {}
+
+    def leaf(name):
+        def hook(module, args):
+            leaves[name] = args[0].detach().requires_grad_()
+            return (leaves[name], *args[1:])
+        return hook
+
+    for name, module in (("z", _o_proj(lm, 1)), ("mlp_in", lm.adapter.mlp_in_module(_block(lm, 0)))):
+        h = module.register_forward_pre_hook(leaf(name))  # one leaf per pass: a leaf cuts the paths through it
+        metric(lm.model(ids)).backward()
+        h.remove()
+    _, acts, grads = lm.gradients(ids, metric, ["mlp_in.0", "attn_z.1"], full_logits=True)
+    torch.testing.assert_close(acts[Site(1, "attn_z")], leaves["z"].detach())
+    torch.testing.assert_close(grads[Site(1, "attn_z")], leaves["z"].grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[Site(0, "mlp_in")], leaves["mlp_in"].grad, rtol=1e-4, atol=1e-6)
+
+    # 'fn' at mlp_out reading mlp_in (a transcoder splice) and an add at attn_z, both in one pass
+    with torch.no_grad():
+        W = torch.randn(lm.d_model, lm.d_model) / lm.d_model**0.5
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        mask[:, 3:] = True
+        v = torch.randn(lm.d_z)
+        ivs = [Intervention("attn_z.0", mask, v),
+               Intervention("mlp_out.0", mask, mode="fn", fn=lambda x, value_of: value_of(Site(0, "mlp_in")) @ W)]
+        out = lm.run(ids, read=["attn_z.0", "mlp_in.0", "mlp_out.0"], interventions=ivs)
+        clean = lm.run(ids, read=["attn_z.0"]).acts[Site(0, "attn_z")]
+        a = out.acts
+        torch.testing.assert_close(a[Site(0, "attn_z")], clean + mask[..., None] * v)
+        torch.testing.assert_close(a[Site(0, "mlp_out")][:, 3:], (a[Site(0, "mlp_in")] @ W)[:, 3:])
+
+
+@pytest.mark.bundled
+@torch.no_grad()
+def test_bundled_gemma3_attn_z_and_mlp_in(bundled):
+    """Real Gemma 3 270M: attn_z is 4 heads x 256 = 1024 wide (d_model 640), the o_proj input; mlp_in
+    is pre_feedforward_layernorm(resid_mid): the sites Gemma Scope 2 attention SAEs and transcoders read."""
+    lm = bundled
+    assert (lm.d_z, lm.d_model, lm.site_width("attn_z.12")) == (1024, 640, 1024)
+    ids = torch.tensor([[2, 7614, 506, 5619, 236787, 107, 18993, 3921]])
+    block = _block(lm, 12)
+    got = {}
+    h = block.self_attn.o_proj.register_forward_hook(lambda m, a, out: got.update(z=a[0], o=out) and None)
+    out = lm.run(ids, read=["attn_z.12", "attn_out.12", "resid_mid.12", "mlp_in.12"])
+    h.remove()
+    a = out.acts
+    assert a[Site(12, "attn_z")].shape == (1, 8, 1024)
+    torch.testing.assert_close(a[Site(12, "attn_z")], got["z"])
+    torch.testing.assert_close(block.post_attention_layernorm(got["o"]), a[Site(12, "attn_out")])
+    torch.testing.assert_close(a[Site(12, "mlp_in")], block.pre_feedforward_layernorm(a[Site(12, "resid_mid")]))

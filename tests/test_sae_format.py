@@ -129,11 +129,70 @@ def test_saelens_standard_subtracts_b_dec(tmp_path: Path) -> None:
 
 def test_saelens_jumprelu(tmp_path: Path) -> None:
     w, x = weights(), inputs()
-    write_saelens(tmp_path / "s", saelens_cfg("jumprelu"), w)  # no apply_b_dec_to_input: False for jumprelu
+    write_saelens(tmp_path / "s", saelens_cfg("jumprelu", apply_b_dec_to_input=False), w)
     pre = x @ w["W_enc"] + w["b_enc"]
     assert_exercised(pre, w["threshold"])
     f = jumprelu_ref(pre, w["threshold"])
     check(load_saelens(tmp_path / "s"), x, f, f @ w["W_dec"] + w["b_dec"])
+
+
+def test_saelens_old_jumprelu_defaults_to_subtracting_b_dec(tmp_path: Path) -> None:
+    """SAELens's default apply_b_dec_to_input is True (pre-6 and 6.x dataclass alike), jumprelu included."""
+    w, x = weights(), inputs()
+    write_saelens(tmp_path / "s", saelens_cfg("jumprelu"), w)  # no apply_b_dec_to_input at all
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    f = jumprelu_ref(pre, w["threshold"])
+    check(load_saelens(tmp_path / "s"), x, f, f @ w["W_dec"] + w["b_dec"])
+
+
+def test_saelens_pre6_hook_point(tmp_path: Path) -> None:
+    """Pre-6 configs: hook_point / hook_point_layer / activation_fn_str, no version: read like SAELens does."""
+    w, x = weights(), inputs()
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.4.hook_resid_post", "hook_point_layer": 4,
+           "activation_fn_str": "relu", "model_name": "gpt2-small", "normalize_activations": False}  # fmt: skip
+    write_saelens(tmp_path / "s", cfg, {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    sae = load_saelens(tmp_path / "s")
+    assert (sae.cfg.site, sae.cfg.layer, sae.cfg.model) == ("resid_post.4", 4, "gpt2-small")
+    f = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)  # standard + pre-6 default: b_dec subtracted
+    check(sae, x, f, f @ w["W_dec"] + w["b_dec"])
+
+
+def test_saelens_topk_rescale_acts_by_decoder_norm(tmp_path: Path) -> None:
+    """SAELens TopK with rescale: pre' = pre * |W_dec_i|, f = topk(relu(pre')), out = (f / |W_dec_i|) @ W_dec + b_dec."""
+    w, x = weights(), inputs()
+    w["W_dec"] = w["W_dec"] * f32(rng(5).uniform(0.1, 6.0, (D_SAE, 1)))  # very unequal norms: selection changes
+    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    write_saelens(tmp_path / "s", saelens_cfg("topk", k=K, rescale_acts_by_decoder_norm=True,
+                                              apply_b_dec_to_input=False), tensors)  # fmt: skip
+    n = np.linalg.norm(w["W_dec"], axis=-1)
+    f = topk_ref(np.maximum((x @ w["W_enc"] + w["b_enc"]) * n, 0), K)
+    sae = load_saelens(tmp_path / "s")
+    check(sae, x, f, (f / n) @ w["W_dec"] + w["b_dec"])
+    plain = topk_ref(np.maximum(x @ w["W_enc"] + w["b_enc"], 0), K)
+    assert np.abs(plain - f).max() > 0.5  # ignoring the flag would be wrong, not just imprecise
+    write_saelens(tmp_path / "g", saelens_cfg("gated", rescale_acts_by_decoder_norm=True), gated_weights())
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
+        load_saelens(tmp_path / "g")
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_saelens_per_token_normalisation_is_refused(tmp_path: Path, norm: str) -> None:
+    write_saelens(tmp_path / "s", saelens_cfg("jumprelu", normalize_activations=norm), weights())
+    with pytest.raises(ValueError, match=f"normalize_activations='{norm}'.*not supported"):
+        load_saelens(tmp_path / "s")
+
+
+def test_forced_site_contradicting_the_file_is_refused(tmp_path: Path) -> None:
+    w = weights()
+    write_saelens(tmp_path / "s", saelens_cfg("jumprelu"), w)  # the file says resid_pre.3
+    with pytest.raises(ValueError, match="contradicts the file's own hook.*force_site=True"):
+        load_saelens(tmp_path / "s", site="resid_pre.7")
+    assert load_saelens(tmp_path / "s", site="resid_pre.7", force_site=True).cfg.site == "resid_pre.7"
+    assert load_saelens(tmp_path / "s", site="resid_post.2").cfg.site == "resid_post.2"  # the same tensor
+    assert load_saelens(tmp_path / "s", site="resid_pre.3").cfg.site == "resid_pre.3"
+    sae_dir = save_sae(random_sae(), tmp_path / "ours")
+    with pytest.raises(ValueError, match="force_site"):
+        load_sae(sae_dir, site="mlp_out.3")
 
 
 def gated_weights(seed: int = 0, d_out: int = D_IN) -> dict[str, np.ndarray]:
@@ -193,26 +252,33 @@ def test_saelens_transcoder(tmp_path: Path, arch: str) -> None:
 
 def test_saelens_unmapped_hook_needs_site(tmp_path: Path) -> None:
     w = weights(d_out=D_OUT)
-    cfg = saelens_cfg("jumprelu_transcoder", d_out=D_OUT, hook_name="blocks.3.ln2.hook_normalized")
+    cfg = saelens_cfg("jumprelu_transcoder", d_out=D_OUT, hook_name="blocks.3.attn.hook_pattern")
     write_saelens(tmp_path / "t", cfg, w)
     with pytest.raises(ValueError, match="site="):
         load_saelens(tmp_path / "t", out_site="mlp_out.3")
     sae = load_saelens(tmp_path / "t", site="resid_mid.3", out_site="mlp_out.3")
-    assert sae.cfg.layer == 3 and sae.cfg.extra["hook_name"] == "blocks.3.ln2.hook_normalized"
+    assert sae.cfg.layer == 3 and sae.cfg.extra["hook_name"] == "blocks.3.attn.hook_pattern"
+    # TransformerLens names: ln2.hook_normalized is the MLP's normalised input; hook_mlp_in is resid_mid
+    cfg = saelens_cfg("jumprelu_transcoder", d_out=D_OUT, hook_name="blocks.3.ln2.hook_normalized",
+                      hook_name_out="blocks.3.hook_mlp_out", apply_b_dec_to_input=False)  # fmt: skip
+    write_saelens(tmp_path / "n", cfg, w)
+    assert (load_saelens(tmp_path / "n").cfg.site, load_saelens(tmp_path / "n").cfg.out_site) == ("mlp_in.3", "mlp_out.3")
 
 
 def test_saelens_scaling_factor_and_unsupported_norm(tmp_path: Path) -> None:
     w, x = weights(), inputs()
-    cfg_a = saelens_cfg("jumprelu", normalize_activations="expected_average_only_in", scaling_factor=2.0)
+    cfg_a = saelens_cfg("jumprelu", normalize_activations="expected_average_only_in", scaling_factor=2.0,
+                        apply_b_dec_to_input=False)
     write_saelens(tmp_path / "a", cfg_a, w)
     sae = load_saelens(tmp_path / "a")
     assert sae.cfg.input_scale == sae.cfg.output_scale == 2.0
     f = jumprelu_ref((x * 2.0) @ w["W_enc"] + w["b_enc"], w["threshold"])
     check(sae, x, f, (f @ w["W_dec"] + w["b_dec"]) / 2.0)
-    write_saelens(tmp_path / "b", saelens_cfg("jumprelu", normalize_activations="constant_norm_rescale"), w)
-    with pytest.warns(UserWarning, match="constant_norm_rescale"):
+    # no factor: SAELens applies nothing at run time either, so neither do we (with a warning)
+    write_saelens(tmp_path / "b", saelens_cfg("jumprelu", normalize_activations="expected_average_only_in"), w)
+    with pytest.warns(UserWarning, match="expected_average_only_in"):
         sae = load_saelens(tmp_path / "b")
-    assert sae.cfg.extra["unapplied_normalization"] == "constant_norm_rescale"
+    assert sae.cfg.extra["unapplied_normalization"] == "expected_average_only_in"
 
 
 def test_saelens_bad_shape_names_file_and_key(tmp_path: Path) -> None:
@@ -265,7 +331,8 @@ def test_gemma_scope(tmp_path: Path) -> None:
     hub_like = tmp_path / "gemma-scope-2b-pt-res" / "layer_7" / "width_16k" / "average_l0_20"
     hub_like.mkdir(parents=True)
     np.savez(hub_like / "params.npz", **w)
-    assert load_any(hub_like).cfg.site == "resid_post.7"
+    assert load_any(hub_like).cfg.site == "resid_pre.8"  # blocks.7.hook_resid_post = resid_pre.8
+    assert load_any(hub_like, site="resid_post.7").cfg.site == "resid_post.7"  # the same tensor, e.g. for the last layer
 
 
 # -- dictionary_learning -------------------------------------------------------------------

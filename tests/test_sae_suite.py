@@ -85,3 +85,16 @@ def test_weight_dtype_round_trip(tmp_path):
     back = load_sae(tmp_path / "s")
     torch.testing.assert_close(back.b_enc, sae.b_enc, rtol=0, atol=0)  # biases and thresholds stay exact
     torch.testing.assert_close(back.threshold, sae.threshold, rtol=0, atol=0)
+
+
+def test_a_starter_sae_of_another_suite_version_is_refused(small_recipe, monkeypatch, tmp_path):
+    lm = _lm()
+    from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
+
+    folder = suite.suite_cache_dir(lm.name) / "resid_1" / "saes" / "resid_1"
+    old = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=8, site="resid_pre.1", layer=1, model=lm.name,
+                                extra={"suite_version": 1}))  # fmt: skip
+    save_sae(old, folder)
+    with pytest.raises(ValueError, match="suite v1, not v2"):
+        suite.starter_sae(lm, "resid:1", train_if_missing=False)
+    assert f"v{suite.SUITE_VERSION}" in str(folder)  # the cache path holds the version: v1 caches never collide

@@ -49,7 +49,7 @@ def test_user_files_in_every_format_load_the_same(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"input": x, "output": y} for x, y in pairs]))
     (tmp_path / "b.json").write_text(json.dumps(dict(pairs)))
     (tmp_path / "c.csv").write_text('input,output\nhot,cold\nbig,small\nUnited States,"Washington, D.C."\n')
-    (tmp_path / "d.csv").write_text('hot,cold\nbig,small\nUnited States,"Washington, D.C."\n')
+    (tmp_path / "d.csv").write_text('INPUT, Output\r\nhot , cold\nbig,small\n\nUnited States,"Washington, D.C."\n')
     for f in ("a.json", "b.json", "c.csv", "d.csv"):
         assert load_task(tmp_path / f).pairs == tuple(pairs), f
     assert [t.name for t in load_tasks(f"{tmp_path / 'a.json'},antonyms")] == ["a", "antonyms"]
@@ -68,9 +68,10 @@ def test_user_files_in_every_format_load_the_same(tmp_path):
         ("e.json", "{\"a\": 3}", "strings"),
         ("e.json", "{\"a -> b\": \"c\"}", "contains '->'"),
         ("e.json", "{\"a\\nb\": \"c\"}", "contains"),
-        ("e.json", "{\" a\": \"b\"}", "whitespace"),
         ("e.csv", "", "empty CSV"),
-        ("e.csv", "a,b,c\n", "2 columns"),
+        ("e.csv", "input,output\na,b,c\n", "2 columns"),
+        ("e.csv", "question,answer\na,b\n", "header row 'input,output', got 'question,answer'"),
+        ("e.csv", "hot,cold\nbig,small\n", "header row"),
         ("e.txt", "a,b\n", "must be .json or .csv"),
     ],
 )
@@ -95,3 +96,66 @@ def test_saved_task_reads_back_identically_and_result_folders_prefer_their_own_c
     assert task_of_result(tmp_path / "elsewhere", "antonyms") == load_task("antonyms")  # no copy: the built-in
     with pytest.raises(FileNotFoundError, match="neither a built-in task"):
         task_of_result(tmp_path / "elsewhere", "mine")
+
+
+# -- researchers' own task files (issue 14, section 5) ---------------------------------------------
+
+
+def _fv_file(tmp_path, n=50):
+    """A function-vectors style file (ericwtodd/function_vectors dataset_files/abstractive): a list of
+    {"input", "output"} with stray whitespace, and a few pairs that cannot form a prompt."""
+    items = [{"input": f"word{i}", "output": f"Wort{i}" + ("\n" if i % 7 == 0 else "")} for i in range(n)]
+    items += [{"input": "  spaced  ", "output": "\tok "}]
+    items += [{"input": "", "output": "leer"}, {"input": "a -> b", "output": "c"}, {"input": "x", "output": 3},
+              {"input": "line\nbreak", "output": "y"}, {"question": "q", "answer": "a"}]  # fmt: skip
+    path = tmp_path / "english-german.json"
+    path.write_text(json.dumps(items))
+    return path, n + 1
+
+
+def test_function_vector_files_load_with_whitespace_stripped_and_bad_pairs_skipped(tmp_path):
+    import warnings
+
+    from icl_circuits.tasks import SkippedPairsWarning
+
+    path, good = _fv_file(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = load_task(path)
+    assert task.name == "english-german" and len(task) == good
+    assert ("word0", "Wort0") in task.pairs and ("spaced", "ok") in task.pairs
+    msgs = [str(w.message) for w in caught if issubclass(w.category, SkippedPairsWarning)]
+    assert len(msgs) == 1 and "skipped 5 of 56" in msgs[0] and "empty input" in msgs[0] and "--strict" in msgs[0]
+    assert msgs[0].count(";") <= 4  # the first few, not all
+
+
+def test_strict_mode_refuses_a_file_with_unusable_pairs(tmp_path):
+    path, _ = _fv_file(tmp_path)
+    with pytest.raises(TaskFormatError, match=r"english-german.json: .*5 unusable pair\(s\) \(strict mode\).*empty input"):
+        load_task(path, strict=True)
+    with pytest.raises(TaskFormatError, match="strict"):
+        load_tasks(f"antonyms,{path}", strict=True)
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps([{"input": "a ", "output": " b\n"}, {"input": "c", "output": "d"}]))
+    assert load_task(clean, strict=True).pairs == (("a", "b"), ("c", "d"))  # whitespace is stripped in both modes
+
+
+def test_strict_flag_on_the_cli(tmp_path, capsys):
+    from icl_circuits.cli import main
+
+    path, _ = _fv_file(tmp_path)
+    assert main(["task-vectors", "--tasks", str(path), "--strict", "--model", str(tmp_path / "no_model")]) == 2
+    err = capsys.readouterr().err
+    assert "english-german.json" in err and "strict" in err and len(err.strip().splitlines()) == 1
+    # without --strict the file is accepted; the next failure is the (missing, local) model
+    assert main(["task-vectors", "--tasks", str(path), "--model", str(tmp_path / "no_model")]) == 2
+    assert "no_model" in capsys.readouterr().err
+
+
+def test_task_digest_is_content_not_name():
+    a = load_task("antonyms")
+    assert a.digest == load_task("antonyms").digest
+    from icl_circuits.tasks import Task, is_builtin
+
+    other = Task("antonyms", (("up", "down"),))
+    assert other.digest != a.digest and is_builtin(a) and not is_builtin(other)

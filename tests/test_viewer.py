@@ -215,3 +215,107 @@ def test_data_layer_reads_what_is_there(tmp_path):
     # a latent index is only linked to the tasks of its own SAE
     assert [t["task"] for t in data.feature("resid_12", 4)["tasks"]] == ["antonyms (execution, layer 12)"]
     assert data.feature("resid_11", 4)["tasks"] == []
+
+
+# -- issue 18: the viewer never leaves its folder, and every response is well-formed and carries the CSP --------
+def _raw(server, request: bytes) -> bytes:
+    """Send raw bytes, read the whole response (the server closes the connection: HTTP/1.0)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks)
+
+
+def _headers_of(raw: bytes) -> tuple[list[bytes], dict[str, str]]:
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    return head, {k.decode().lower(): v.decode().strip() for k, _, v in (h.partition(b":") for h in head[1:])}
+
+
+def test_symlinked_json_out_of_the_run_is_never_read(tmp_path):
+    """A JSON symlinked from outside RUN_DIR is refused by the data layer, as the file server refuses it."""
+    from icl_circuits.viewer import RunData
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    write_json(outside / "graph.json", {"task": "LEAKED_GRAPH", "nodes": [{"id": 1, "name": "LEAKED_NODE"}], "edges": []})
+    write_json(outside / "cleaning.json", {"task": "LEAKED_TASK", "layer": 0, "sae_spec": "resid:0", "features": [1]})
+    write_json(outside / "token_types.json", [{"latent": 0, "arrow": "LEAKED_MASS"}])
+    write_json(outside / "table.json", {"secret": "LEAKED_TABLE"})
+    write_json(run / "real" / "graph.json", {"task": "real", "nodes": [{"id": 1, "name": "resid.0/0@arrow", "key": "resid.0", "feature": 0}], "edges": []})
+    (run / "leak").mkdir(parents=True)
+    (run / "leak" / "graph.json").symlink_to(outside / "graph.json")
+    (run / "leak" / "cleaning.json").symlink_to(outside / "cleaning.json")
+    (run / "token_types.json").symlink_to(outside / "token_types.json")
+    (run / "real" / "extra.json").symlink_to(outside / "table.json")  # next to a real circuit: its page lists the folder's tables
+    data = RunData(run)
+    assert [c["task"] for c in data.circuits] == ["real"] and data.tasks == {} and data.masses == []
+    assert sum("leads outside the run directory" in p for p in data.problems) == 4
+    srv = make_server(run, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for path in ("/", "/circuits", "/circuit/0", "/tasks", "/feature/resid_0/0"):
+            status, body, _ = get(srv, path)
+            assert "LEAKED" not in body, (path, status)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_goto_with_a_bad_latent_sends_one_status_line(server):
+    raw = _raw(server, b"GET /goto?sae=resid_0&latent=abc HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert raw.count(b"HTTP/1.0 ") == 1, raw[:300]
+    head, headers = _headers_of(raw)
+    assert head[0].startswith(b"HTTP/1.0 400") and "script-src 'none'" in headers["content-security-policy"]
+    raw = _raw(server, b"GET /goto?sae=resid_0&latent=7 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    head, headers = _headers_of(raw)
+    assert raw.count(b"HTTP/1.0 ") == 1 and head[0].startswith(b"HTTP/1.0 303") and headers["location"] == "/feature/resid_0/7"
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /goto?sae=resid_0&latent=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"303"),
+    (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", b"501"),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"414"),
+])  # fmt: skip
+def test_every_response_carries_the_csp(server, request_bytes, status):
+    head, headers = _headers_of(_raw(server, request_bytes))
+    assert head[0].split(b" ")[1] == status, head[0]
+    assert "script-src 'none'" in headers.get("content-security-policy", ""), head
+    assert headers.get("x-content-type-options") == "nosniff"
+
+
+def test_wildcard_bind_keeps_the_host_check(run_dir):
+    """--host 0.0.0.0 answers loopback names, this machine's names and the names allowed, nothing else."""
+    srv = make_server(run_dir, "0.0.0.0", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        assert get(srv, "/", headers={"Host": "evil.example"})[0] == 403
+        assert get(srv, "/", headers={"Host": f"evil.example:{port}"})[0] == 403
+        assert get(srv, "/", headers={"Host": f"localhost:{port}"})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    srv = make_server(run_dir, "0.0.0.0", 0, allow_hosts=["viewer.lan"])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        assert get(srv, "/", headers={"Host": "evil.example"})[0] == 403
+        assert get(srv, "/", headers={"Host": f"viewer.lan:{port}"})[0] == 200
+        assert get(srv, "/", headers={"Host": f"VIEWER.LAN:{port}"})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    srv = make_server(run_dir, "127.0.0.1", 0)  # a named address answers itself only (plus loopback names)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert get(srv, "/", headers={"Host": "viewer.lan"})[0] == 403
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -46,8 +46,8 @@ from .circuits import (
 from .model import LM
 from .prompts import PromptBatch, icl_prompts
 from .sites import Intervention, Site
-from .storage import atomic_write_bytes, read_json, save_figure, write_csv, write_json
-from .tasks import Task
+from .storage import RunDir, atomic_write_bytes, read_json, save_figure, tensor_digest, write_csv, write_json
+from .tasks import Task, check_unique_names
 
 DEFAULT_SIZES: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -465,19 +465,47 @@ def run_circuits(
     lm: LM, tasks: Sequence[Task], cfg: CircuitRunConfig, out: str | Path, saes: Mapping | None = None,
     cross_task: bool = True, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Every task (resuming those with a summary.json), then the figures over tasks and the
-    cross-task ablation. Returns {'summaries', 'files'}."""
+    """Every task (resuming those finished with the same content and settings), then the figures over
+    tasks and the cross-task ablation. Returns {'summaries', 'files'}. `out` is a RunDir."""
+    out = Path(out)
+    check_unique_names(list(tasks))
+    circ = circuit_saes(lm, cfg.circuit, saes)
+    header = dict(model=lm.name, config=cfg.to_dict(), saes={k: sae_digest(circ.saes[k]) for k in circ.keys})
+    with RunDir(out, header, kind="circuits") as run:  # one writer; a resume under another config / other SAEs is refused
+        return _run_circuits(lm, tasks, cfg, out, circ, run, cross_task, progress)
+
+
+UNIT_FILE = "unit.json"  # written last into a task's folder: the content key of the finished task
+
+
+def sae_digest(sae) -> str:  # noqa: ANN001 - a JumpReLUSAE
+    """Identity of an SAE for resume keys: its site and a content hash of its tensors."""
+    return f"{sae.cfg.site}:{tensor_digest(*sae.tensors().values())}"
+
+
+def _run_circuits(
+    lm: LM, tasks: Sequence[Task], cfg: CircuitRunConfig, out: Path, circ: CircuitSAEs, run: RunDir, cross_task: bool, progress: bool
+) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    circ = circuit_saes(lm, cfg.circuit, saes)
     write_json(out / "config.json", cfg.to_dict())
+    keys = {t.name: run.key(t.digest) for t in tasks}
+    todo = [t for t in tasks if not _finished(out / t.name, keys[t.name])]
+    if todo:  # figures over tasks made from the old results are stale
+        for stem in ("cross_task", "cross_task_keep_errors"):
+            (out / f"{stem}.json").unlink(missing_ok=True)
     summaries = []
     bar = tqdm(tasks, desc="circuits", disable=not progress)
     for task in bar:
         bar.set_postfix_str(task.name)
-        done = out / task.name / "summary.json"
-        summaries.append(read_json(done) if done.is_file() else run_circuit_task(lm, task, circ, cfg, out, progress))
+        folder = out / task.name
+        if task in todo:
+            for stale in (UNIT_FILE, "summary.json", "faithfulness_keep_errors.json"):
+                (folder / stale).unlink(missing_ok=True)
+            summaries.append(run_circuit_task(lm, task, circ, cfg, out, progress))
+            write_json(folder / UNIT_FILE, dict(key=keys[task.name], task=task.name, task_digest=task.digest))
+        else:
+            summaries.append(read_json(folder / "summary.json"))
     curves = [_read_curve(out / t.name / "faithfulness.json") for t in tasks]
     files = plot_faithfulness(curves, out / "faithfulness")
     if cfg.keep_errors_curve:
@@ -524,6 +552,14 @@ def run_circuits(
                 write_json(ct_path, ct.to_dict())
             files += plot_cross_task(ct, out / stem, "feature nodes only, error nodes kept" if keep else "")
     return dict(summaries=summaries, files=files)
+
+
+def _finished(folder: Path, key: str) -> bool:
+    """The task's folder holds a complete result made from the same task content, config, model and SAEs."""
+    try:
+        return (folder / "summary.json").is_file() and read_json(folder / UNIT_FILE).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _read_curve(path: Path) -> FaithfulnessCurve:

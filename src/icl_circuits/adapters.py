@@ -7,6 +7,10 @@ resid_mid / resid_post are sums we form ourselves, so sites are exact by constru
 Gemma 2/3 put a norm after attention and after the MLP (post_attention_layernorm,
 post_feedforward_layernorm); their outputs are attn_out / mlp_out. In Llama-style
 models `post_attention_layernorm` is the MLP *input* norm, hence the per-family table.
+
+Two more sites are module *inputs*: attn_z is the input of the attention output projection
+(heads concatenated, width n_heads * head_dim) and mlp_in is the input of the MLP (the
+normalised residual: Gemma 2/3 pre_feedforward_layernorm, Llama post_attention_layernorm, GPT-2 ln_2).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class Adapter:
     layers: str  # attribute of the base model holding the ModuleList of blocks
     attn_out: str  # module inside a block whose output is what attention adds to the residual
     mlp_out: str  # module inside a block whose output is what the MLP adds to the residual
+    o_proj: str = "self_attn.o_proj"  # attention output projection: its *input* is attn_z
+    mlp: str = "mlp"  # the MLP itself: its *input* is mlp_in (the normalised residual)
 
     def base_model(self, model: nn.Module) -> nn.Module:
         return _getattr_path(model, self.base)
@@ -36,6 +42,19 @@ class Adapter:
 
     def mlp_module(self, block: nn.Module) -> nn.Module:
         return _getattr_path(block, self.mlp_out)
+
+    def o_proj_module(self, block: nn.Module) -> nn.Module:
+        return _getattr_path(block, self.o_proj)
+
+    def mlp_in_module(self, block: nn.Module) -> nn.Module:
+        return _getattr_path(block, self.mlp)
+
+    def z_width(self, block: nn.Module) -> int:
+        """n_heads * head_dim: the input width of the output projection (may differ from d_model)."""
+        proj = self.o_proj_module(block)
+        if hasattr(proj, "in_features"):  # nn.Linear
+            return int(proj.in_features)
+        return int(proj.weight.shape[0])  # GPT-2's Conv1D stores its weight as [in, out]
 
 
 def _getattr_path(obj: object, path: str) -> nn.Module:
@@ -60,7 +79,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen3": Adapter("qwen2", **_LLAMA_LIKE),
     # Phi-3 adds dropout(attn) / dropout(mlp): hooking the dropouts gives exactly what is added.
     "phi3": Adapter("phi3", base="model", layers="layers", attn_out="resid_attn_dropout", mlp_out="resid_mlp_dropout"),
-    "gpt2": Adapter("gpt2", base="transformer", layers="h", attn_out="attn", mlp_out="mlp"),
+    "gpt2": Adapter("gpt2", base="transformer", layers="h", attn_out="attn", mlp_out="mlp", o_proj="attn.c_proj"),
 }
 
 

@@ -18,6 +18,7 @@ pair's output for task detection (App. G). Only blocks L.. run at each step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,6 +89,12 @@ class CleaningResult:
     seconds: float
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> l0, nll, accuracy, relative_loss_decrease
     feature_effects: list[dict[str, float]] = field(default_factory=list)  # per active feature
+    warnings: list[str] = field(default_factory=list)  # e.g. a collapse to L0 = 0; shown in the CLI and report
+
+    @property
+    def collapsed(self) -> bool:
+        """Cleaning ended with no active latent although the vector had some (lr/λ far too large)."""
+        return self.l0 == 0 and len(self.initial_features) > 0
 
     @property
     def features(self) -> list[int]:
@@ -108,6 +115,7 @@ class CleaningResult:
         d = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor)}
         d["features"] = [dict(index=i, weight=float(self.weights[i])) for i in self.features]
         d["initial_l0"] = len(self.initial_features)
+        d["collapsed"] = self.collapsed
         return d
 
     def save(self, folder: str | Path) -> Path:
@@ -131,8 +139,13 @@ def load_cleaning(folder: str | Path) -> CleaningResult:
     t = load_file(str(folder / "cleaning.safetensors"))
     d.pop("features", None)
     d.pop("initial_l0", None)
+    d.pop("collapsed", None)
     d["eval_loss"] = [tuple(x) for x in d["eval_loss"]]
     return CleaningResult(**d, weights=t["weights"], initial_weights=t["initial_weights"], vector=t["vector"])
+
+
+class CleaningWarning(UserWarning):
+    """A cleaning result that finished but is not a useful result (collapsed, or worse than zero-shot)."""
 
 
 class CleaningDiverged(FloatingPointError):
@@ -210,6 +223,10 @@ def clean_vector(
         return jumprelu_at(u, threshold)
 
     with torch.no_grad():
+        if init is None and sae.cfg.k is not None:
+            # Alg. 1 starts from the SAE's actual encoding; for a TopK SAE that is the top k latents,
+            # not every latent with a positive pre-activation (hundreds of them)
+            init = sae.encode(vector.float()).float()  # [d_sae]
         if init is None:
             theta0 = sae.pre_acts(vector.float()).float() * unit  # [d_sae]
         else:
@@ -238,21 +255,29 @@ def clean_vector(
 
     bar = tqdm(range(cfg.max_steps), desc=f"cleaning {task or 'vector'}", disable=not progress, leave=False)
     step = 0
+
+    def diverged(what: str, at: int) -> CleaningDiverged:
+        bad = [f"{n}={v}" for n, v in (("l1_coeff", cfg.l1_coeff), ("lr", cfg.lr)) if not math.isfinite(v)]
+        hint = f"{' and '.join(bad)} is not a finite number" if bad else f"try a smaller lr (lr={cfg.lr}, l1_coeff={cfg.l1_coeff})"
+        return CleaningDiverged(
+            f"cleaning {task or 'vector'}: {what} at step {at}; {hint}. "
+            f"The result up to the last finite step ({at}) is in .partial",
+            result(last_good, at, "diverged"),
+        )
+
     for step in bar:
         u = act(theta)  # [d_sae]
         nll = train.loss(layer, decode(u / unit))
         loss = nll + cfg.l1_coeff * u.sum()  # u >= 0, so this is ||u||_1
         if not torch.isfinite(loss):
-            raise CleaningDiverged(
-                f"cleaning {task or 'vector'}: loss became {loss.item()} at step {step} "
-                f"(lr={cfg.lr}, l1_coeff={cfg.l1_coeff}); try a smaller lr. The result up to step {step} is in .partial",
-                result(last_good, step, "diverged"),
-            )
+            raise diverged(f"loss became {loss.item()}", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             w_new = act(theta) / unit  # SAE units
+            if not torch.isfinite(w_new).all():  # the step itself blew up: keep the last finite weights
+                raise diverged("the latent weights became NaN/inf", step)
             l0 = int((w_new > 0).sum())
         last_good = w_new.detach()
         l0s.append(l0)
@@ -274,6 +299,17 @@ def clean_vector(
         if not evals or evals[-1][0] != out.steps:
             out.eval_loss.append((out.steps, score.nll))
         out.scores["tvc"] = method_score(evaluation, score, out.l0)
+        zero = evaluation.baseline.nll
+        if math.isfinite(score.nll) and math.isfinite(zero) and score.nll > zero + 0.01 * abs(zero):  # >1% worse
+            out.warnings.append(
+                f"the cleaned vector's loss {score.nll:.4g} is worse than the zero-shot loss {zero:.4g} "
+                f"(lr={cfg.lr}, l1_coeff={cfg.l1_coeff})"
+            )
+    if out.collapsed:
+        out.warnings.insert(0, f"collapsed: no latent left active (L0 {len(out.initial_features)} -> 0); "
+                               f"lr={cfg.lr} or l1_coeff={cfg.l1_coeff} is too large")  # fmt: skip
+    for w in out.warnings:
+        warnings.warn(f"cleaning {task or 'vector'}: {w}", CleaningWarning, stacklevel=2)
     out.seconds = time.perf_counter() - t0
     return out
 

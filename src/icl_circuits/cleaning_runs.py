@@ -26,9 +26,9 @@ from .ito import ito_weights
 from .model import LM
 from .prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
 from .sae.dictionary import JumpReLUSAE
-from .storage import ResumeLog, read_json, write_csv, write_json
+from .storage import ResumeLog, RunDir, read_json, write_csv, write_json
 from .task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
-from .tasks import Task, list_tasks, save_task
+from .tasks import Task, check_unique_names, is_builtin, save_task
 
 ITO_L0S: tuple[int, ...] = (5, 20)
 L1_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 2.5e-2, 5e-2, 1e-1)  # the paper's sweep (App. D.1)
@@ -197,27 +197,42 @@ def run_cleaning(
     cfg: CleaningConfig = CleaningConfig(), tv_cfg: TaskVectorConfig = TaskVectorConfig(), *,
     sae_spec: str = "", progress: bool = True,
 ) -> tuple[list[CleaningResult], list[Path]]:  # fmt: skip
-    """Clean every task into out_dir/<task>/; a task already done with the same settings is loaded, not redone."""
+    """Clean every task into out_dir/<task>/; a task already done with the same settings is loaded, not redone.
+
+    out_dir is a `RunDir`: one writer at a time, a rerun under other settings is refused, and a finished
+    task is recognised by a key over its content (name and pairs), the settings and the model, written
+    last into its folder (unit.json), so a user file that shares a built-in task's name is never served
+    the built-in task's result.
+    """
     from .plots import plot_cleaning_curves
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_unique_names(list(tasks))
     header = dict(model=lm.name, layer=layer, sae=sae_spec, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
-    write_json(out / "cleaning_config.json", header)
-    results = []
-    bar = tqdm(tasks, desc=f"cleaning ({cfg.setting}, layer {layer})", disable=not progress)
-    for task in bar:
-        bar.set_postfix(task=task.name)
-        folder = out / task.name
-        done = _load_if_same(folder, cfg, layer, sae_spec)
-        if done is None:
-            done = clean_task(lm, sae, task, layer, cfg, tv_cfg, sae_spec=sae_spec, progress=progress)
-            done.save(folder)
-            if task.name not in list_tasks():  # a user task: keep its pairs, so later steps need only this folder
-                save_task(task, folder / "task.json")
-            plot_cleaning_curves(done, folder / "curves")
-        results.append(done)
-    return results, write_summary(results, out)
+    with RunDir(out, header, kind="cleaning") as run:
+        write_json(out / "cleaning_config.json", header)
+        results = []
+        bar = tqdm(tasks, desc=f"cleaning ({cfg.setting}, layer {layer})", disable=not progress)
+        for task in bar:
+            bar.set_postfix(task=task.name)
+            folder = out / task.name
+            key = run.key(task.digest)
+            done = _load_if_same(folder, cfg, layer, sae_spec, key)
+            if done is None:
+                (folder / UNIT_FILE).unlink(missing_ok=True)  # the folder no longer holds a finished result
+                done = clean_task(lm, sae, task, layer, cfg, tv_cfg, sae_spec=sae_spec, progress=progress)
+                done.save(folder)
+                if is_builtin(task):
+                    (folder / "task.json").unlink(missing_ok=True)
+                else:  # a user task: keep its pairs, so later steps need only this folder
+                    save_task(task, folder / "task.json")
+                plot_cleaning_curves(done, folder / "curves")
+                write_json(folder / UNIT_FILE, dict(key=key, task=task.name, task_digest=task.digest))  # last: marks it done
+            results.append(done)
+        return results, write_summary(results, out)
+
+
+UNIT_FILE = "unit.json"
 
 
 def write_summary(results: Sequence[CleaningResult], out_dir: str | Path) -> list[Path]:
@@ -238,10 +253,19 @@ def load_results(out_dir: str | Path) -> list[CleaningResult]:
     return found
 
 
-def _load_if_same(folder: Path, cfg: CleaningConfig, layer: int, sae_spec: str) -> CleaningResult | None:
+def _load_if_same(folder: Path, cfg: CleaningConfig, layer: int, sae_spec: str, key: str | None = None) -> CleaningResult | None:
+    """The finished result in `folder` if it was made from the same task content and settings (`key`), else None."""
+    if key is not None:
+        try:
+            if read_json(folder / UNIT_FILE).get("key") != key:
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None
+    from safetensors import SafetensorError
+
     try:
         r = load_cleaning(folder)
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # missing or damaged: redo it
         return None
     config = {**CleaningConfig().to_dict(), **r.config}  # fields added since the result was written take their defaults
     same = config == cfg.to_dict() and r.layer == layer and r.sae_spec == sae_spec and "tvc" in r.scores
@@ -320,3 +344,34 @@ def layer_comparison(
 
 def load_summary(out_dir: str | Path) -> list[dict]:
     return read_json(Path(out_dir) / "summary.json")
+
+
+def sae_downstream(
+    lm: LM, saes: dict[str, JumpReLUSAE], tasks: Sequence[Task], layer: int, out_dir: str | Path,
+    cfg: CleaningConfig = CleaningConfig(), tv_cfg: TaskVectorConfig = TaskVectorConfig(), *,
+    ito_l0s: Sequence[int] = (20,), progress: bool = True,
+) -> tuple[list[dict], list[Path]]:  # fmt: skip
+    """Several SAEs of one layer side by side: per task, the relative loss decrease of the TV, its SAE
+    reconstruction and ITO-k, all on the same evaluation prompts (resumable per task)."""
+    out = Path(out_dir)
+    header = dict(model=lm.name, layer=layer, saes=sorted(saes), ito=list(ito_l0s), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    log = ResumeLog(out / "downstream.jsonl", header)
+    bar = tqdm(tasks, desc=f"SAEs downstream (layer {layer})", disable=not progress)
+    for task in bar:
+        if task.name in log.done:
+            continue
+        bar.set_postfix(task=task.name)
+        setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
+        row: dict = dict(task=task.name)
+        for name, sae in saes.items():
+            s = baseline_scores(setup, sae, ito_l0s)
+            row["tv"] = s["tv"]["relative_loss_decrease"]
+            row[f"{name}_sae_reconstruction"] = s["sae_reconstruction"]["relative_loss_decrease"]
+            row[f"{name}_sae_l0"] = s["sae_reconstruction"]["l0"]
+            for k in ito_l0s:
+                row[f"{name}_ito_{k}"] = s[f"ito_{k}"]["relative_loss_decrease"]
+        log.add(task.name, row)
+    rows = [log.done[t.name] for t in tasks]
+    mean = {"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}
+    rows.append(mean)
+    return rows, [write_csv(out / "downstream.csv", rows), write_json(out / "downstream.json", dict(**header, rows=rows))]

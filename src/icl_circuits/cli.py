@@ -25,14 +25,17 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         return list(range(n_layers))
     layers: set[int] = set()
     for part in spec.split(","):
-        lo, _, hi = part.partition("-")
+        lo, _, hi = part.strip().partition("-")
         try:
-            layers.update(range(int(lo), int(hi or lo) + 1))
+            a, b = int(lo), int(hi or lo)
         except ValueError:
             raise SystemExit(f"error: bad --layers {spec!r}; use e.g. 'all', '12', '2-9' or '1,4,6-8'") from None
+        if b < a:
+            raise SystemExit(f"error: bad --layers {spec!r}: the range {part.strip()} runs backwards; write {b}-{a}")
+        layers.update(range(a, b + 1))
     bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise SystemExit(f"error: layers {sorted(bad)} outside 0..{n_layers - 1}")
+    if bad:
+        raise SystemExit(f"error: --layers {spec!r}: layers {sorted(bad)} outside 0..{n_layers - 1} (the model has {n_layers} layers)")
     return sorted(layers)
 
 
@@ -56,7 +59,7 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = load_tasks(args.tasks)  # fail on a bad task name before the slow model load
+    tasks = load_tasks(args.tasks, strict=getattr(args, "strict", False))  # fail on a bad task before the slow model load
     lm = load_model(args.model)
     layers = parse_layers(args.layers, lm.n_layers)
     cfg = TaskVectorConfig(
@@ -80,9 +83,10 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
 def _print_eval(results: list) -> None:
     print(f"\n{'SAE site':16s} {'tokens':>7s} {'L0':>7s} {'FVE':>6s} {'dead':>6s} {'CE clean':>8s} {'CE SAE':>8s} {'CE zero':>8s} {'CE rec.':>7s}")
     for r in results:
+        r = r if isinstance(r, dict) else r.to_dict()
         print(
-            f"{r.site:16s} {r.n_tokens:7d} {r.l0:7.1f} {r.fve:6.3f} {r.dead_fraction:6.3f} "
-            f"{r.ce_clean:8.3f} {r.ce_spliced:8.3f} {r.ce_zero:8.3f} {r.ce_loss_recovered:7.3f}"
+            f"{r['site']:16s} {r['n_tokens']:7d} {r['l0']:7.1f} {r['fve']:6.3f} {r['dead_fraction']:6.3f} "
+            f"{r['ce_clean']:8.3f} {r['ce_spliced']:8.3f} {r['ce_zero']:8.3f} {r['ce_loss_recovered']:7.3f}"
         )
 
 
@@ -109,6 +113,22 @@ def _kv_floats(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def _kv_trainer(items: list[str] | None) -> dict | None:
+    """['aux_k=256', 'l0_coeff=2'] -> {'aux_k': 256, 'l0_coeff': 2.0}: more TrainerConfig fields."""
+    import json
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"error: expected NAME=VALUE (a JSON value), got {item!r}") from None
+    return out
+
+
 def cmd_sae_train(args: argparse.Namespace) -> int:
     import json
 
@@ -118,7 +138,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .plots import plot_training_curves
     from .sae.evaluation import evaluate_saes
-    from .sae.training import SAESpec, TrainConfig, init_distributed_from_env, train_saes
+    from .sae.training import SAESpec, TrainConfig, init_distributed_from_env, train_from_cache, train_saes
     from .storage import write_json
 
     specs = [s for s in args.saes.split(",") if s]
@@ -127,16 +147,26 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = init_distributed_from_env()
+    if args.cache is not None:
+        settings, train_cache, _ = _cached_run(args.cache)
+        args.model, args.corpus, args.eval_docs = settings["model"], settings["corpus"], settings["eval_docs"]
     lm = load_model(args.model)
-    docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    if args.cache is not None:
+        args.seed_docs = settings["seed"]
+        docs = None
+    else:
+        docs = from_spec(args.corpus, lm, progress=not args.quiet)
     cfg = TrainConfig(
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
         dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
         b_dec_init=args.b_dec_init, norm_centered=args.norm_centered, l1_by_kind=_kv_floats(args.l1_kind),
-        skip_docs=args.eval_docs, seed=args.seed,
+        skip_docs=0 if args.cache is not None else args.eval_docs, seed=args.seed, trainer=_kv_trainer(args.trainer),
     )  # fmt: skip
-    saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
+    if args.cache is not None:
+        saes = train_from_cache(train_cache, cfg, args.out, progress=not args.quiet)
+    else:
+        saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
     if distributed:
         import torch.distributed as dist
 
@@ -150,7 +180,13 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     if records:
         plot_training_curves(records, args.out / "training_curves")
     if args.eval_docs and not args.no_eval:
-        results = evaluate_saes(lm, list(saes.values()), _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
+        if args.cache is not None:
+            args.seed = args.seed_docs
+            _, held = _harvest_docs(args, lm)
+            batches = _eval_batches(lm, held, min(64, len(held)), args.seq_len)
+        else:
+            batches = _eval_batches(lm, docs, args.eval_docs, args.seq_len)
+        results = evaluate_saes(lm, list(saes.values()), batches, progress=not args.quiet)
         write_json(args.out / "eval.json", [r.to_dict() for r in results])
         _print_eval(results)
     print(f"\nSAEs in {args.out / 'saes'} (ours) and {args.out / 'saelens'} (SAELens format)")
@@ -160,14 +196,105 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harvest_docs(args: argparse.Namespace, lm):  # type: ignore[no-untyped-def]
+    """(train docs shuffled by --seed, held-out docs) of --corpus; the held-out ones are chosen by content hash."""
+    import random
+
+    from .corpus import from_spec, pack_docs, split_docs
+
+    docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    if not isinstance(docs, list):
+        raise ValueError(f"--corpus {args.corpus!r} is a stream; `sae harvest` needs a finite corpus (files, debian:, python-docs)")
+    train, held = split_docs(docs, args.eval_docs, seed=args.seed)
+    random.Random(args.seed).shuffle(train)  # the harvest takes the first --tokens: mix the sources
+    # short documents (dictionary entries) are joined, so forward passes run on full-length chunks
+    return pack_docs(train), pack_docs(held)
+
+
+def cmd_sae_harvest(args: argparse.Namespace) -> int:
+    import torch
+
+    from .corpus import provenance
+    from .loading import load_model
+    from .sae.cache import harvest
+    from .sae.training import SAESpec
+    from .storage import write_json
+
+    specs = [SAESpec.parse(s) for s in args.saes.split(",") if s]
+    sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype))
+    for s in specs:
+        if s.layer >= lm.n_layers:
+            raise ValueError(f"--saes {s.kind}:{s.layer}: {lm.name!r} has layers 0..{lm.n_layers - 1}")
+    train, held = _harvest_docs(args, lm)
+    prov = provenance(args.corpus)
+    write_json(args.out / "harvest.json", dict(model=lm.name, corpus=args.corpus, eval_docs=args.eval_docs, seed=args.seed,
+                                                sites=[str(s) for s in sites], dtype=args.dtype))  # fmt: skip
+    # held-out rows always come from a float32 forward: they are the reference every SAE is scored on
+    exact = lm if args.dtype == "float32" else load_model(args.model)
+    for split, docs, n, model in (("eval", held, args.eval_tokens, exact), ("train", train, args.tokens, lm)):
+        cache = harvest(model, sites, docs, args.out / split, n_tokens=n, seq_len=args.seq_len, provenance=prov,
+                        progress=not args.quiet)  # fmt: skip
+        print(f"{split}: {cache.n_rows:,} rows of {len(sites)} sites in {cache.path}")
+    return 0
+
+
+def _cached_run(path: Path):  # type: ignore[no-untyped-def]
+    """(harvest settings, train cache, eval cache) of a `sae harvest` folder."""
+    from .sae.cache import ActivationCache
+    from .storage import read_json
+
+    if not (path / "harvest.json").is_file():
+        raise FileNotFoundError(f"{path}: not a `sae harvest` folder (no harvest.json)")
+    return read_json(path / "harvest.json"), ActivationCache(path / "train"), ActivationCache(path / "eval")
+
+
+def cmd_sae_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loading import load_model
+    from .sae.compare import CompareConfig, run_compare, winner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings, train_cache, eval_cache = _cached_run(args.cache)
+    penalties = {}
+    for item in args.penalty or []:
+        arch, _, values = item.partition("=")
+        penalties[arch] = tuple(_floats(values, f"--penalty {arch}"))
+    cfg = CompareConfig(
+        spec=args.sae, archs=tuple(a for a in args.archs.split(",") if a), l0_targets=tuple(int(x) for x in args.l0.split(",")),
+        penalties=penalties, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed,
+    )  # fmt: skip
+    cfg.runs()  # fail on a missing --penalty before the slow model load
+    lm = load_model(settings["model"])
+    args.corpus, args.eval_docs, args.seed = settings["corpus"], settings["eval_docs"], settings["seed"]
+    _, held = _harvest_docs(args, lm)
+    batches = _eval_batches(lm, held, min(args.eval_ce_docs, len(held)), 128)
+    rows = run_compare(lm, cfg, train_cache, eval_cache, batches, args.out, progress=not args.quiet)
+    print(f"\n{'recipe':12s} {'L0':>5s} {'FVE':>6s} {'CE rec.':>7s} {'dead':>6s} {'tok/s':>7s} {'arrow':>6s} {'input':>6s} {'output':>6s}")
+    for r in rows:
+        print(f"{r['arch']:12s} {r['target_l0']:5d} {r['fve']:6.3f} {r['ce_loss_recovered']:7.3f} {r['dead_fraction']:6.3f} "
+              f"{r['tokens_per_s']:7.0f} {r['icl_fve_arrow']:6.3f} {r['icl_fve_input']:6.3f} {r['icl_fve_output']:6.3f}")  # fmt: skip
+    print(f"\nwinner by mean CE loss recovered: {winner(rows)}\ntable: {args.out / 'compare.csv'}  plot: {args.out / 'compare.png'}")
+    return 0
+
+
 def cmd_sae_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .corpus import from_spec
     from .loading import load_model
     from .sae.evaluation import evaluate_saes
     from .sae.formats import load_any
     from .storage import write_json
 
-    lm = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _cached_run(args.cache)[0] if args.cache is not None else None
+    lm = load_model(settings["model"] if settings else args.model)
     saes = [load_any(p) for p in args.sae or []]
     if args.starter:
         from .sae.suite import STARTER_SPECS, starter_sae
@@ -175,11 +302,26 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
         saes += [starter_sae(lm, spec, progress=not args.quiet) for spec in STARTER_SPECS]
     if not saes:
         raise ValueError("nothing to evaluate: pass --sae PATH (repeatable) or --starter")
-    docs = from_spec(args.corpus, lm, progress=not args.quiet)
-    results = evaluate_saes(lm, saes, _eval_batches(lm, docs, args.eval_docs, args.seq_len), progress=not args.quiet)
+    if settings:  # held-out documents of the harvest (chosen by content hash), not the first --eval-docs
+        args.corpus, args.eval_docs, args.seed = settings["corpus"], settings["eval_docs"], settings["seed"]
+        _, held = _harvest_docs(args, lm)
+        batches = _eval_batches(lm, held, min(args.eval_ce_docs, len(held)), args.seq_len)
+    else:
+        batches = _eval_batches(lm, from_spec(args.corpus, lm, progress=not args.quiet), args.eval_docs, args.seq_len)
+    results = [r.to_dict() for r in evaluate_saes(lm, saes, batches, progress=not args.quiet)]
     _print_eval(results)
+    if settings:
+        from .sae.evaluation import cache_stats
+
+        extra = cache_stats(lm, saes, args.cache / "eval", args.cache / "train", dead_rows=args.dead_rows, progress=not args.quiet)
+        for r, e in zip(results, extra):
+            r.update(e)
+        print(f"\n{'SAE site':16s} {'FVE (held-out rows)':>19s} {'dead over train rows':>20s} {'FVE arrow':>9s} {'input':>6s} {'output':>6s}")
+        for r in results:
+            print(f"{r['site']:16s} {r['rows_fve']:19.3f} {r['dead_fraction_train']:20.3f} {r['icl_fve_arrow']:9.3f} "
+                  f"{r['icl_fve_input']:6.3f} {r['icl_fve_output']:6.3f}")  # fmt: skip
     if args.out:
-        write_json(args.out, [r.to_dict() for r in results])
+        write_json(args.out, results)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -187,7 +329,11 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
 def cmd_sae_export(args: argparse.Namespace) -> int:
     from .sae.suite import export_suite
 
-    for path in export_suite(args.run, args.dest, corpus=args.corpus):
+    corpus, prov = args.corpus, None
+    if args.cache is not None:  # the harvest names the corpus and where its text came from
+        settings, train_cache, _ = _cached_run(args.cache)
+        corpus, prov = settings["corpus"], train_cache.manifest.get("provenance")
+    for path in export_suite(args.run, args.dest, corpus=corpus, provenance=prov, eval_path=args.eval):
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         print(f"{path}  ({size:.1f} MiB)")
     return 0
@@ -242,11 +388,37 @@ def _load_saes(lm, specs: str, progress: bool) -> dict:  # type: ignore[no-untyp
     return saes
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    import itertools
+
+    import torch
+
+    from .dashboards import DashboardConfig, build_dashboards
+    from .loading import load_model
+    from .tasks import load_tasks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = load_tasks(args.tasks)
+    lm = load_model(args.model)
+    saes = _load_saes(lm, args.saes, progress=not args.quiet)
+    docs = None
+    if args.corpus:
+        from .corpus import from_spec
+
+        docs = list(itertools.islice(from_spec(args.corpus, lm, progress=not args.quiet), args.max_docs or None))
+    cfg = DashboardConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, top_tokens=args.top_tokens,
+                          n_neighbours=args.neighbours, seed=args.seed)  # fmt: skip
+    path = build_dashboards(lm, saes, args.out, tasks, cfg, docs=docs, progress=not args.quiet)
+    print(f"dashboards: {path}\nbrowse: icl-circuits view {args.out}")
+    return 0
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     from .viewer import serve
 
     try:
-        serve(args.run_dir, host=args.host, port=args.port, example_stores=args.examples)
+        serve(args.run_dir, host=args.host, port=args.port, example_stores=args.examples, allow_hosts=args.allow_host)
     except FileNotFoundError:
         raise
     except OSError as e:  # e.g. the port is taken
@@ -346,7 +518,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     from .cleaning import CleaningConfig
     from .cleaning_runs import l1_sweep, layer_comparison, run_cleaning
-    from .loading import load_model
+    import math
+
+    from .loading import load_model, resolve_spec
     from .sae.formats import load_any
     from .sae.suite import starter_sae
     from .task_vectors import TaskVectorConfig
@@ -354,7 +528,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = load_tasks(args.tasks or args.task)  # fail on a bad task name before the slow model load
+    tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load
+    for opt, v in (("--l1", args.l1), ("--lr", args.lr)):
+        if v is not None and not math.isfinite(v):
+            raise SystemExit(f"error: {opt} {v} is not a finite number")
+    if args.sae and args.sae != "starter":
+        resolve_spec(args.sae, "--sae", hub_subfolders=True)  # a missing local path fails now, without the network
     given = dict(l1_coeff=args.l1, lr=args.lr, patience=args.patience, max_steps=args.max_steps, n_train=args.n_train, n_eval=args.n_eval)
     cfg = CleaningConfig(
         **{k: v for k, v in given.items() if v is not None}, n_score_tokens=args.n_score_tokens, setting=args.setting, seed=args.seed,
@@ -363,10 +542,16 @@ def cmd_clean(args: argparse.Namespace) -> int:
     tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
     lm = load_model(args.model)
     layer = args.layer if args.layer is not None else default_layer(lm.name, args.setting)
+    if not 0 <= layer < lm.n_layers:  # before any SAE is loaded or trained for it
+        raise SystemExit(f"error: --layer {layer} outside 0..{lm.n_layers - 1} (the model has {lm.n_layers} layers)")
 
     def sae_for(layer: int):  # type: ignore[no-untyped-def]
         if args.sae and args.sae != "starter":
-            return args.sae, load_any(args.sae).float()
+            sae = load_any(args.sae).float()
+            if sae.cfg.site != f"resid_pre.{layer}" and not args.compare_layers:
+                raise SystemExit(f"error: --sae {args.sae} reads {sae.cfg.site}, but --layer {layer} steers resid_pre.{layer}; "
+                                 f"use a residual SAE trained on resid_pre.{layer}")  # fmt: skip
+            return args.sae, sae
         return f"resid:{layer}", starter_sae(lm, f"resid:{layer}", progress=not args.quiet)
 
     if args.compare_layers:
@@ -400,11 +585,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from .report import Section, write_report
 
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in summary_rows(results)]
+    flagged = [dict(task=r.task, warning=w) for r in results for w in getattr(r, "warnings", [])]
+    sections = [Section("Warnings: results that are not useful as they stand", table=flagged)] if flagged else []
     files.append(write_report(args.out, f"Task Vector Cleaning ({args.setting}, layer {layer}, SAE {spec})",
-                              [Section("Relative loss decrease of each method, L0 before/after cleaning", table=table, images=["summary.png"])]))  # fmt: skip
+                              [*sections, Section("Relative loss decrease of each method, L0 before/after cleaning", table=table, images=["summary.png"])]))  # fmt: skip
     for r in results:
         s = r.scores
         print(f"\n{r.task} ({r.setting}, layer {r.layer}): L0 {len(r.initial_features)} -> {r.l0} in {r.steps} steps ({r.stopped}, {r.seconds:.0f} s)")
+        for w in getattr(r, "warnings", []):
+            print(f"  WARNING: {w}")
         print("  relative loss decrease: " + ", ".join(f"{m} {s[m]['relative_loss_decrease']:.3f}" for m in s if m != "zero_shot"))
         print(f"  {'feature':>8s} {'weight':>8s} {'alone':>8s} {'drop without':>12s}")
         for e in r.feature_effects:
@@ -435,7 +624,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = load_tasks(args.tasks or args.task)  # fail on a bad task name before the slow model load
+    tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load
     user_saes = {}
     for item in args.sae or []:
         key, sep, path = item.partition("=")
@@ -463,6 +652,9 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sae.suite import STARTER_CORPUS
+    from .sae.trainers import ARCHS
+
     p = argparse.ArgumentParser(prog="icl-circuits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"icl-circuits {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -492,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--saes", default="resid:12", help="comma-separated kind:layer, kind in resid|attn|transcoder")
     s.add_argument("--corpus", default="generated:2048", help=corpus_help)
     s.add_argument("--out", type=Path, default=Path("runs/saes"))
-    s.add_argument("--arch", choices=["gated", "relu", "topk"], default="gated")
+    s.add_argument("--cache", type=Path, default=None, help="train on a `sae harvest` folder instead of a live model stream")
+    s.add_argument("--arch", choices=list(ARCHS), default="gated")
+    s.add_argument("--trainer", action="append", metavar="NAME=VALUE", help="another TrainerConfig field, e.g. aux_k=256 (repeatable)")
     s.add_argument("--d-sae", type=int, default=4096)
     s.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (epochs repeat a short corpus)")
     s.add_argument("--batch-tokens", type=int, default=1024)
@@ -516,6 +710,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sae_train)
 
+    s = sae.add_parser("harvest", help="cache activations on disk once (bf16 shards, resumable) for many training runs")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--saes", default="resid:12", help="the SAEs the cache will feed (their input and output sites are stored)")
+    s.add_argument("--corpus", default=STARTER_CORPUS, help=corpus_help)
+    s.add_argument("--tokens", type=int, default=2_000_000, help="training rows to store")
+    s.add_argument("--eval-docs", type=int, default=200, help="documents held out (by content hash) for evaluation")
+    s.add_argument("--eval-tokens", type=int, default=100_000, help="rows of the held-out documents to store")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model forward's dtype")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--out", type=Path, default=Path("runs/activations"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sae_harvest)
+
+    s = sae.add_parser("compare", help="every SAE recipe on the same cached rows at matched L0: FVE, CE loss recovered, ICL-prompt FVE")
+    s.add_argument("--cache", type=Path, required=True, help="a `sae harvest` folder")
+    s.add_argument("--sae", default="resid:12", help="the SAE every recipe trains")
+    s.add_argument("--archs", default="topk,batchtopk,matryoshka,jumprelu,gated")
+    s.add_argument("--l0", default="16,32,64", help="target L0s (k for TopK recipes)")
+    s.add_argument("--penalty", action="append", metavar="ARCH=C1,C2,..",
+                   help="sparsity coefficients of a penalty recipe (gated/relu: l1, jumprelu: l0); L0 is interpolated")
+    s.add_argument("--d-sae", type=int, default=4096)
+    s.add_argument("--tokens", type=int, default=300_000, help="training rows per run (same for every recipe)")
+    s.add_argument("--batch-tokens", type=int, default=1024)
+    s.add_argument("--eval-ce-docs", type=int, default=24, help="held-out documents for CE loss recovered")
+    s.add_argument("--out", type=Path, default=Path("runs/sae_compare"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sae_compare)
+
     s = sae.add_parser("eval", help="L0, FVE, dead fraction, CE loss recovered on held-out tokens")
     s.add_argument("--model", default="gemma-3-270m")
     s.add_argument("--sae", action="append", help="an SAE folder/file in any supported format (repeatable)")
@@ -523,14 +749,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corpus", default="generated:2048", help=corpus_help)
     s.add_argument("--eval-docs", type=int, default=64)
     s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--cache", type=Path, default=None,
+                   help="a `sae harvest` folder: its held-out documents and rows, dead latents over its training rows, and ICL-prompt FVE by token type")
+    s.add_argument("--eval-ce-docs", type=int, default=24, help="with --cache: held-out documents for CE loss recovered")
+    s.add_argument("--dead-rows", type=int, default=1_000_000, help="with --cache: training rows over which a silent latent counts as dead")
     s.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sae_eval)
 
     s = sae.add_parser("export", help="ship a training run: bf16 weights + a model card per SAE")
     s.add_argument("run", type=Path, help="the --out of `sae train`")
     s.add_argument("dest", type=Path, help="e.g. src/icl_circuits/data/saes/gemma-3-270m")
-    s.add_argument("--corpus", default="generated:512+python-docs", help="corpus spec named in the model cards")
+    s.add_argument("--corpus", default=STARTER_CORPUS, help="corpus spec named in the model cards")
+    s.add_argument("--cache", type=Path, default=None, help="the `sae harvest` folder the run trained on (corpus and provenance)")
+    s.add_argument("--eval", type=Path, default=None, help="results of `sae eval` for the model cards (default: RUN/eval.json)")
     s.set_defaults(func=cmd_sae_export)
 
     s = sub.add_parser("examples", help="max-activating examples of SAE latents on a corpus (resumable SQLite store)")
@@ -556,7 +790,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     s.add_argument("--examples", action="append", help="an example store outside RUN_DIR (repeatable)")
+    s.add_argument("--allow-host", action="append", default=[],
+                   help="a Host name to answer besides loopback (e.g. the LAN name with --host 0.0.0.0); repeatable")
     s.set_defaults(func=cmd_view)
+
+    s = sub.add_parser("dashboards", help="precompute feature dashboards (logit lens, density, ICL-prompt activations, neighbours) for `view`")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--saes", default="resid:12", help="as for `examples`; same names so the viewer joins them")
+    s.add_argument("--tasks", default="all")
+    s.add_argument("--corpus", default="", help="optional: its tokens also count towards density / histogram")
+    s.add_argument("--max-docs", type=int, default=0)
+    s.add_argument("--out", type=Path, default=Path("runs/examples"), help="run directory (writes dashboards.sqlite)")
+    s.add_argument("--n-prompts", type=int, default=8)
+    s.add_argument("--n-shots", type=int, default=8)
+    s.add_argument("--top-tokens", type=int, default=10)
+    s.add_argument("--neighbours", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_dashboards)
     s = sub.add_parser("heatmap", help="steering heatmaps of cleaned task-vector features (Sec. 3.2, App. F; Fig. 10 with --top-only)")
     s.add_argument("--model", default="gemma-3-270m")
     s.add_argument("--results", type=Path, required=True, help="folder of TVC results, <results>/<task>/cleaning.json")
@@ -659,12 +911,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_strict(parser: argparse.ArgumentParser) -> None:
+    """Every command that reads task files gets --strict (refuse a file with unusable pairs instead of skipping them)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_strict(sub)
+    opts = parser._option_string_actions
+    if ("--tasks" in opts or "--task" in opts) and "--strict" not in opts:
+        parser.add_argument("--strict", action="store_true",
+                            help="refuse a task file with pairs that cannot form a prompt (default: skip them with a warning)")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split()) or type(message).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; every expected failure (bad input, missing or damaged file, disk full) is one line and rc 2."""
+    from safetensors import SafetensorError
+
+    parser = build_parser()
+    _add_strict(parser)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SystemExit as e:  # commands raise SystemExit("error: ...") for bad options
+        if isinstance(e.code, str):
+            msg = _one_line(e.code)
+            print(msg if msg.startswith("error:") else f"error: {msg}", file=sys.stderr)
+            return 2
+        raise
+    except (ValueError, OSError) as e:  # OSError: missing/unreadable files, disk full (storage.WriteFailed)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:
+        print(f"error: a damaged or truncated .safetensors file ({_one_line(e)})", file=sys.stderr)
         return 2
 
 

@@ -25,7 +25,7 @@ from .model import LM
 from .prompts import TYPE_ID, PromptBatch
 from .sae.dictionary import JumpReLUSAE
 from .sites import Intervention, Site
-from .storage import read_json, write_json
+from .storage import RunDir, canonical, diff_keys, fingerprint, read_json, write_json
 
 # BOS is left out: its residual is an attention sink with a huge norm, dropped from SAE training too.
 MASS_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
@@ -212,9 +212,7 @@ def detector_executor_link(
     at `measure_at` tokens where the executor was active, averaged over all such positions.
     Resumes from out_dir/link_progress.json (one entry per prompt task).
     """
-    from tqdm.auto import tqdm
-
-    from .task_vectors import TaskVectorConfig, task_batches
+    from .task_vectors import TaskVectorConfig
 
     s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
     if s_det.kind != "resid_pre" or s_exec.kind != "resid_pre":
@@ -232,28 +230,52 @@ def detector_executor_link(
     if any(not 0 <= f < exec_sae.d_sae for f in e_feats):
         raise ValueError(f"executor features {e_feats} outside 0..{exec_sae.d_sae - 1}")
     path = Path(out_dir) / "link_progress.json" if out_dir else None
-    key = dict(config=cfg.to_dict(), detectors=detectors, executors=executors)
+    key = canonical(dict(config=cfg.to_dict(), detectors=detectors, executors=executors))
     state: dict[str, Any] = {**key, "done": {}}
+    run = None
+    if path:  # one writer; the SAEs and model are part of the run's identity too
+        from .ablation import sae_digest
+
+        ident = dict(**key, model=lm.name, saes=[sae_digest(det_sae), sae_digest(exec_sae)])
+        run = RunDir(path.parent, ident, kind="detector-executor link", name="link_run")
     if path and path.is_file():
         saved = read_json(path)
-        if any(saved.get(k) != v for k, v in key.items()):
-            raise ValueError(f"{path} was written with another config / feature choice; use a new --out or delete it")
+        diffs = diff_keys({k: saved.get(k) for k in key}, key)
+        if diffs:
+            raise ValueError(f"{path} was written with another config / feature choice ({'; '.join(diffs)}); use a new --out or delete it")
         state = saved
+    unit = {t.name: fingerprint(key, lm.name, t.digest) for t in tasks}  # content key of each prompt task
     tv_cfg = TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed)
-    for task in tqdm([t for t in tasks if t.name not in state["done"]], desc="detector->executor", disable=not progress):
+    try:
+        _link_tasks(lm, tasks, d_tasks, detectors, e_feats, det_sae, exec_sae, cfg, tv_cfg, state, unit, path, progress)
+    finally:
+        if run is not None:
+            run.close()
+    done = [state["done"][unit[t.name]] for t in tasks]
+    sums = sum(torch.tensor(v["sums"]) for v in done)
+    counts = sum(torch.tensor(v["counts"]) for v in done)
+    drop = sums / counts.clamp_min(1)[None, :]  # [D, E]
+    return LinkResult(d_tasks, e_tasks, {t: int(v) for t, v in detectors.items()}, {t: int(v) for t, v in executors.items()},
+                      drop, counts, cfg.to_dict())  # fmt: skip
+
+
+def _link_tasks(
+    lm: LM, tasks: Sequence[Any], d_tasks: list[str], detectors: dict[str, int], e_feats: list[int], det_sae: JumpReLUSAE,
+    exec_sae: JumpReLUSAE, cfg: LinkConfig, tv_cfg: Any, state: dict[str, Any], unit: dict[str, str], path: Path | None, progress: bool,
+) -> None:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from .task_vectors import task_batches
+
+    for task in tqdm([t for t in tasks if unit[t.name] not in state["done"]], desc="detector->executor", disable=not progress):
         icl, _ = task_batches(lm, task, tv_cfg)
         d_feats = [int(detectors[t]) for t in d_tasks]
         unique = list(dict.fromkeys(d_feats))  # tasks often share a detector: ablate each feature once
         sums, counts = link_on_batch(lm, icl, unique, e_feats, det_sae, exec_sae, cfg)
         sums = sums[[unique.index(f) for f in d_feats]]
-        state["done"][task.name] = {"sums": sums.tolist(), "counts": counts.tolist()}
+        state["done"][unit[task.name]] = {"task": task.name, "sums": sums.tolist(), "counts": counts.tolist()}
         if path:
             write_json(path, state)
-    sums = sum(torch.tensor(v["sums"]) for v in state["done"].values())
-    counts = sum(torch.tensor(v["counts"]) for v in state["done"].values())
-    drop = sums / counts.clamp_min(1)[None, :]  # [D, E]
-    return LinkResult(d_tasks, e_tasks, {t: int(v) for t, v in detectors.items()}, {t: int(v) for t, v in executors.items()},
-                      drop, counts, cfg.to_dict())  # fmt: skip
 
 
 @torch.no_grad()
@@ -345,12 +367,17 @@ def run_detectors(
         if not sweep_layers:
             raise ValueError("the sweep step needs layers")
         names = list(tasks) if tasks else list_tasks()
-        path = out / "detection_sweep.json"
-        rows = read_json(path) if path.is_file() else []
         cfg = TaskVectorConfig()
-        for n in tqdm([n for n in names if n not in {r["task"] for r in rows}], desc="detection sweep", disable=not progress):
-            rows += detection_sweep_task(lm, load_task(n), list(sweep_layers), cfg)
-            write_json(path, rows)
+        sweep_tasks = [load_task(n) for n in names]
+        header = dict(step="detection_sweep", model=lm.name, layers=list(sweep_layers), config=cfg.to_dict())
+        # resume keyed by task content + settings; another config in the same --out is refused
+        with RunDir(out, header, kind="detection sweep", name="detection_sweep_run") as run:
+            log = run.log("detection_sweep.jsonl")
+            keys = {t.name: run.key(t.digest) for t in sweep_tasks}
+            for t in tqdm([t for t in sweep_tasks if keys[t.name] not in log.done], desc="detection sweep", disable=not progress):
+                log.add(keys[t.name], detection_sweep_task(lm, t, list(sweep_layers), cfg))
+            rows = [r for t in sweep_tasks for r in log.done[keys[t.name]]]
+            write_json(out / "detection_sweep.json", rows)
         summary["files"] += plot_detection_sweep(rows, figs / "detection_layer_sweep")
         summary["files"].append(write_csv(figs / "detection_layer_sweep.csv", rows))
         summary["sweep"] = rows

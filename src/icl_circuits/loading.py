@@ -11,13 +11,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from .model import LM
+from .storage import BadFile, read_json
 
 BUNDLED = "gemma-3-270m"
 _CACHE_FORMAT = 1
@@ -38,19 +42,104 @@ def _load(spec: str, dtype: torch.dtype, device: str) -> LM:
     if spec == BUNDLED:
         model, tok = _load_bundled(dtype)
     elif spec.endswith(".gguf"):
-        path = Path(spec)
+        path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise FileNotFoundError(f"--model {spec}: GGUF file not found")
         model, tok = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
     else:
-        # a local folder, or a hub id (needs network unless it is in the HF cache)
-        if not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"{spec!r} is not a local path and HF_HUB_OFFLINE=1")
-        model, tok = _from_pretrained(spec, dtype)
+        where = resolve_spec(spec, "--model")
+        if isinstance(where, Path):
+            _check_model_folder(where, spec)
+            model, tok = _from_pretrained(str(where), dtype)
+        else:
+            model, tok = _from_hub(where, dtype)
     return LM(model.to(device), tok, name=spec)
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, **kwargs: str) -> tuple[torch.nn.Module, object]:
+# -- local path or Hub id --------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")  # owner/name, or a legacy name
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, read now (tests and users set it late)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_local(spec: str, hub_subfolders: bool = False) -> bool:
+    """A spec meant as a local path: absolute, ./ ../ ~, a Windows drive, or whose first folder exists here
+    (e.g. runs/model while runs/ exists); for models also anything but owner/name (SAE ids may go deeper:
+    owner/repo/sub/folder, `hub_subfolders`)."""
+    s = str(spec)
+    if s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or s in (".", "..") or os.path.isabs(s):
+        return True
+    if re.match(r"^[A-Za-z]:[\\/]", s):
+        return True
+    parts = Path(s).parts
+    if len(parts) > 1 and Path(parts[0]).exists():
+        return True
+    head = "/".join(s.strip("/").split("/")[:2]) if hub_subfolders else s.strip("/")
+    return not _HUB_ID.match(head)
+
+
+def resolve_spec(spec: str, what: str = "path", *, hub_subfolders: bool = False) -> Path | str:
+    """A local Path that exists, or a Hub id (str). A missing path that looks local is a local error at
+    once, without touching the network; an id when HF_HUB_OFFLINE is set is a clear error too (unless the
+    caller can use the local HF cache, see _from_hub)."""
+    s = str(spec)
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    if looks_local(s, hub_subfolders):
+        parent = next((q for q in p.parents if q.exists()), None)
+        hint = f" ({parent} exists, {p.relative_to(parent) if parent and parent != Path('.') else p} does not)" if parent not in (None, Path("."), Path("/")) else ""
+        raise FileNotFoundError(f"{what} {s}: no such file or folder{hint}")
+    return s.strip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the Hub endpoint answers a TCP connect within `timeout`, else why not. With a proxy
+    configured the check is skipped (the proxy decides)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} unreachable: {e}"
+    return None
+
+
+def _from_hub(repo: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """A Hub id: from the local HF cache when offline or when the Hub cannot be reached, else downloaded."""
+    offline = hub_offline()
+    why = "HF_HUB_OFFLINE is set" if offline else hub_reachable()
+    try:
+        if why:
+            return _from_pretrained(repo, dtype, local_files_only=True)
+        return _from_pretrained(repo, dtype)
+    except OSError as e:
+        if why:
+            raise FileNotFoundError(
+                f"--model {repo}: not a local path, and not in the local Hugging Face cache ({why})"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"--model {repo}: not a local path, and the Hub has no such model ({first})") from None
+
+
+def _check_model_folder(path: Path, spec: str) -> None:
+    """A local model folder must hold a readable config.json; say which file is wrong."""
+    if path.is_file():
+        raise FileNotFoundError(f"--model {spec}: is a file; give the model's folder (config.json + weights) or a .gguf file")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"--model {spec}: {path} has no config.json (not a Hugging Face model folder)")
+    data = read_json(cfg)  # BadFile naming the file for garbage or bad UTF-8
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise BadFile(f"{cfg}: not a model config (no 'model_type')")
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, **kwargs: object) -> tuple[torch.nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, **kwargs)

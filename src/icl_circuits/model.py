@@ -24,8 +24,9 @@ from .sites import Intervention, Site, SiteLike
 class RunOutput:
     """What one forward pass produced.
 
-    acts: site -> activation [batch, seq, d_model] as the model used it (after interventions).
-    probes: site -> zero tensor [batch, seq, d_model] added at the site; after backward its
+    acts: site -> activation [batch, seq, width] as the model used it (after interventions);
+        width is d_model, or n_heads * head_dim at attn_z (LM.site_width).
+    probes: site -> zero tensor [batch, seq, width] added at the site; after backward its
         .grad is d(metric)/d(site).
     logprobs: [n_positions, vocab] log-softmax at the positions asked for, in the row-major
         order of the mask (i.e. torch.nonzero order), or None.
@@ -85,13 +86,20 @@ class _Pass:
         self.out = RunOutput()
         self.resid_pre: dict[int, torch.Tensor] = {}
         self.resid_mid: dict[int, torch.Tensor] = {}
+        # module-input sites, kept so that 'fn' interventions can read them (a transcoder
+        # spliced at mlp_out.l reads mlp_in.l) even when nobody asked to read them
+        self.attn_z: dict[int, torch.Tensor] = {}
+        self.mlp_in: dict[int, torch.Tensor] = {}
 
     def touches(self, site: Site) -> bool:
         return site in self.read or site in self.probe or site in self.by_site
 
     def value_of(self, site: Site) -> torch.Tensor:
         """A site already computed in this pass (for 'fn' interventions)."""
-        found = {"resid_pre": self.resid_pre, "resid_mid": self.resid_mid}.get(site.kind, {}).get(site.layer)
+        kept = {
+            "resid_pre": self.resid_pre, "resid_mid": self.resid_mid, "attn_z": self.attn_z, "mlp_in": self.mlp_in,
+        }  # fmt: skip
+        found = kept.get(site.kind, {}).get(site.layer)
         if found is None:
             found = self.out.acts.get(site)
         if found is None:
@@ -145,6 +153,18 @@ class LM:
     @property
     def dtype(self) -> torch.dtype:
         return self._lm_head.weight.dtype
+
+    @property
+    def d_z(self) -> int:
+        """Width of attn_z (n_heads * head_dim), the input of each attention output projection."""
+        return self.adapter.z_width(self._blocks[0])
+
+    def site_width(self, site: SiteLike) -> int:
+        """Last dimension of a site's activations: d_model, or n_heads * head_dim for attn_z."""
+        s = Site.parse(site)
+        if s.kind == "attn_z":
+            return self.adapter.z_width(self._blocks[min(s.layer, self.n_layers - 1)])
+        return self.d_model
 
     def sites(self, kinds: Iterable[str], layers: Iterable[int] | None = None) -> list[Site]:
         layers = range(self.n_layers) if layers is None else layers
@@ -324,6 +344,11 @@ class LM:
             for layer in sorted(layers):
                 block = self._blocks[layer]
                 handles.append(block.register_forward_pre_hook(self._pre_hook(state, layer), with_kwargs=True))
+                # module-input sites: pre-hooks on the output projection and on the MLP
+                z_hook = self._input_hook(state, Site(layer, "attn_z"), state.attn_z)
+                handles.append(self.adapter.o_proj_module(block).register_forward_pre_hook(z_hook, with_kwargs=True))
+                mlp_hook = self._input_hook(state, Site(layer, "mlp_in"), state.mlp_in)
+                handles.append(self.adapter.mlp_in_module(block).register_forward_pre_hook(mlp_hook, with_kwargs=True))
                 handles.append(self.adapter.attn_module(block).register_forward_hook(self._attn_hook(state, layer)))
                 handles.append(self.adapter.mlp_module(block).register_forward_hook(self._mlp_hook(state, layer)))
             yield
@@ -344,6 +369,21 @@ class LM:
             if args:
                 return (x, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": x}
+
+        return hook
+
+    @staticmethod
+    def _input_hook(state: _Pass, site: Site, keep: dict[int, torch.Tensor]) -> Callable:
+        """Pre-hook for a site that is a module's first input (attn_z, mlp_in)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            key = None if args else next(iter(kwargs))  # HF passes these positionally; be safe anyway
+            x = args[0] if args else kwargs[key]  # [batch, seq, width]
+            x = state.apply(site, x) if state.touches(site) else x
+            keep[site.layer] = x
+            if args:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, key: x}
 
         return hook
 

@@ -60,6 +60,28 @@ def plot_training_curves(records: list[dict], stem: str | Path) -> list[Path]:
     return paths
 
 
+def plot_sae_compare(results: list[dict], stem: str | Path) -> list[Path]:
+    """SAE recipes against L0: held-out FVE, CE loss recovered, and FVE at ICL arrow tokens, one line per recipe."""
+    archs = list(dict.fromkeys(r["arch"] for r in results))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("fve", "held-out FVE"), ("ce_loss_recovered", "CE loss recovered"), ("icl_fve.arrow", "FVE at ICL arrow tokens"))
+    for arch in archs:
+        rs = sorted((r for r in results if r["arch"] == arch), key=lambda r: r["l0"])
+        for ax, (key, _) in zip(axes, panels):
+            ys = [r["icl_fve"]["arrow"] if key == "icl_fve.arrow" else r[key] for r in rs]
+            ax.plot([r["l0"] for r in rs], ys, marker="o", label=arch)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (held-out)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 # -- Task Vector Cleaning (Sec. 3.1, App. D) ------------------------------------------------------
 METHOD_STYLE = {
     "tv": ("original task vector", "black"),

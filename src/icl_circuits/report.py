@@ -193,3 +193,142 @@ def write_report(run_dir: str | os.PathLike, title: str, sections: list[Section]
     if not root.is_dir():
         raise FileNotFoundError(f"run directory not found: {root}")
     return atomic_write_text(root / "report.html", render_report(root, title, sections))
+
+
+# -- inline SVG charts (server-side, no script; every label escaped) ----------------------------------
+def _fnum(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def svg_hbars(rows: list[tuple[str, float]], *, links: list[str | None] | None = None, width: int = 420, title: str = "",
+              color_pos: str = "#1e88e5", color_neg: str = "#e53935", label_width: int = 150, css_class: str = "chart") -> str:  # fmt: skip
+    """Horizontal bars, one per (label, value), zero in the middle when values have both signs.
+    links: an optional href per row (the label becomes a link)."""
+    if not rows:
+        return ""
+    vals = [v if isinstance(v, (int, float)) and v == v else 0.0 for _, v in rows]
+    lo, hi = min(0.0, *vals), max(0.0, *vals)
+    span = (hi - lo) or 1.0
+    plot_w = width - label_width - 60
+    zero_x = label_width + plot_w * (-lo) / span
+    h = 16
+    top = 18 if title else 4
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='{esc(css_class)}' width='{width}' height='{top + h * len(rows) + 6}' "
+           f"viewBox='0 0 {width} {top + h * len(rows) + 6}' font-size='11' role='img'>"]  # fmt: skip
+    if title:
+        out.append(f"<text x='0' y='12' font-weight='600'>{esc(title)}</text>")
+    for i, ((label, _), v) in enumerate(zip(rows, vals)):
+        y = top + i * h
+        x0 = zero_x if v >= 0 else zero_x - plot_w * (-v) / span
+        w = plot_w * abs(v) / span
+        lab = esc(str(label)[:28])
+        text = f"<text x='{label_width - 4}' y='{y + 11}' text-anchor='end'>{lab}</text>"
+        href = links[i] if links and i < len(links) else None
+        if href:
+            text = f"<a href='{esc(href)}'>{text}</a>"
+        out.append(f"<g class='bar-row'>{text}<rect x='{x0:.1f}' y='{y + 2}' width='{max(w, 0.5):.1f}' height='{h - 4}' "
+                   f"fill='{color_pos if v >= 0 else color_neg}'><title>{esc(label)}: {esc(_fnum(v))}</title></rect>"
+                   f"<text x='{max(x0 + w, zero_x) + 3:.1f}' y='{y + 11}' fill='#555'>{esc(_fnum(v))}</text></g>")  # fmt: skip
+    out.append(f"<line x1='{zero_x:.1f}' x2='{zero_x:.1f}' y1='{top}' y2='{top + h * len(rows)}' stroke='#999'/></svg>")
+    return "".join(out)
+
+
+def svg_grouped_bars(labels: list[str], series: list[tuple[str, str, list[float]]], *, links: list[str | None] | None = None,
+                     width: int = 560, css_class: str = "chart") -> str:  # fmt: skip
+    """Horizontal grouped bars: per label one bar per series (name, colour, values); a legend on top."""
+    if not labels:
+        return ""
+    allv = [v for _, _, vs in series for v in vs if isinstance(v, (int, float))]
+    lo, hi = min([0.0, *allv]), max([0.0, *allv])
+    span = (hi - lo) or 1.0
+    label_w, plot_w = 120, width - 120 - 60
+    zero_x = label_w + plot_w * (-lo) / span
+    bh = 7
+    gh = bh * len(series) + 6
+    top = 22
+    height = top + gh * len(labels) + 4
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='{esc(css_class)}' width='{width}' height='{height}' viewBox='0 0 {width} {height}' font-size='11' role='img'>"]
+    for j, (name, color, _) in enumerate(series):
+        out.append(f"<rect x='{label_w + 130 * j}' y='4' width='10' height='10' fill='{esc(color)}'/><text x='{label_w + 14 + 130 * j}' y='13'>{esc(name)}</text>")
+    for i, lab in enumerate(labels):
+        y = top + i * gh
+        text = f"<text x='{label_w - 4}' y='{y + gh / 2 + 3:.0f}' text-anchor='end'>{esc(lab)}</text>"
+        href = links[i] if links and i < len(links) else None
+        out.append(f"<a href='{esc(href)}'>{text}</a>" if href else text)
+        for j, (name, color, vs) in enumerate(series):
+            v = vs[i] if i < len(vs) and isinstance(vs[i], (int, float)) else 0.0
+            x0 = zero_x if v >= 0 else zero_x - plot_w * (-v) / span
+            out.append(f"<rect x='{x0:.1f}' y='{y + 2 + j * bh}' width='{max(plot_w * abs(v) / span, 0.5):.1f}' height='{bh - 1}' fill='{esc(color)}'>"
+                       f"<title>{esc(lab)} {esc(name)}: {esc(_fnum(v))}</title></rect>")  # fmt: skip
+    out.append(f"<line x1='{zero_x:.1f}' x2='{zero_x:.1f}' y1='{top}' y2='{height - 4}' stroke='#999'/></svg>")
+    return "".join(out)
+
+
+def svg_histogram(counts: list[int], lo: float, hi: float, *, width: int = 420, height: int = 150, xlabel: str = "activation",
+                  css_class: str = "chart") -> str:  # fmt: skip
+    """Bars for equal bins over [lo, hi]; counts on hover."""
+    if not counts:
+        return ""
+    m = max(counts) or 1
+    pad_l, pad_b, pad_t = 34, 28, 6
+    pw, ph = width - pad_l - 6, height - pad_b - pad_t
+    bw = pw / len(counts)
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='{esc(css_class)}' width='{width}' height='{height}' viewBox='0 0 {width} {height}' font-size='10' role='img'>"]
+    for i, c in enumerate(counts):
+        bh = ph * c / m
+        a, b = lo + (hi - lo) * i / len(counts), lo + (hi - lo) * (i + 1) / len(counts)
+        out.append(f"<rect x='{pad_l + i * bw:.1f}' y='{pad_t + ph - bh:.1f}' width='{max(bw - 1, 0.5):.1f}' height='{bh:.1f}' fill='#43a047'>"
+                   f"<title>[{esc(_fnum(a))}, {esc(_fnum(b))}): {c}</title></rect>")  # fmt: skip
+    out.append(f"<line x1='{pad_l}' x2='{pad_l + pw}' y1='{pad_t + ph}' y2='{pad_t + ph}' stroke='#999'/>")
+    out.append(f"<text x='{pad_l}' y='{height - 14}'>{esc(_fnum(lo))}</text><text x='{pad_l + pw}' y='{height - 14}' text-anchor='end'>{esc(_fnum(hi))}</text>")
+    out.append(f"<text x='{pad_l + pw / 2:.0f}' y='{height - 3}' text-anchor='middle' fill='#555'>{esc(xlabel)}</text>")
+    out.append(f"<text x='{pad_l - 3}' y='{pad_t + 8}' text-anchor='end'>{m}</text><text x='{pad_l - 3}' y='{pad_t + ph}' text-anchor='end'>0</text></svg>")
+    return "".join(out)
+
+
+SERIES_COLORS = ("#1e88e5", "#e53935", "#43a047", "#fb8c00", "#8e24aa", "#00897b")
+
+
+def svg_lines(series: list[tuple[str, list[tuple[float, float]]]], *, width: int = 420, height: int = 200, xlabel: str = "",
+              ylabel: str = "", title: str = "", css_class: str = "chart") -> str:  # fmt: skip
+    """A line chart of named (x, y) series; points show their values on hover; a legend on top."""
+    pts = [(x, y) for _, s in series for x, y in s if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y == y and x == x]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad_l, pad_r, pad_t, pad_b = 46, 10, 22 if title or len(series) > 1 else 8, 30
+    pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def X(x: float) -> float:
+        return pad_l + pw * (x - x0) / (x1 - x0)
+
+    def Y(y: float) -> float:
+        return pad_t + ph * (1 - (y - y0) / (y1 - y0))
+
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='{esc(css_class)}' width='{width}' height='{height}' viewBox='0 0 {width} {height}' font-size='10' role='img'>"]
+    if title:
+        out.append(f"<text x='{pad_l}' y='12' font-weight='600'>{esc(title)}</text>")
+    out.append(f"<rect x='{pad_l}' y='{pad_t}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>")
+    for k, (name, s) in enumerate(series):
+        color = SERIES_COLORS[k % len(SERIES_COLORS)]
+        good = [(x, y) for x, y in s if isinstance(y, (int, float)) and y == y]
+        if len(series) > 1 or not title:
+            out.append(f"<text x='{pad_l + 8 + 110 * k + (140 if title else 0)}' y='{12 if pad_t > 8 else pad_t + 10}' fill='{color}'>{esc(name)}</text>")
+        if len(good) > 1:
+            path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in good)
+            out.append(f"<polyline class='series' points='{path}' fill='none' stroke='{color}' stroke-width='1.5'/>")
+        if len(good) <= 60:
+            out += [f"<circle cx='{X(x):.1f}' cy='{Y(y):.1f}' r='2.5' fill='{color}'><title>{esc(name)}: {esc(_fnum(x))}, {esc(_fnum(y))}</title></circle>"
+                    for x, y in good]  # fmt: skip
+    out.append(f"<text x='{pad_l - 3}' y='{pad_t + 8}' text-anchor='end'>{esc(_fnum(y1))}</text>"
+               f"<text x='{pad_l - 3}' y='{pad_t + ph}' text-anchor='end'>{esc(_fnum(y0))}</text>"
+               f"<text x='{pad_l}' y='{pad_t + ph + 12}'>{esc(_fnum(x0))}</text>"
+               f"<text x='{pad_l + pw}' y='{pad_t + ph + 12}' text-anchor='end'>{esc(_fnum(x1))}</text>"
+               f"<text x='{pad_l + pw / 2:.0f}' y='{height - 3}' text-anchor='middle' fill='#555'>{esc(xlabel)}</text>"
+               f"<text x='10' y='{pad_t + ph / 2:.0f}' fill='#555' transform='rotate(-90 10 {pad_t + ph / 2:.0f})' text-anchor='middle'>{esc(ylabel)}</text></svg>")  # fmt: skip
+    return "".join(out)

@@ -3,12 +3,18 @@
 A *site* names one activation of one layer, TransformerLens style:
 
     resid_pre[l]  -- input of block l (= resid_post[l-1])
+    attn_z[l]     -- the heads' outputs concatenated, the input of the attention output
+                     projection (o_proj / c_proj), TransformerLens hook_z flattened;
+                     width n_heads * head_dim, which need not equal d_model
     attn_out[l]   -- what attention adds to the residual (after any post-attention norm)
     resid_mid[l]  -- resid_pre[l] + attn_out[l]
+    mlp_in[l]     -- the MLP's input: the normalised resid_mid (Gemma 2/3
+                     pre_feedforward_layernorm output, Llama post_attention_layernorm, GPT-2 ln_2)
     mlp_out[l]    -- what the MLP adds to the residual (after any post-feedforward norm)
     resid_post[l] -- resid_mid[l] + mlp_out[l]
 
-Every site has shape [batch, seq, d_model].
+Every site has shape [batch, seq, width]: width is d_model except for attn_z
+(`LM.site_width(site)` gives it). SITE_KINDS lists the kinds in forward order.
 """
 
 from __future__ import annotations
@@ -20,12 +26,17 @@ from typing import Literal
 
 import torch
 
-SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+# forward order within a block (Site.order relies on it)
+SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+# TransformerLens hook names that differ from ours. TL's hook_mlp_in is the MLP block's input
+# *before* ln2, i.e. our resid_mid; the normalised MLP input (our mlp_in) is ln2.hook_normalized.
+_TL_ALIASES: dict[str, str] = {"attn.hook_z": "attn_z", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "resid_mid"}
 _PATTERNS = (
     re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>\d+)$"),  # resid_pre.12
     re.compile(r"^(?P<kind>[a-z_]+)\[(?P<layer>\d+)\]$"),  # resid_pre[12]
     re.compile(r"^blocks\.(?P<layer>\d+)\.(?:hook_)?(?P<kind>[a-z_]+)$"),  # blocks.12.hook_resid_pre
 )
+_TL_ALIAS = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>attn\.hook_z|ln2\.hook_normalized|hook_mlp_in)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -58,6 +69,9 @@ class Site:
             kind, layer = spec
             return cls(layer=int(layer), kind=str(kind))
         if isinstance(spec, str):
+            m = _TL_ALIAS.match(spec.strip())
+            if m:
+                return cls(layer=int(m["layer"]), kind=_TL_ALIASES[m["hook"]])
             for pattern in _PATTERNS:
                 m = pattern.match(spec.strip())
                 if m:
@@ -78,15 +92,16 @@ class Intervention:
     """Change a site at chosen token positions, differentiably.
 
     positions: bool mask [batch, seq] (True where the change applies).
-    value: broadcastable to [batch, seq, d_model], e.g. a vector [d_model] or one row
-        per position [batch, seq, d_model]. Unused when mode='fn'.
+    value: broadcastable to [batch, seq, width], e.g. a vector [width] or one row
+        per position [batch, seq, width] (width = d_model, or n_heads * head_dim at attn_z).
+        Unused when mode='fn'.
     mode: 'add' adds value; 'replace' overwrites the site with value; 'fn' replaces it with
         fn(x, value_of) computed during the pass (used to splice SAEs in).
     """
 
     site: Site
     positions: torch.Tensor  # [batch, seq] bool
-    value: torch.Tensor | None = None  # [d_model] or broadcastable to [batch, seq, d_model]
+    value: torch.Tensor | None = None  # [width] or broadcastable to [batch, seq, width]
     mode: Literal["add", "replace", "fn"] = "add"
     fn: SiteFn | None = None
 
@@ -103,7 +118,7 @@ class Intervention:
             )
 
     def apply(self, x: torch.Tensor, value_of: Callable[[Site], torch.Tensor] | None = None) -> torch.Tensor:
-        """x: [batch, seq, d_model] -> same shape with the change applied."""
+        """x: [batch, seq, width] -> same shape with the change applied."""
         if self.positions.shape != x.shape[:2]:
             raise ValueError(
                 f"intervention at {self.site}: positions mask has shape {tuple(self.positions.shape)} "
@@ -116,7 +131,7 @@ class Intervention:
             value = self.value  # type: ignore[assignment]
         if value.shape[-1] != x.shape[-1]:
             raise ValueError(
-                f"intervention at {self.site}: value has last dim {value.shape[-1]}, site has d_model {x.shape[-1]}"
+                f"intervention at {self.site}: value has last dim {value.shape[-1]}, site has width {x.shape[-1]}"
             )
         mask = self.positions.to(x.device).unsqueeze(-1)  # [batch, seq, 1]
         value = value.to(device=x.device, dtype=x.dtype)
@@ -126,5 +141,5 @@ class Intervention:
 
 
 def add_at(site: SiteLike, positions: torch.Tensor, vector: torch.Tensor) -> Intervention:
-    """Shorthand: add `vector` [d_model] at `positions` [batch, seq] of `site`."""
+    """Shorthand: add `vector` [width] at `positions` [batch, seq] of `site`."""
     return Intervention(Site.parse(site), positions, vector, "add")

@@ -1,7 +1,9 @@
 """Task-vector layer sweep over many tasks (Fig. 2's 'original task vector' curve), resumable.
 
-Each finished task is appended to `partial.jsonl` in the run directory (`storage.ResumeLog`); a rerun with the same
-configuration skips those tasks. Final outputs: sweep.json, sweep.csv, best_layers.csv and
+The run directory is a `storage.RunDir`: one writer at a time, and a rerun under other settings
+(model, layers, config) is refused. Each finished task is appended to `partial.jsonl`, keyed by the
+task's content (name and pairs) and the run's configuration, so a rerun skips exactly the tasks
+whose results it would reproduce. Final outputs: sweep.json, sweep.csv, best_layers.csv and
 the plot layer_sweep.png/.svg.
 """
 
@@ -14,9 +16,9 @@ from tqdm.auto import tqdm
 
 from .model import LM
 from .plots import plot_layer_sweep
-from .storage import ResumeLog, write_csv, write_json
+from .storage import RunDir, write_csv, write_json
 from .task_vectors import TaskVectorConfig, sweep_task
-from .tasks import Task
+from .tasks import Task, check_unique_names
 
 
 @dataclass
@@ -30,26 +32,27 @@ def run_layer_sweep(
     lm: LM, tasks: list[Task], layers: list[int], cfg: TaskVectorConfig, out_dir: str | Path, progress: bool = True
 ) -> SweepResult:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    header = dict(model=lm.name, layers=layers, config=cfg.to_dict())
-    log = ResumeLog(out / "partial.jsonl", header)
-    done = log.done
-    write_json(out / "sweep_config.json", header)
+    check_unique_names(tasks)
+    header = dict(model=lm.name, layers=list(layers), config=cfg.to_dict())
+    with RunDir(out, header, kind="task-vectors sweep") as run:
+        log = run.log("partial.jsonl")
+        done = log.done
+        write_json(out / "sweep_config.json", header)
+        keys = {t.name: run.key(t.digest) for t in tasks}
+        todo = [t for t in tasks if keys[t.name] not in done]
+        bar = tqdm(todo, desc="task-vector sweep", disable=not progress, initial=len(tasks) - len(todo), total=len(tasks))
+        for task in bar:
+            bar.set_postfix(task=task.name)
+            log.add(keys[task.name], sweep_task(lm, task, layers, cfg))
 
-    todo = [t for t in tasks if t.name not in done]
-    bar = tqdm(todo, desc="task-vector sweep", disable=not progress, initial=len(tasks) - len(todo), total=len(tasks))
-    for task in bar:
-        bar.set_postfix(task=task.name)
-        log.add(task.name, sweep_task(lm, task, layers, cfg))
-
-    rows = [r for t in tasks for r in done[t.name]]
-    best = best_layers(rows, layers)
-    files = [
-        write_json(out / "sweep.json", dict(**header, rows=rows, best=best)),
-        write_csv(out / "sweep.csv", rows),
-        write_csv(out / "best_layers.csv", best),
-        *plot_layer_sweep(rows, out / "layer_sweep"),
-    ]
+        rows = [r for t in tasks for r in done[keys[t.name]]]
+        best = best_layers(rows, layers)
+        files = [
+            write_json(out / "sweep.json", dict(**header, rows=rows, best=best)),
+            write_csv(out / "sweep.csv", rows),
+            write_csv(out / "best_layers.csv", best),
+            *plot_layer_sweep(rows, out / "layer_sweep"),
+        ]
     return SweepResult(rows, best, files)
 
 

@@ -9,9 +9,11 @@ array) generated from a word list with a fixed seed. User tasks load from JSON (
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -33,6 +35,10 @@ class TaskFormatError(ValueError):
     """A task file or pair list that cannot be used."""
 
 
+class SkippedPairsWarning(UserWarning):
+    """A user task file had pairs that cannot form a prompt; they were left out."""
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -43,6 +49,12 @@ class Task:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    @property
+    def digest(self) -> str:
+        """Content hash of the task (name and pairs): what a finished result of this task is keyed by."""
+        blob = json.dumps([self.name, self.pairs], ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
     def split(self, n_eval: int | float = 0.5, seed: int = 0) -> tuple["Task", "Task"]:
         """Disjoint (train, eval) tasks after a seeded shuffle; n_eval is a count or a fraction."""
@@ -64,37 +76,57 @@ def validate_pairs(pairs: tuple[tuple[str, str], ...], name: str) -> None:
     if not pairs:
         raise TaskFormatError(f"task {name!r} has no pairs")
     for i, pair in enumerate(pairs):
-        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise TaskFormatError(f"task {name!r}, pair {i}: expected (input, output) strings, got {pair!r}")
-        for label, s in zip(("input", "output"), pair):
-            if not s.strip():
-                raise TaskFormatError(f"task {name!r}, pair {i}: empty {label}")
-            if s != s.strip():
-                raise TaskFormatError(f"task {name!r}, pair {i}: {label} {s!r} has leading/trailing whitespace")
-            bad = [f for f in FORBIDDEN if f in s]
-            if bad:
-                raise TaskFormatError(f"task {name!r}, pair {i}: {label} {s!r} contains {bad[0]!r}")
+        problem = pair_problem(pair)
+        if problem:
+            raise TaskFormatError(f"task {name!r}, pair {i}: {problem}")
+
+
+def pair_problem(pair: object) -> str | None:
+    """Why `pair` cannot form a prompt, or None if it can."""
+    if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+        return f"expected (input, output) strings, got {pair!r}"
+    for label, s in zip(("input", "output"), pair):
+        if not s.strip():
+            return f"empty {label}"
+        if s != s.strip():
+            return f"{label} {s!r} has leading/trailing whitespace"
+        bad = [f for f in FORBIDDEN if f in s]
+        if bad:
+            return f"{label} {s!r} contains {bad[0]!r}"
+    return None
+
+
+def is_builtin(task: Task) -> bool:
+    """True for a built-in task with its shipped pairs (a user file that merely shares the name is not)."""
+    return task.name in PAPER_TASKS and load_task(task.name).pairs == task.pairs
 
 
 def list_tasks() -> list[str]:
     return list(PAPER_TASKS)
 
 
-def load_task(name_or_path: str | Path) -> Task:
-    """A built-in task by name, or a user task file (.json or .csv)."""
+def load_task(name_or_path: str | Path, *, strict: bool = False) -> Task:
+    """A built-in task by name, or a user task file (.json or .csv); see the module doc for `strict`."""
     key = str(name_or_path)
     if key in ALGO_TASKS:
         return _algo_task(key)
     if key in PAPER_TASKS:
         text = files("icl_circuits").joinpath("data", "tasks", f"{key}.json").read_text(encoding="utf-8")
-        return parse_task(text, key, "json")
+        return parse_task(text, key, "json", strict=True)
     path = Path(key)
     if not path.is_file():
         raise FileNotFoundError(f"{key!r} is neither a built-in task ({', '.join(PAPER_TASKS)}) nor a file")
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in ("json", "csv"):
         raise TaskFormatError(f"{path}: task files must be .json or .csv, got .{suffix}")
-    return parse_task(path.read_text(encoding="utf-8"), path.stem, suffix)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not UTF-8 text (byte {e.start}); save the task file as UTF-8") from None
+    try:
+        return parse_task(text, path.stem, suffix, strict=strict)
+    except TaskFormatError as e:
+        raise TaskFormatError(f"{path}: {e}") from None
 
 
 def save_task(task: Task, path: str | Path) -> Path:
@@ -110,29 +142,38 @@ def task_of_result(folder: str | Path, name: str) -> Task:
     return parse_task(own.read_text(encoding="utf-8"), name, "json") if own.is_file() else load_task(name)
 
 
-def load_tasks(names: str | list[str]) -> list[Task]:
+def load_tasks(names: str | list[str], *, strict: bool = False) -> list[Task]:
     """'all', a comma-separated string, or a list of names/paths."""
     if isinstance(names, str):
         names = list(PAPER_TASKS) if names == "all" else [n for n in names.split(",") if n]
-    return [load_task(n) for n in names]
+    return [load_task(n, strict=strict) for n in names]
 
 
-def parse_task(text: str, name: str, fmt: str) -> Task:
+def check_unique_names(tasks: list[Task]) -> None:
+    """Results are stored per task name: two different tasks of one name in a run would overwrite each other."""
+    seen: dict[str, Task] = {}
+    for t in tasks:
+        if t.name in seen and seen[t.name].pairs != t.pairs:
+            raise TaskFormatError(f"two different tasks are named {t.name!r} in one run; rename one of the files")
+        seen[t.name] = t
+
+
+def parse_task(text: str, name: str, fmt: str, *, strict: bool = False) -> Task:
+    """Pairs from JSON or CSV text; whitespace is stripped and unusable pairs are skipped (or refused if strict)."""
+    items: list[tuple[str, object]] = []  # (where, raw pair)
     if fmt == "json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise TaskFormatError(f"task {name!r}: invalid JSON ({e})") from e
         if isinstance(data, dict):
-            pairs = list(data.items())
+            items = [(f"pair {i}", p) for i, p in enumerate(data.items())]
         elif isinstance(data, list):
-            pairs = []
             for i, item in enumerate(data):
-                if not isinstance(item, dict) or set(item) != {"input", "output"}:
-                    raise TaskFormatError(
-                        f"task {name!r}, item {i}: expected {{\"input\": ..., \"output\": ...}}, got {item!r}"
-                    )
-                pairs.append((item["input"], item["output"]))
+                if isinstance(item, dict) and {"input", "output"} <= set(item):
+                    items.append((f"item {i}", (item["input"], item["output"])))
+                else:
+                    items.append((f"item {i}", f'expected {{"input": ..., "output": ...}}, got {item!r}'))
         else:
             raise TaskFormatError(f"task {name!r}: JSON must be a list of pairs or a dict, got {type(data).__name__}")
     elif fmt == "csv":
@@ -140,16 +181,42 @@ def parse_task(text: str, name: str, fmt: str) -> Task:
         if not rows:
             raise TaskFormatError(f"task {name!r}: empty CSV")
         header = [h.strip().lower() for h in rows[0]]
-        if header[:2] == ["input", "output"]:
-            rows = rows[1:]
-        pairs = []
-        for i, row in enumerate(rows):
+        if header != ["input", "output"]:
+            raise TaskFormatError(
+                f"task {name!r}: a CSV task file must start with the header row 'input,output', "
+                f"got {','.join(rows[0])!r}"
+            )
+        for i, row in enumerate(rows[1:], start=2):
+            if not row:
+                continue  # blank line
             if len(row) != 2:
-                raise TaskFormatError(f"task {name!r}, CSV row {i + 1}: expected 2 columns, got {len(row)}")
-            pairs.append((row[0].strip(), row[1].strip()))
+                items.append((f"CSV row {i}", f"expected 2 columns, got {len(row)}"))
+            else:
+                items.append((f"CSV row {i}", (row[0], row[1])))
     else:
         raise TaskFormatError(f"unknown task format {fmt!r}")
-    return Task(name, tuple(tuple(p) for p in pairs))  # type: ignore[misc]
+    pairs: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for where, raw in items:
+        if isinstance(raw, str):  # a structural problem found above
+            skipped.append(f"{where}: {raw}")
+            continue
+        pair = tuple(s.strip() if isinstance(s, str) else s for s in raw)  # type: ignore[union-attr]
+        problem = pair_problem(pair)
+        if problem:
+            skipped.append(f"{where}: {problem}")
+        else:
+            pairs.append(pair)  # type: ignore[arg-type]
+    if skipped and (strict or not pairs):
+        what = "no usable pairs" if not pairs else f"{len(skipped)} unusable pair(s) (strict mode)"
+        raise TaskFormatError(f"task {name!r}: {what}; " + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    if skipped:
+        warnings.warn(
+            f"task {name!r}: skipped {len(skipped)} of {len(items)} pairs that cannot form a prompt: "
+            + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "") + " (use --strict to refuse the file instead)",
+            SkippedPairsWarning, stacklevel=2,
+        )  # fmt: skip
+    return Task(name, tuple(pairs))
 
 
 def _algo_task(name: str) -> Task:

@@ -1,10 +1,15 @@
 """`icl-circuits view RUN_DIR`: a local web page for browsing a run (paper App. C).
 
-    tasks -> a task's task vector vs. its cleaned features (weights, steering effects)
-          -> a feature's page (max-activating examples, tokens shaded by activation; token-type
-             masses and steering-heatmap row when the run has them) -> the circuits it is in
-    circuits -> nodes and edges, each node a link to its feature page; faithfulness tables
+    tasks -> a task's TV encoding vs. cleaned weights (bar chart), TVC curves, steering effects
+          -> a feature's dashboard (logit lens, density + histogram, activations on the tasks' ICL
+             prompts by token type, steering effect per task, nearest features by decoder cosine;
+             precomputed by icl_circuits.dashboards.build_dashboards) and its max-activating
+             examples -> the circuits it is in
+    features -> search by SAE + feature id; a run's features sortable by any column
+    circuits -> the graph as SVG (nodes link to feature pages, hover: node, token type, effect),
+             filters by layer / site / token type, the faithfulness curve beside it
     plots -> every figure of the run
+Charts are inline SVG drawn on the server (icl_circuits.report.svg_*); docs/viewer.md has the details.
 
 Two layers, kept apart so other modules' formats can be plugged in:
   * RunData reads a run directory defensively and returns plain dicts (it shows what is there and
@@ -15,13 +20,17 @@ Two layers, kept apart so other modules' formats can be plugged in:
       - any JSON with "tasks", "features" and a matrix ("values"/"effects"/"matrix"/"heatmap")
                                                 a steering heatmap, features x tasks
       - any JSON whose name has "token_type"    token-type masses per latent
+      - `dashboards.sqlite`                     precomputed feature dashboards (icl_circuits.dashboards)
       - PNG / SVG                               plots
   * Pages render those dicts as HTML. Every string from the run (task names, token texts, file
     names) goes through html.escape; pages carry no JavaScript and a CSP that forbids scripts.
 
-Only files inside RUN_DIR are ever served: paths with '..', '.', backslashes or NUL (also when
-percent-encoded) are refused with 403, and resolved paths (symlinks followed) must stay inside.
-The server binds 127.0.0.1 by default and checks the Host header (no DNS rebinding).
+Only files inside RUN_DIR are ever served or read: paths with '..', '.', backslashes or NUL (also
+when percent-encoded) are refused with 403, and every read, by the file server and by the data
+layer alike, goes through `contained()` (resolved path, symlinks followed, must stay inside).
+The server binds 127.0.0.1 by default and always checks the Host header (no DNS rebinding), also
+on a wildcard bind, where only the machine's own names and `allow_hosts` are added. Every
+response, errors and redirects included, carries the CSP.
 """
 
 from __future__ import annotations
@@ -38,8 +47,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from .dashboards import FILE_NAME as DASHBOARD_FILE
+from .dashboards import SORT_COLUMNS, DashboardStore
 from .examples import Example, ExampleStore
-from .report import file_tables, html_table, json_tables
+from .report import file_tables, html_table, json_tables, svg_grouped_bars, svg_histogram, svg_hbars, svg_lines
 
 MAX_JSON_BYTES = 20 * 2**20
 MAX_DEPTH = 4
@@ -48,6 +59,18 @@ SKIP_DIRS = {".git", "__pycache__", "node_modules"}
 
 def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
+
+
+def contained(root: Path, p: str | os.PathLike) -> Path | None:
+    """p resolved (symlinks followed) if it is a regular file inside root (itself resolved), else None.
+    The data layer (RunData.contained) and the file server (safe_path) both go through this."""
+    try:
+        r = Path(p).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    if not r.is_relative_to(root) or not r.is_file():
+        return None
+    return r
 
 
 def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -77,21 +100,49 @@ class RunData:
         self.refresh()
 
     # -- scanning ----------------------------------------------------------------------------------
+    def contained(self, p: str | os.PathLike) -> Path | None:
+        """The one containment check every read goes through: p resolved (symlinks followed) if it
+        is a regular file inside RUN_DIR, else None. Example stores named on the command line
+        (`--examples`) are the only files read from outside, because the user named them."""
+        return contained(self.root, p)
+
     def _files(self) -> list[Path]:
         out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root):  # followlinks=False: symlinked folders are not entered
             depth = len(Path(dirpath).relative_to(self.root).parts)
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
-            out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+            for f in sorted(filenames):
+                if f.startswith(".") or f.endswith(".partial"):
+                    continue
+                p = Path(dirpath) / f
+                if self.contained(p) is None:
+                    self.problems.append(f"{p.relative_to(self.root).as_posix()}: leads outside the run directory (not read)")
+                    continue
+                out.append(p)
         return out
 
+    def read_json(self, p: Path) -> Any:
+        """A JSON file of the run, through the containment check (ValueError when outside or too big)."""
+        r = self.contained(p)
+        if r is None:
+            raise ValueError(f"{p.name}: not a file inside the run directory")
+        if r.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{p.name}: larger than {MAX_JSON_BYTES} bytes")
+        return json.loads(r.read_text(encoding="utf-8"))
+
     def refresh(self) -> None:
+        self.problems: list[str] = []
         files = self._files()
         self.stores: list[ExampleStore] = []
-        self.problems: list[str] = []
         for p in [f for f in files if f.name == "examples.sqlite"] + self.extra_stores:
             try:
                 self.stores.append(ExampleStore(p))
+            except (ValueError, FileNotFoundError) as e:
+                self.problems.append(str(e))
+        self.dashboards: list[DashboardStore] = []
+        for p in [f for f in files if f.name == DASHBOARD_FILE]:
+            try:
+                self.dashboards.append(DashboardStore(p))
             except (ValueError, FileNotFoundError) as e:
                 self.problems.append(str(e))
         self.figures = [self.rel(p) for p in files if p.suffix in (".png", ".svg")]
@@ -104,7 +155,7 @@ class RunData:
             if p.suffix != ".json" or p.stat().st_size > MAX_JSON_BYTES:
                 continue
             try:
-                obj = json.loads(p.read_text(encoding="utf-8"))
+                obj = self.read_json(p)
             except (ValueError, UnicodeDecodeError, OSError) as e:
                 self.problems.append(f"{self.rel(p)}: {e}")
                 continue
@@ -141,8 +192,8 @@ class RunData:
     def _cleaning(self, p: Path, obj: dict[str, Any]) -> dict[str, Any]:
         weights = obj.get("weights") or []
         initial = obj.get("initial_weights") or []
-        st = p.with_name("cleaning.safetensors")
-        if (not weights or not initial) and st.is_file():  # TVC keeps the [d_sae] vectors next to the JSON
+        st = self.contained(p.with_name("cleaning.safetensors"))
+        if (not weights or not initial) and st is not None:  # TVC keeps the [d_sae] vectors next to the JSON
             from safetensors.numpy import load_file
 
             t = load_file(str(st))
@@ -170,10 +221,11 @@ class RunData:
         sae = obj.get("sae_spec") or obj.get("sae") or ""
         scalars = {k: v for k, v in obj.items() if not isinstance(v, (list, dict))}
         extra = {k: v for k, v in obj.items() if k in ("scores", "feature_effects") and v}
+        curves = {k: obj[k] for k in ("l0_history", "train_loss", "eval_loss") if isinstance(obj.get(k), list) and obj[k]}
         return {
             "name": name, "task": name, "file": self.rel(p), "dir": self.rel(p.parent), "sae": _sae_key(sae) if sae else "",
             "layer": obj.get("layer"), "setting": obj.get("setting"), "features": feats, "tv_features": tv,
-            "summary": scalars, "extra": extra,
+            "summary": scalars, "extra": extra, "curves": curves,
         }  # fmt: skip
 
     def _circuit(self, p: Path, obj: dict[str, Any], index: int) -> dict[str, Any]:
@@ -198,9 +250,29 @@ class RunData:
                     nodes.append(by_id[x])
         extras = {k: v for k, v in obj.items() if k not in ("nodes", "edges")}
         return {
-            "index": index, "file": self.rel(p), "dir": self.rel(p.parent), "task": obj.get("task") or p.parent.name,
+            "index": index, "file": self.rel(p), "dir": self.rel(p.parent), "task": str(obj.get("task") or p.parent.name),
             "title": str(obj.get("title") or obj.get("task") or p.stem), "nodes": nodes, "edges": edges, "extras": extras,
+            "curve": self._faithfulness(p, obj),
         }  # fmt: skip
+
+    def _faithfulness(self, p: Path, obj: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+        """Faithfulness curves of a circuit: the ablation module's faithfulness.json next to the graph
+        (sizes, faith_C, faith_M), or records [{n_nodes, faithfulness}] inside the graph."""
+        out: dict[str, list[tuple[float, float]]] = {}
+        try:
+            f = self.read_json(p.with_name("faithfulness.json")) if p.with_name("faithfulness.json").exists() else None
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            self.problems.append(f"{self.rel(p.with_name('faithfulness.json'))}: {e}")
+            f = None
+        if isinstance(f, dict) and isinstance(f.get("sizes"), list):
+            for key, name in (("faith_C", "circuit C_N"), ("faith_M", "complement M − C_N")):
+                if isinstance(f.get(key), list):
+                    out[name] = [(x, y) for x, y in zip(f["sizes"], f[key]) if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+        recs = obj.get("faithfulness")
+        if not out and isinstance(recs, list):
+            pts = [(_first(r, "n_nodes", "size", "n"), _first(r, "faithfulness", "faith_C", "value")) for r in recs if isinstance(r, dict)]
+            out["circuit"] = [(x, y) for x, y in pts if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+        return {k: v for k, v in out.items() if v}
 
     def _node(self, n: Any, i: int) -> dict[str, Any]:
         if not isinstance(n, dict):
@@ -243,7 +315,13 @@ class RunData:
 
     # -- queries the pages use ----------------------------------------------------------------------
     def sae_names(self) -> list[str]:
-        return list(dict.fromkeys(s["name"] for st in self.stores for s in st.saes()))
+        return list(dict.fromkeys([s["name"] for st in self.stores for s in st.saes()] + [s["name"] for d in self.dashboards for s in d.saes()]))
+
+    def sae_info(self, sae: str) -> dict[str, Any]:
+        return next((s for st in [*self.stores, *self.dashboards] for s in st.saes() if s["name"] == sae), {"name": sae})
+
+    def dashboard_for(self, sae: str) -> DashboardStore | None:
+        return next((d for d in self.dashboards if d.has(sae)), None)
 
     def resolve_sae(self, key: Any) -> str | None:
         """A store's SAE name for 'resid_12', 'resid:12' or a site like 'resid_pre.12'."""
@@ -253,10 +331,19 @@ class RunData:
         k = _sae_key(key)
         if k in names:
             return k
-        for st in self.stores:
+        for st in [*self.stores, *self.dashboards]:
             for s in st.saes():
                 if s["site"] == str(key):
                     return s["name"]
+        if isinstance(key, str) and re.match(r"^[a-z]+[._:]\d+$", key):  # a circuit key 'resid.12' names the SAE at resid_pre.12
+            from .circuits import KIND_SITES
+
+            kind, _, layer = re.split(r"([._:])", key)
+            site = f"{KIND_SITES[kind][0]}.{layer}" if kind in KIND_SITES else None
+            for st in [*self.stores, *self.dashboards]:
+                for s in st.saes():
+                    if site and s["site"] == site:
+                        return s["name"]
         return None
 
     def same_sae(self, key: Any, sae: str) -> bool:
@@ -270,7 +357,8 @@ class RunData:
         """Everything known about one latent: stats, examples, tasks, circuits, heatmap rows, masses."""
         store = self.store_for(sae)
         examples: list[Example] = store.examples(sae, latent, limit=limit) if store else []
-        info = next((s for st in self.stores for s in st.saes() if s["name"] == sae), {"name": sae})
+        info = self.sae_info(sae)
+        dash = self.dashboard_for(sae)
         tasks = [
             {"task": t["name"], "weight": f["weight"], "initial_weight": f.get("initial_weight")}
             for t in self.tasks.values() if not t["sae"] or self.same_sae(t["sae"], sae)
@@ -287,7 +375,14 @@ class RunData:
                 continue
             r = h["values"][h["features"].index(latent)]
             rows.append({"file": h["file"], "title": h["title"], "values": dict(zip(h["tasks"], r))})
+        alone = {  # the cleaning run's own measurement: steering with this feature alone, per task
+            t["name"]: e.get("alone")
+            for t in self.tasks.values() if not t["sae"] or self.same_sae(t["sae"], sae)
+            for e in t["extra"].get("feature_effects", []) if isinstance(e, dict) and e.get("index") == latent
+        }  # fmt: skip
         return {
+            "dashboard": dash.feature(sae, latent) if dash else None, "has_dashboard": dash is not None,
+            "alone": {k: v for k, v in alone.items() if isinstance(v, (int, float))},
             "sae": sae, "latent": latent, "info": info, "has_store": store is not None,
             "stats": store.latent_stats(sae, latent) if store else None, "examples": examples,
             "tasks": tasks, "circuits": circuits, "heatmap_rows": rows, "masses": self._masses(sae, latent),
@@ -342,6 +437,11 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top} 
 .tok{border-radius:2px} .tok.target{outline:1.5px solid #b71c1c}
 .muted{color:#777} .bar{display:inline-block;height:10px;background:#1e88e5}
 img{max-width:100%;border:1px solid #eee} svg a:hover circle{stroke:#000;stroke-width:2}
+.panel{border:1px solid #e0e0e0;border-radius:4px;padding:.4em 1em;margin:1em 0} .row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.grow{flex:1 1 600px} .bar.neg{background:#e53935} .icl-task h4{margin:.6em 0 .2em;font-weight:600}
+.ty-prompt{border-bottom:2px solid #9e9e9e} .ty-input{border-bottom:2px solid #2ca02c} .ty-arrow{border-bottom:2px solid #1f77b4}
+.ty-output{border-bottom:2px solid #ff7f0e} .ty-newline{border-bottom:2px solid #9467bd} .ty-extra{border-bottom:2px solid #8c564b}
+.legend .tok{margin-right:.6em;font-size:12px} code.lens-token{white-space:pre} th a.sort{color:inherit} form label{margin-right:.8em}
 """
 CSP = "default-src 'self'; script-src 'none'; object-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'self'"
 
@@ -403,6 +503,10 @@ def index_page(data: RunData) -> str:
             rows.append([f"<a href='/sae/{esc(quote(s['name'], safe=''))}'>{esc(s['name'])}</a>", esc(s["site"]), esc(s["d_sae"]),
                          esc(f"{prog.get('tokens', 0):,}"), esc(f"{st.count(s['name']):,}"), esc(data.rel(st.path))])  # fmt: skip
     parts.append(table(["SAE", "site", "latents", "tokens read", "examples stored", "file"], rows) if rows else "<p class='muted'>none</p>")
+    if data.dashboards:
+        rows = [[f"<a href='/sae/{esc(quote(s['name'], safe=''))}'>{esc(s['name'])}</a>", esc(s["site"]), esc(s["d_sae"]),
+                 esc(f"{s['n_tokens']:,}"), esc(len(d.tasks)), esc(data.rel(d.path))] for d in data.dashboards for s in d.saes()]  # fmt: skip
+        parts.append(f"<h2>Feature dashboards ({len(rows)})</h2>" + table(["SAE", "site", "latents", "ICL-prompt tokens", "tasks", "file"], rows))
     if data.reports:
         parts.append("<h2>Reports</h2><ul>" + "".join(f"<li><a href='/files/{esc(quote(r))}'>{esc(r)}</a></li>" for r in data.reports) + "</ul>")
     parts.append(f"<p><a href='/plots'>{len(data.figures)} plots</a></p>")
@@ -428,6 +532,14 @@ def _circuit_list(data: RunData) -> str:
     return table(["circuit", "task", "nodes", "edges", "file"], rows)
 
 
+def _task_href(data: RunData, task: str) -> str | None:
+    """The task page of a task name (also 'name (setting, layer n)' variants), or None."""
+    if task in data.tasks:
+        return f"/task/{quote(task, safe='')}"
+    same = [t["name"] for t in data.tasks.values() if t["task"] == task]
+    return f"/task/{quote(same[0], safe='')}" if same else None
+
+
 def task_page(data: RunData, name: str) -> str | None:
     t = data.tasks.get(name)
     if t is None:
@@ -436,6 +548,32 @@ def task_page(data: RunData, name: str) -> str | None:
     own = {e["index"]: e.get("alone") for e in t["extra"].get("feature_effects", []) if isinstance(e, dict) and "index" in e}
     steer = {**own, **data.task_steering(t["task"], t["setting"])}
     parts = [html_table([t["summary"]]) if t["summary"] else ""]
+    # the TV's SAE encoding against the cleaned weights, for the latents in either
+    shown = {f["latent"]: f for f in t["tv_features"][:30]}
+    for f in t["features"]:
+        shown.setdefault(f["latent"], {"latent": f["latent"], "initial_weight": f.get("initial_weight")})
+    latents = sorted(shown, key=lambda i: -max(abs(shown[i].get("initial_weight") or 0),
+                                               abs(next((f["weight"] or 0 for f in t["features"] if f["latent"] == i), 0))))  # fmt: skip
+    cleaned = {f["latent"]: f["weight"] for f in t["features"]}
+    sae = data.resolve_sae(t["sae"])
+    parts.append("<section id='task-weights' class='panel'><h2>TV's SAE encoding vs cleaned weights</h2>" + svg_grouped_bars(
+        [f"#{i}" for i in latents],
+        [("TV encoding", "#90a4ae", [shown[i].get("initial_weight") or 0.0 for i in latents]),
+         ("after cleaning", "#1e88e5", [cleaned.get(i) or 0.0 for i in latents])],
+        links=[feature_url(sae, i) if sae else None for i in latents], css_class="chart weights") + "</section>")  # fmt: skip
+    curves = t.get("curves") or {}
+    if curves:
+        charts = []
+        if curves.get("l0_history"):
+            charts.append(svg_lines([("L0", list(enumerate(curves["l0_history"], 1)))], xlabel="step", ylabel="L0", title="L0 per step", css_class="chart tvc-l0"))
+        loss = []
+        if curves.get("train_loss"):
+            loss.append(("train NLL", list(enumerate(curves["train_loss"], 1))))
+        if curves.get("eval_loss"):
+            loss.append(("eval NLL", [(r[0], r[1]) for r in curves["eval_loss"] if isinstance(r, (list, tuple)) and len(r) == 2]))
+        if loss:
+            charts.append(svg_lines(loss, xlabel="step", ylabel="NLL", title="loss per step", css_class="chart tvc-loss"))
+        parts.append("<section id='tvc-curves' class='panel'><h2>TVC curves</h2><div class='row'>" + "".join(charts) + "</div></section>")
     parts.append(f"<h2>Cleaned features ({len(t['features'])})</h2>")
     rows = [[feature_link(data, t["sae"], f["latent"]), _num(f["weight"]), _num(f.get("initial_weight")), _num(steer.get(f["latent"]))]
             for f in t["features"]]  # fmt: skip
@@ -464,28 +602,107 @@ def _spread(examples: list[Example], n_top: int = 8, n_bins: int = 6, per_bin: i
     return top + [e for b in bins for e in [x for x in examples if x.bin == b][:per_bin]]
 
 
+TYPE_COLORS = {"prompt": "#9e9e9e", "input": "#2ca02c", "arrow": "#1f77b4", "output": "#ff7f0e", "newline": "#9467bd", "extra": "#8c564b", "bos": "#cfd8dc"}
+
+
+def _tokens(tokens: list[str], acts: list[float], types: list[str], scale: float) -> str:
+    """An ICL prompt as coloured tokens: background by activation, underline by token type."""
+    spans = []
+    for t, a, ty in zip(tokens, acts, types):
+        alpha = 0.0 if scale <= 0 else min(max(a, 0.0) / scale, 1.0)
+        text = t.replace("\n", "⏎")
+        spans.append(f"<span class='tok ty-{esc(ty)}' style='background:rgba(229,57,53,{alpha:.2f})' title='{esc(ty)}: {a:.3g}'>{esc(text)}</span>")
+    return "".join(spans)
+
+
+def lens_text(t: Any) -> str:
+    """How the logit lens shows a token: newlines as ⏎, a token without text (special, unused) as [id N]."""
+    return t.text.replace("\n", "⏎") if t.text else f"[id {t.token_id}]"
+
+
+def _lens_table(tokens: list[Any], sign: str) -> str:
+    top = max((abs(t.value) for t in tokens), default=1.0) or 1.0
+    rows = [[f"<code class='lens-token' title='token id {t.token_id}'>{esc(lens_text(t))}</code>", esc(f"{t.value:+.3f}"),
+             f"<span class='bar {sign}' style='width:{int(100 * abs(t.value) / top)}px'></span>"] for t in tokens]  # fmt: skip
+    return table(["token", "logit", ""], rows)
+
+
+def _dashboard_panels(data: RunData, fd: dict[str, Any]) -> list[str]:
+    d = fd["dashboard"]
+    sae, latent = fd["sae"], fd["latent"]
+    parts = []
+    if d is None:
+        if not fd["has_dashboard"]:
+            parts.append("<p class='muted'>No dashboard data for this SAE in the run (precompute it with <code>build_dashboards</code>, "
+                         "<code>icl-circuits dashboards</code>).</p>")  # fmt: skip
+        else:
+            parts.append("<p class='muted'>This latent is not in the run's dashboard file.</p>")
+    else:
+        where = "the final norm and the unembedding" if d.final_norm else "the unembedding"
+        parts.append(
+            f"<section id='logit-lens' class='panel'><h2>Logit lens</h2><p class='muted'>the decoder direction through {where}</p>"
+            f"<div class='row'><div><h3>top +</h3>{_lens_table(d.logit_pos, 'pos')}</div><div><h3>top −</h3>{_lens_table(d.logit_neg, 'neg')}</div></div></section>"
+        )  # fmt: skip
+        parts.append(
+            f"<section id='density' class='panel'><h2>Activation density</h2><p>fires on <b>{d.n_fired:,}</b> of {d.n_tokens:,} tokens of the tasks' "
+            f"ICL prompts (density <b>{d.density:.3g}</b>); mean when firing {d.mean_act:.3g}, max {d.max_act:.3g}.</p>"
+            + (svg_histogram(d.hist, 0.0, d.max_act, xlabel="non-zero activation", css_class="chart histogram") if d.n_fired else
+               "<p class='muted'>It never fired on these prompts.</p>") + "</section>"
+        )  # fmt: skip
+        icl = ["<section id='icl-prompts' class='panel'><h2>On the tasks' ICL prompts</h2>"]
+        if not d.tasks:
+            icl.append("<p class='muted'>It fires on no task's prompts.</p>")
+        else:
+            total = {ty: sum(t.masses.get(ty, 0.0) for t in d.tasks) for ty in d.mass_types}
+            s = sum(total.values()) or 1.0
+            icl.append(svg_hbars([(ty, v / s) for ty, v in total.items()], title="share of activation mass by token type (all tasks)", css_class="chart masses"))
+            icl.append("<div class='legend'>" + "".join(f"<span class='tok ty-{esc(ty)}'>{esc(ty)}</span> " for ty in d.mass_types) + "</div>")
+            scale = max((a for t in d.tasks for a in t.acts), default=0.0)
+            for t in sorted(d.tasks, key=lambda t: -t.total):
+                href = _task_href(data, t.task)
+                name = f"<a href='{esc(href)}'>{esc(t.task)}</a>" if href else esc(t.task)
+                shares = " ".join(f"{esc(ty)} {100 * v / (t.total or 1):.0f}%" for ty, v in t.masses.items() if v > 0)
+                icl.append(f"<div class='icl-task'><h4>{name} <span class='muted'>mass {t.total:.3g}: {shares}</span></h4>"
+                           f"<div class='ex'>{_tokens(t.tokens, t.acts, t.types, scale)}</div></div>")  # fmt: skip
+        parts.append("".join(icl) + "</section>")
+        nb = [[feature_link(data, sae, j), esc(f"{c:.3f}")] for j, c in d.neighbours]
+        parts.append("<section id='neighbours' class='panel'><h2>Nearest features by decoder cosine</h2>" + table(["feature", "cosine"], nb) + "</section>")
+    steer = []
+    for r in fd["heatmap_rows"]:
+        vals = [(k, v) for k, v in r["values"].items() if isinstance(v, (int, float))]
+        steer.append(svg_hbars(vals, title=r["title"], links=[_task_href(data, k) for k, _ in vals], css_class="chart steering"))
+    if fd["alone"]:
+        vals = list(fd["alone"].items())
+        steer.append(svg_hbars(vals, title="cleaning runs: steering with this feature alone", links=[_task_href(data, k) for k, _ in vals], css_class="chart steering"))
+    if steer:
+        parts.append("<section id='steering' class='panel'><h2>Steering effect per task</h2><p class='muted'>relative loss decrease when steering with the feature</p>"
+                     + "".join(steer) + "</section>")  # fmt: skip
+    return parts
+
+
 def feature_page(data: RunData, sae: str, latent: int, all_examples: bool = False) -> str:
     fd = data.feature(sae, latent, limit=None)
     if not all_examples:
         fd["examples"] = _spread(fd["examples"])
     parts = []
     info = fd["info"]
-    parts.append(f"<p>SAE <b>{esc(sae)}</b> at <code>{esc(info.get('site', '?'))}</code>, latent {latent}.</p>")
+    d_sae = info.get("d_sae")
+    nav = []
+    if latent > 0:
+        nav.append(f"<a rel='prev' href='{esc(feature_url(sae, latent - 1))}'>← #{latent - 1}</a>")
+    if not isinstance(d_sae, int) or latent + 1 < d_sae:
+        nav.append(f"<a rel='next' href='{esc(feature_url(sae, latent + 1))}'>#{latent + 1} →</a>")
+    parts.append(f"<p>SAE <b><a href='/sae/{esc(quote(sae, safe=''))}'>{esc(sae)}</a></b> at <code>{esc(info.get('site', '?'))}</code>, latent {latent}. "
+                 + " ".join(nav) + "</p>")  # fmt: skip
     if fd["stats"]:
         s = fd["stats"]
-        parts.append(f"<p>fires on {s['n_fired']:,} tokens (density {s['density']:.3g}); mean activation {s['mean_act']:.3g}, max {s['max_act']:.3g}.</p>")
+        parts.append(f"<p>on the corpus: fires on {s['n_fired']:,} tokens (density {s['density']:.3g}); mean activation {s['mean_act']:.3g}, max {s['max_act']:.3g}.</p>")
+    if not all_examples:
+        parts += _dashboard_panels(data, fd)
     if fd["tasks"]:
         parts.append("<h2>In cleaned task vectors</h2>" + table(
             ["task", "weight after cleaning", "weight in TV encoding"],
             [[f"<a href='/task/{esc(quote(t['task'], safe=''))}'>{esc(t['task'])}</a>", _num(t["weight"]), _num(t["initial_weight"])] for t in fd["tasks"]]))  # fmt: skip
-    if fd["heatmap_rows"]:
-        parts.append("<h2>Steering heatmap row</h2>")
-        for r in fd["heatmap_rows"]:
-            vals = r["values"]
-            top = max((abs(v) for v in vals.values() if isinstance(v, (int, float))), default=1.0) or 1.0
-            rows = [[esc(k), _num(v), f"<span class='bar' style='width:{int(120 * abs(v) / top) if isinstance(v, (int, float)) else 0}px'></span>"]
-                    for k, v in vals.items()]  # fmt: skip
-            parts.append(f"<h3>{esc(r['title'])}</h3>" + table(["task", "effect", ""], rows))
     if fd["masses"]:
         parts.append("<h2>Token-type masses</h2>" + html_table(fd["masses"]))
     if fd["circuits"]:
@@ -511,18 +728,57 @@ def feature_page(data: RunData, sae: str, latent: int, all_examples: bool = Fals
     return page(title, "".join(parts))
 
 
-def sae_page(data: RunData, sae: str) -> str | None:
+SAE_COLUMNS = [("latent", "latent"), ("density", "density"), ("n_fired", "tokens fired"), ("max_act", "max act"), ("mean_act", "mean act"),
+               ("top_token", "top logit token"), ("top_logit", "its logit"), ("top_type", "main token type"), ("n_tasks", "tasks fired on")]  # fmt: skip
+PAGE_SIZE = 200
+
+
+def sae_page(data: RunData, sae: str, query: dict[str, list[str]] | None = None) -> str | None:
+    """A run's features of one SAE, sorted by any column (?sort=COLUMN&order=asc|desc&page=N)."""
+    query = query or {}
+    dash = data.dashboard_for(sae)
     store = data.store_for(sae)
-    if store is None:
+    if dash is None and store is None:
         return None
-    rows = [[feature_link(data, sae, r["latent"]), esc(f"{r['n_fired']:,}"), _num(r["max_act"])] for r in store.top_latents(sae, limit=300)]
-    return page(f"SAE {sae}: latents by max activation", table(["latent", "tokens fired", "max activation"], rows))
+    if dash is None:
+        rows = [[feature_link(data, sae, r["latent"]), esc(f"{r['n_fired']:,}"), _num(r["max_act"])] for r in store.top_latents(sae, limit=300)]  # type: ignore[union-attr]
+        return page(f"SAE {sae}: latents by max activation", table(["latent", "tokens fired", "max activation"], rows))
+    sort = query.get("sort", ["density"])[0]
+    if sort not in SORT_COLUMNS:
+        raise ValueError(f"unknown sort column {sort!r}")
+    order = query.get("order", ["asc" if sort in ("latent", "top_token", "top_type") else "desc"])[0]
+    if order not in ("asc", "desc"):
+        raise ValueError(f"order must be asc or desc, got {order!r}")
+    pg = query.get("page", ["0"])[0]
+    if not pg.isdigit():
+        raise ValueError(f"page must be a number, got {pg!r}")
+    n = dash.count(sae)
+    rows = dash.features(sae, sort, order == "desc", PAGE_SIZE, int(pg) * PAGE_SIZE)
+    base = f"/sae/{quote(sae, safe='')}"
+    head = []
+    for col, label in SAE_COLUMNS:
+        flip = "asc" if (col == sort and order == "desc") else "desc"
+        mark = (" ▼" if order == "desc" else " ▲") if col == sort else ""
+        head.append(f"<th><a class='sort' href='{esc(base)}?sort={col}&amp;order={flip}'>{esc(label)}{mark}</a></th>")
+    body = []
+    for r in rows:
+        cells = [feature_link(data, sae, r["latent"]), esc(f"{r['density']:.3g}"), esc(f"{r['n_fired']:,}"), _num(r["max_act"]), _num(r["mean_act"]),
+                 f"<code>{esc(r['top_token'])}</code>", _num(r["top_logit"]), esc(r["top_type"]), esc(r["n_tasks"])]  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    pages = []
+    if int(pg) > 0:
+        pages.append(f"<a href='{esc(base)}?sort={sort}&amp;order={order}&amp;page={int(pg) - 1}'>← previous</a>")
+    if (int(pg) + 1) * PAGE_SIZE < n:
+        pages.append(f"<a href='{esc(base)}?sort={sort}&amp;order={order}&amp;page={int(pg) + 1}'>next →</a>")
+    html_out = (f"<p class='muted'>{n:,} latents; density and activations on the tasks' ICL prompts. Click a column to sort.</p>"
+                f"<table id='feature-list'><thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(body)}</tbody></table><p>{' '.join(pages)}</p>")  # fmt: skip
+    return page(f"SAE {sae}: features", html_out)
 
 
 def features_page(data: RunData) -> str:
-    parts = ["<form action='/goto' method='get'><select name='sae'>"]
+    parts = ["<form id='search' action='/goto' method='get'>SAE <select name='sae'>"]
     parts += [f"<option>{esc(n)}</option>" for n in data.sae_names()]
-    parts.append("</select> latent <input name='latent' size='6'> <button>open</button></form>")
+    parts.append("</select> feature <input name='latent' size='8' inputmode='numeric' pattern='[0-9]+' required> <button>open</button></form>")
     parts.append("<ul>" + "".join(f"<li><a href='/sae/{esc(quote(n, safe=''))}'>{esc(n)}</a></li>" for n in data.sae_names()) + "</ul>")
     return page("Features", "".join(parts))
 
@@ -530,10 +786,24 @@ def features_page(data: RunData) -> str:
 KIND_RANK = {"resid": 0, "attn": 1, "mlp": 2, "transcoder": 2}
 
 
-def circuit_svg(data: RunData, c: dict[str, Any]) -> str:
+def _node_filter(c: dict[str, Any], query: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The circuit's nodes kept by ?layer=&site=&type= (empty: all)."""
+    chosen = {k: query.get(k, [""])[0] for k in ("layer", "site", "type")}
+    nodes = [
+        n for n in c["nodes"]
+        if (not chosen["layer"] or str(n["layer"]) == chosen["layer"]) and (not chosen["site"] or n["kind"] == chosen["site"])
+        and (not chosen["type"] or str(n["where"]) == chosen["type"])
+    ]  # fmt: skip
+    return nodes, chosen
+
+
+def circuit_svg(data: RunData, c: dict[str, Any], nodes: list[dict[str, Any]] | None = None) -> str:
     """Nodes in rows by (layer, resid < attn < mlp), earliest at the bottom; edges as lines
-    (blue positive, red negative, width by |weight|); nodes with an example store link to feature pages."""
-    nodes = c["nodes"]
+    (blue positive, red negative, width by |weight|); nodes with an example store or dashboard link
+    to feature pages; hovering a node shows its name, token type and effect."""
+    nodes = c["nodes"] if nodes is None else nodes
+    ids = {n["id"] for n in nodes}
+    edges = [e for e in c["edges"] if e["source"] in ids and e["target"] in ids]
 
     def row_key(n: dict[str, Any]) -> tuple[float, int, str]:
         layer = n["layer"] if isinstance(n["layer"], (int, float)) else float("inf")
@@ -547,16 +817,16 @@ def circuit_svg(data: RunData, c: dict[str, Any]) -> str:
         r.sort(key=lambda n: (types.index(n["where"]) if n["where"] in types else len(types),
                               -abs(n["effect"]) if isinstance(n["effect"], (int, float)) else 0))  # fmt: skip
     keys = sorted(rows)
-    width = max(700, 110 * max((len(r) for r in rows.values()), default=1) + 90)
+    width = max(600, 110 * max((len(r) for r in rows.values()), default=1) + 90)
     height = 80 * len(keys) + 40
     pos = {}
     for yi, k in enumerate(keys):
         for xi, n in enumerate(rows[k]):
             pos[n["id"]] = (90 + (xi + 0.5) * (width - 90) / len(rows[k]), height - 30 - 80 * yi)
-    wmax = max((abs(e["weight"]) for e in c["edges"] if isinstance(e["weight"], (int, float))), default=1.0) or 1.0
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width:.0f} {height}' width='100%' "
+    wmax = max((abs(e["weight"]) for e in edges if isinstance(e["weight"], (int, float))), default=1.0) or 1.0
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' id='circuit-graph' viewBox='0 0 {width:.0f} {height}' width='100%' "
            f"style='max-width:{width:.0f}px' font-size='11'>"]  # fmt: skip
-    for e in c["edges"]:
+    for e in edges:
         (x1, y1), (x2, y2) = pos[e["source"]], pos[e["target"]]
         w = e["weight"] if isinstance(e["weight"], (int, float)) else 0.5 * wmax
         r = min(abs(w) / wmax, 1.0)
@@ -570,30 +840,55 @@ def circuit_svg(data: RunData, c: dict[str, Any]) -> str:
         x, y = pos[n["id"]]
         sae = data.resolve_sae(n["sae"] or n["site"])
         label = (f"#{n['latent']}" if n["latent"] is not None else "err") + (f" @{n['where']}" if n["where"] else "")
-        fill = "#ffb300" if sae and n["latent"] is not None else "#b0bec5"
+        linked = sae and n["latent"] is not None
+        fill = TYPE_COLORS.get(str(n["where"]), "#ffb300") if linked else "#b0bec5"
+        hover = f"{n['label']} — token type: {n['where'] if n['where'] is not None else '?'} — effect: {_num(n['effect'])}"
         circle = (f"<circle cx='{x:.0f}' cy='{y:.0f}' r='8' fill='{fill}' stroke='#555'/>"
                   f"<text x='{x:.0f}' y='{y + 20:.0f}' text-anchor='middle'>{esc(label)}</text>"
-                  f"<title>{esc(n['label'])}: effect {_num(n['effect'])}</title>")  # fmt: skip
-        if sae and n["latent"] is not None:
-            out.append(f"<a href='{esc(feature_url(sae, n['latent']))}' class='node'>{circle}</a>")
+                  f"<title>{esc(hover)}</title>")  # fmt: skip
+        if linked:
+            out.append(f"<a href='{esc(feature_url(sae, n['latent']))}' class='node' data-node='{esc(n['id'])}'>{circle}</a>")
         else:
-            out.append(f"<g>{circle}</g>")
+            out.append(f"<g class='node-plain'>{circle}</g>")
     out.append("</svg>")
     return "".join(out)
 
 
-def circuit_page(data: RunData, index: int) -> str | None:
+def _select(name: str, label: str, options: list[str], chosen: str) -> str:
+    opts = [f"<option value=''{' selected' if not chosen else ''}>all</option>"]
+    opts += [f"<option value='{esc(o)}'{' selected' if o == chosen else ''}>{esc(o)}</option>" for o in options]
+    return f"<label>{esc(label)} <select name='{esc(name)}'>{''.join(opts)}</select></label> "
+
+
+def circuit_page(data: RunData, index: int, query: dict[str, list[str]] | None = None) -> str | None:
     if not 0 <= index < len(data.circuits):
         return None
     c = data.circuits[index]
-    parts = [f"<p class='muted'>{esc(c['file'])}; task {esc(c['task'])}; {len(c['nodes'])} nodes, {len(c['edges'])} edges. Yellow nodes link to feature pages.</p>"]
-    parts.append(circuit_svg(data, c))
+    nodes, chosen = _node_filter(c, query or {})
+    task_href = _task_href(data, c["task"])
+    task = f"<a href='{esc(task_href)}'>{esc(c['task'])}</a>" if task_href else esc(c["task"])
+    parts = [f"<p class='muted'>{esc(c['file'])}; task {task}; {len(c['nodes'])} nodes, {len(c['edges'])} edges. "
+             "Coloured nodes (by token type) link to feature pages; hover a node for its token type and effect.</p>"]  # fmt: skip
+    layers = sorted({str(n["layer"]) for n in c["nodes"] if n["layer"] is not None}, key=lambda x: (len(x), x))
+    kinds = sorted({n["kind"] for n in c["nodes"] if n["kind"]})
+    types = list(dict.fromkeys([str(t) for t in c["extras"].get("node_types") or []] + sorted({str(n["where"]) for n in c["nodes"] if n["where"] is not None})))
+    parts.append(f"<form id='circuit-filter' method='get' action='/circuit/{index}'>" + _select("layer", "layer", layers, chosen["layer"])
+                 + _select("site", "site", kinds, chosen["site"]) + _select("type", "token type", types, chosen["type"])
+                 + f"<button>filter</button> <a href='/circuit/{index}'>reset</a> <span class='muted'>{len(nodes)} of {len(c['nodes'])} nodes shown</span></form>")  # fmt: skip
+    curve = ""
+    if c.get("curve"):
+        curve = ("<div id='faithfulness-curve' class='panel'><h3>Faithfulness</h3>"
+                 + svg_lines(list(c["curve"].items()), width=360, height=240, xlabel="nodes kept (N)", ylabel="faithfulness", css_class="chart faithfulness")
+                 + "</div>")  # fmt: skip
+    parts.append(f"<div class='row'><div class='grow'>{circuit_svg(data, c, nodes)}</div>{curve}</div>")
     parts.append("<h2>Nodes</h2>" + table(
         ["node", "feature", "layer", "where", "effect"],
         [[esc(n["label"]), feature_link(data, n["sae"] or n["site"], n["latent"]), _num(n["layer"]), esc(n["where"] or ""), _num(n["effect"])]
-         for n in sorted(c["nodes"], key=lambda n: -abs(n["effect"]) if isinstance(n["effect"], (int, float)) else 0)]))  # fmt: skip
+         for n in sorted(nodes, key=lambda n: -abs(n["effect"]) if isinstance(n["effect"], (int, float)) else 0)]))  # fmt: skip
     label = {n["id"]: n["label"] for n in c["nodes"]}
-    parts.append("<h2>Edges</h2>" + table(["from", "to", "weight"], [[esc(label[e["source"]]), esc(label[e["target"]]), _num(e["weight"])] for e in c["edges"]]))
+    ids = {n["id"] for n in nodes}
+    parts.append("<h2>Edges</h2>" + table(["from", "to", "weight"], [[esc(label[e["source"]]), esc(label[e["target"]]), _num(e["weight"])]
+                                                                     for e in c["edges"] if e["source"] in ids and e["target"] in ids]))  # fmt: skip
     for k, v in c["extras"].items():
         if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(r, dict) for r in v)):
             for caption, rows in json_tables(v):
@@ -602,9 +897,10 @@ def circuit_page(data: RunData, index: int) -> str | None:
     parts += [f"<h3>{esc(f)}</h3><img src='/files/{esc(quote(f))}' alt='{esc(f)}'>" for f in figs]
     if c["dir"] != ".":  # the circuit's other tables (faithfulness curve, summary, node list)
         for p in sorted((data.root / c["dir"]).glob("*")):
-            if p.suffix in (".json", ".csv") and data.rel(p) != c["file"]:
+            inside = data.contained(p)
+            if inside is not None and p.suffix in (".json", ".csv") and data.rel(p) != c["file"]:
                 parts.append(f"<h2>{esc(p.name)}</h2>")
-                parts += [(f"<h3>{esc(cap)}</h3>" if cap else "") + html_table(rows) for cap, rows in file_tables(p)]
+                parts += [(f"<h3>{esc(cap)}</h3>" if cap else "") + html_table(rows) for cap, rows in file_tables(inside)]
     return page(f"Circuit: {c['title']}", "".join(parts))
 
 
@@ -618,14 +914,31 @@ def plots_page(data: RunData) -> str:
 # ==================================================================================================
 # HTTP
 # ==================================================================================================
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD = ("0.0.0.0", "::", "")
+
+
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, data: RunData, host: str, port: int) -> None:
+    def __init__(self, data: RunData, host: str, port: int, allow_hosts: list[str] | None = None) -> None:
         self.data = data
         super().__init__((host, port), ViewerHandler)
-        bound = self.server_address[1]
-        self.allowed_hosts = {f"{h}:{bound}" for h in ("127.0.0.1", "localhost", "[::1]", host)} | {"127.0.0.1", "localhost", host}
+        self.allowed_hosts = allowed_host_headers(host, self.server_address[1], allow_hosts)
+
+
+def allowed_host_headers(host: str, port: int, allow_hosts: list[str] | None = None) -> set[str]:
+    """Host headers the server answers (anything else is refused: no DNS rebinding). Always the
+    loopback names; the bound address when it is a real one; for a wildcard bind (0.0.0.0, ::) the
+    machine's own names; plus the names given in allow_hosts. Never any host at all."""
+    import socket
+
+    names = set(LOOPBACK) | {h.lower() for h in allow_hosts or []}
+    if host in WILDCARD:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host.lower())
+    return names | {f"{n}:{port}" for n in names}
 
 
 def safe_path(root: Path, rel: str) -> Path | None:
@@ -635,10 +948,7 @@ def safe_path(root: Path, rel: str) -> Path | None:
     parts = rel.split("/")
     if any(p in ("..", ".") for p in parts):
         return None
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root) or not p.is_file():
-        return None
-    return p
+    return contained(root, root / rel)
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -648,13 +958,17 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         pass
 
+    def _headers(self) -> None:
+        """The security headers every response carries (pages, files, errors, redirects)."""
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+
     def _send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8") -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Security-Policy", CSP)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
+        self._headers()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -662,12 +976,36 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, page(f"{status} {HTTPStatus(status).phrase}", f"<p>{esc(message)}</p>").encode())
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (400, 414, 431, 501, ...) as our pages, with the same headers."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        self.close_connection = True
+        body = page(f"{code} {phrase}", f"<p>{esc(message or phrase)}</p>").encode()
+        self.send_response(code, phrase)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Connection", "close")
+        self.send_header("Content-Length", str(len(body)))
+        self._headers()
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(303)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self._headers()
+        self.end_headers()
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
-        host = self.headers.get("Host", "")
-        if self.server.server_address[0] not in ("0.0.0.0", "::") and host not in self.server.allowed_hosts:
+        host = self.headers.get("Host", "").lower()
+        if host not in self.server.allowed_hosts:
             return self._error(403, "unexpected Host header")
         url = urlsplit(self.path)
         raw = url.path
@@ -696,22 +1034,24 @@ class ViewerHandler(BaseHTTPRequestHandler):
         elif parts == ["features"]:
             html_out = features_page(data)
         elif parts[0] == "sae" and len(parts) == 2:
-            html_out = sae_page(data, parts[1])
+            html_out = sae_page(data, parts[1], query)
         elif parts[0] == "feature" and len(parts) in (3, 4) and parts[1] in data.sae_names() + [_sae_key(t["sae"]) for t in data.tasks.values()]:
             if len(parts) == 4 and parts[3] != "examples":
                 raise ValueError(path)
+            if not parts[2].isdigit():
+                raise ValueError(f"latent {parts[2]!r} is not a number")
             html_out = feature_page(data, parts[1], int(parts[2]), all_examples=len(parts) == 4)
         elif parts == ["goto"]:
-            sae, latent = query.get("sae", [""])[0], query.get("latent", [""])[0]
-            self.send_response(303)
-            self.send_header("Location", feature_url(sae, int(latent)))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            sae, latent = query.get("sae", [""])[0], query.get("latent", [""])[0].strip().lstrip("#")
+            if sae not in data.sae_names():
+                return self._error(400, f"no SAE {sae!r} in this run")
+            if not latent.isdigit():
+                return self._error(400, f"feature id must be a whole number, got {latent!r}")
+            return self._redirect(feature_url(sae, int(latent)))
         elif parts == ["circuits"]:
             html_out = page("Circuits", _circuit_list(data))
         elif parts[0] == "circuit" and len(parts) == 2:
-            html_out = circuit_page(data, int(parts[1]))
+            html_out = circuit_page(data, int(parts[1]), query)
         elif parts == ["plots"]:
             html_out = plots_page(data)
         elif parts[0] == "api" and len(parts) == 4 and parts[1] == "examples":
@@ -732,23 +1072,25 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
 
 def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-                example_stores: list[str | os.PathLike] | None = None) -> ViewerServer:  # fmt: skip
-    """A ready server (port 0 picks a free one: server.server_address[1]); call serve_forever()."""
-    return ViewerServer(RunData(run_dir, example_stores), host, port)
+                example_stores: list[str | os.PathLike] | None = None, allow_hosts: list[str] | None = None) -> ViewerServer:  # fmt: skip
+    """A ready server (port 0 picks a free one: server.server_address[1]); call serve_forever().
+    allow_hosts: extra Host names to answer (e.g. this machine's LAN name when binding 0.0.0.0)."""
+    return ViewerServer(RunData(run_dir, example_stores), host, port, allow_hosts)
 
 
 def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          example_stores: list[str | os.PathLike] | None = None) -> None:  # fmt: skip
-    server = make_server(run_dir, host, port, example_stores)
+          example_stores: list[str | os.PathLike] | None = None, allow_hosts: list[str] | None = None) -> None:  # fmt: skip
+    server = make_server(run_dir, host, port, example_stores, allow_hosts)
     d = server.data
     print(f"serving {d.root}: {len(d.tasks)} tasks, {len(d.circuits)} circuits, {len(d.stores)} example stores, "
-          f"{len(d.figures)} figures\nopen http://{host}:{server.server_address[1]}/  (Ctrl-C stops)")  # fmt: skip
+          f"{len(d.dashboards)} dashboard files, {len(d.figures)} figures\nopen http://{host}:{server.server_address[1]}/  (Ctrl-C stops)")  # fmt: skip
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach this machine can read the run")
+        names = sorted(h for h in server.allowed_hosts if ":" not in h.strip("[]").split("]")[-1] or h.startswith("["))
+        print(f"warning: listening on {host}: anyone who can reach this machine can read the run; "
+              f"answering only Host headers {', '.join(names)} (add names with allow_hosts / --allow-host)")  # fmt: skip
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-

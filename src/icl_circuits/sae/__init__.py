@@ -1,6 +1,7 @@
 """Sparse autoencoders and transcoders: one JumpReLU inference format, loaders for published formats."""
 
 from .dictionary import (
+    OPTIONAL_TENSOR_NAMES,
     SAE_KINDS,
     JumpReLUSAE,
     SAEConfig,
@@ -13,22 +14,30 @@ from .formats import (
     FORMAT_NAME,
     FORMAT_VERSION,
     detect_format,
+    hub_path,
     load_any,
     load_dictionary_learning,
     load_gemma_scope,
+    load_gemma_scope_2,
     load_sae,
     load_saelens,
+    load_saelens_release,
+    load_saex,
+    normalise_saelens_cfg,
+    resolve_saelens_release,
+    same_site,
     save_sae,
     save_saelens,
     with_config,
 )
-from .trainers import SAETrainer, TrainerConfig
+from .trainers import ARCHS, SAETrainer, TrainerConfig
 
 # training/evaluation import the model stack; import them as icl_circuits.sae.training / .evaluation
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "JumpReLUSAE", "SAEConfig", "SAE_KINDS", "check_shapes",
-    "detect_format", "expected_shapes", "fold_b_dec_into_b_enc", "gated_to_jumprelu", "load_any",
-    "load_dictionary_learning", "load_gemma_scope", "load_sae", "load_saelens", "save_sae",
-    "save_saelens", "with_config", "SAETrainer", "TrainerConfig",
+    "ARCHS", "FORMAT_NAME", "FORMAT_VERSION", "JumpReLUSAE", "OPTIONAL_TENSOR_NAMES", "SAEConfig", "SAE_KINDS",
+    "check_shapes", "detect_format", "expected_shapes", "fold_b_dec_into_b_enc", "gated_to_jumprelu", "hub_path",
+    "load_any", "load_dictionary_learning", "load_gemma_scope", "load_gemma_scope_2", "load_sae", "load_saelens",
+    "load_saelens_release", "load_saex", "normalise_saelens_cfg", "resolve_saelens_release", "same_site",
+    "save_sae", "save_saelens", "with_config", "SAETrainer", "TrainerConfig",
 ]  # fmt: skip

@@ -3,6 +3,12 @@
     pre       = (x * input_scale) @ W_enc + b_enc           # [..., d_sae]
     f         = relu(pre) * (pre > threshold)               # then, if k is set, keep the top-k per row
     decode(f) = (f @ W_dec + b_dec) / output_scale          # [..., d_out]
+    forward(x) = decode(encode(x)) + x @ W_skip             # W_skip [d_in, d_out] is optional
+
+W_skip is the affine skip path of "skip transcoders" (Gemma Scope 2 `affine_skip_connection`,
+SAELens `jumprelu_skip_transcoder`): a linear map of the raw input, in the model's own units
+(no input/output scale applies to it). decode(f, x) adds it when given the input x; decode(f)
+alone is the latents' part only.
 
 A ReLU SAE is threshold = 0, a TopK SAE is threshold = 0 plus k, a Gated SAE converts exactly
 (`gated_to_jumprelu`), and SAEs that subtract b_dec before encoding fold it into b_enc
@@ -21,6 +27,7 @@ from ..sites import Site
 
 SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")
 TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+OPTIONAL_TENSOR_NAMES: tuple[str, ...] = ("W_skip",)  # [d_in, d_out], skip transcoders only
 
 
 @dataclass(kw_only=True)
@@ -110,6 +117,11 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Raise a ValueError naming `where` (a file) and the key when a tensor is missing or misshapen."""
+    if "W_skip" in tensors:
+        assert cfg.d_out is not None
+        got = tuple(tensors["W_skip"].shape)
+        if got != (cfg.d_in, cfg.d_out):
+            raise ValueError(f"{where}: 'W_skip' has shape {got}, expected [d_in, d_out] = {(cfg.d_in, cfg.d_out)}")
     for name, shape in expected_shapes(cfg).items():
         if name not in tensors:
             raise ValueError(f"{where}: missing tensor {name!r} (have {sorted(tensors)})")
@@ -141,15 +153,21 @@ class JumpReLUSAE(nn.Module):
             dtype = floats.pop() if len(floats) == 1 else torch.float32
         for name in TENSOR_NAMES:
             tensors.setdefault(name, torch.zeros(shapes[name], dtype=dtype))
-        unknown = sorted(set(tensors) - set(TENSOR_NAMES))
+        unknown = sorted(set(tensors) - set(TENSOR_NAMES) - set(OPTIONAL_TENSOR_NAMES))
         if unknown:
-            raise ValueError(f"{where}: unexpected tensors {unknown}; a JumpReLUSAE has {TENSOR_NAMES}")
+            raise ValueError(
+                f"{where}: unexpected tensors {unknown}; "
+                f"a JumpReLUSAE has {TENSOR_NAMES} (+ optional {OPTIONAL_TENSOR_NAMES})"
+            )
         check_shapes(cfg, tensors, where)
         self.W_enc = nn.Parameter(tensors["W_enc"].detach().to(dtype).clone())  # [d_in, d_sae]
         self.b_enc = nn.Parameter(tensors["b_enc"].detach().to(dtype).clone())  # [d_sae]
         self.W_dec = nn.Parameter(tensors["W_dec"].detach().to(dtype).clone())  # [d_sae, d_out]
         self.b_dec = nn.Parameter(tensors["b_dec"].detach().to(dtype).clone())  # [d_out]
         self.threshold = nn.Parameter(tensors["threshold"].detach().to(dtype).clone())  # [d_sae]
+        self.W_skip: nn.Parameter | None = (  # [d_in, d_out] or None
+            nn.Parameter(tensors["W_skip"].detach().to(dtype).clone()) if "W_skip" in tensors else None
+        )
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -164,14 +182,22 @@ class JumpReLUSAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def has_skip(self) -> bool:
+        return self.W_skip is not None
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The five tensors, detached (for saving and conversion)."""
-        return {name: getattr(self, name).detach() for name in TENSOR_NAMES}
+        """The five tensors (plus W_skip when present), detached (for saving and conversion)."""
+        out = {name: getattr(self, name).detach() for name in TENSOR_NAMES}
+        if self.W_skip is not None:
+            out["W_skip"] = self.W_skip.detach()
+        return out
 
     def extra_repr(self) -> str:
         c = self.cfg
         where = f"{c.site}->{c.out_site}" if c.out_site else c.site
-        return f"{c.kind} {where} d_in={c.d_in} d_sae={c.d_sae} d_out={c.d_out} k={c.k} model={c.model!r}"
+        skip = " +W_skip" if self.W_skip is not None else ""
+        return f"{c.kind} {where} d_in={c.d_in} d_sae={c.d_sae} d_out={c.d_out} k={c.k}{skip} model={c.model!r}"
 
     # -- checks ------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -186,15 +212,15 @@ class JumpReLUSAE(nn.Module):
         c = self.cfg
         if c.model and not _same_model(c.model, lm.name):
             raise ValueError(f"SAE at {c.site} was trained for model {c.model!r}, not {lm.name!r}")
-        if c.d_in != lm.d_model:
-            raise ValueError(f"SAE at {c.site} has d_in={c.d_in} but {lm.name!r} has d_model={lm.d_model}")
-        if c.kind == "transcoder" and c.d_out != lm.d_model:
-            raise ValueError(
-                f"transcoder {c.site}->{c.out_site} has d_out={c.d_out} but {lm.name!r} has d_model={lm.d_model}"
-            )
         layers = [c.layer] + ([Site.parse(c.out_site).layer] if c.out_site else [])
         if max(layers) >= lm.n_layers:
             raise ValueError(f"SAE at {c.site} needs layer {max(layers)} but {lm.name!r} has {lm.n_layers} layers")
+        out = c.out_site or c.site
+        for what, dim, site in (("d_in", c.d_in, c.site), ("d_out", c.d_out, out)):
+            width = _site_width(lm, site)  # d_model, or n_heads * head_dim at attn_z
+            if dim != width:
+                name = "n_heads*head_dim" if Site.parse(site).kind == "attn_z" else "d_model"
+                raise ValueError(f"SAE {c.site}->{out} has {what}={dim} but {lm.name!r} has {name}={width} at {site}")
 
     # -- the computation ---------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,15 +240,30 @@ class JumpReLUSAE(nn.Module):
             f = torch.zeros_like(f).scatter(-1, top.indices, top.values)  # [..., d_sae]
         return f
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """f: [..., d_sae] -> reconstruction [..., d_out] in the model's units."""
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., d_in] -> x @ W_skip [..., d_out] (zeros without a skip connection)."""
+        self.check_input(x)
+        if self.W_skip is None:
+            return x.new_zeros((*x.shape[:-1], int(self.cfg.d_out or self.cfg.d_in)), dtype=self.dtype)
+        return x.to(self.dtype) @ self.W_skip  # [..., d_out]
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """f: [..., d_sae] -> reconstruction [..., d_out] in the model's units.
+
+        x: the input [..., d_in] the latents came from; with a W_skip it adds x @ W_skip.
+        Without x, the skip path is left out (a decoded direction or a steering vector has no input).
+        """
         if f.shape[-1] != self.cfg.d_sae:
             raise ValueError(f"decode expects latents [..., d_sae={self.cfg.d_sae}], got shape {tuple(f.shape)}")
         out = f.to(self.dtype) @ self.W_dec + self.b_dec  # [..., d_out]
-        return out / self.cfg.output_scale if self.cfg.output_scale != 1.0 else out
+        out = out / self.cfg.output_scale if self.cfg.output_scale != 1.0 else out
+        if x is not None and self.W_skip is not None:
+            out = out + self.skip(x)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        """x: [..., d_in] -> the SAE's full output [..., d_out], skip path included."""
+        return self.decode(self.encode(x), x)
 
     # -- equivalent rewrites -----------------------------------------------------------------
     @torch.no_grad()
@@ -237,8 +278,15 @@ class JumpReLUSAE(nn.Module):
             "b_dec": t["b_dec"] / s_out,
             "threshold": t["threshold"].clone(),
         }
+        if "W_skip" in t:  # acts on raw inputs, in model units: untouched by the scales
+            new["W_skip"] = t["W_skip"].clone()
         cfg = replace(self.cfg, input_scale=1.0, output_scale=1.0, extra=dict(self.cfg.extra))
         return JumpReLUSAE(cfg, new).to(self.device).requires_grad_(self.W_enc.requires_grad)
+
+
+def _site_width(lm: ModelLike, site: str) -> int:
+    fn = getattr(lm, "site_width", None)  # icl_circuits.model.LM has it; plain ModelLikes are all-d_model
+    return int(fn(site)) if callable(fn) else int(lm.d_model)
 
 
 def fold_b_dec_into_b_enc(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

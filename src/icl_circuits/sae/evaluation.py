@@ -2,19 +2,22 @@
 
 CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), where CE_spliced replaces the
 SAE's output site by its reconstruction (at every token but BOS) and CE_zero replaces it by zero.
-One clean pass serves every SAE; each SAE then costs two more passes (spliced, zero-ablated).
+One clean pass serves every SAE, one zero-ablated pass every SAE writing the same site, and each SAE
+costs one more pass (spliced).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import LM
 from ..sites import Intervention, Site
+from .cache import ActivationCache
 from .dictionary import JumpReLUSAE
 
 
@@ -36,13 +39,21 @@ class SAEEval:
 
 
 def in_out_sites(sae: JumpReLUSAE) -> tuple[Site, Site]:
-    """(site the SAE reads, site its output replaces)."""
+    """(site the SAE reads, site its output replaces).
+
+    Gemma Scope 2 style SAEs: an attn_z SAE reads and replaces attn_z (o_proj then carries the
+    change on to attn_out); a transcoder reads mlp_in (or resid_mid) and replaces mlp_out.
+    """
     cfg = sae.cfg
     return Site.parse(cfg.site), Site.parse(cfg.out_site or cfg.site)
 
 
 def splice(sae: JumpReLUSAE, positions: torch.Tensor) -> Intervention:
-    """Replace the SAE's output site by its reconstruction at `positions` [batch, seq]."""
+    """Replace the SAE's output site by its reconstruction at `positions` [batch, seq].
+
+    The reconstruction is sae(x) = decode(encode(x), x): for skip transcoders it includes the
+    affine path x @ W_skip, computed from the input site's value in this same pass.
+    """
     src, dst = in_out_sites(sae)
     if src == dst:
         return Intervention(dst, positions, mode="fn", fn=lambda x, value_of: sae(x))
@@ -76,15 +87,19 @@ def evaluate_saes(
         clean = lm.run(ids, mask, read=sites, logprob_positions=score_mask, targets=targets)
         ce_clean_sum += -clean.target_logprobs.sum().item()  # type: ignore[union-attr]
         n_pred += targets.numel()
+        zero_ce: dict[Site, float] = {}  # zero-ablating a site is the same for every SAE writing it: once per site
         for sae, a in zip(saes, acc):
             src, dst = in_out_sites(sae)
             x = clean.acts[src][splice_at]  # [n_tok, d_in]
             y = clean.acts[dst][splice_at]  # [n_tok, d_out]
             f = sae.encode(x)  # [n_tok, d_sae]
-            a.add_stats(f, sae.decode(f), y)
-            for name, iv in (("spliced", splice(sae, splice_at)), ("zero", zero_ablate(sae, splice_at))):
-                out = lm.run(ids, mask, interventions=[iv], logprob_positions=score_mask, targets=targets)
-                a.ce[name] += -out.target_logprobs.sum().item()  # type: ignore[union-attr]
+            a.add_stats(f, sae.decode(f, x), y)
+            out = lm.run(ids, mask, interventions=[splice(sae, splice_at)], logprob_positions=score_mask, targets=targets)
+            a.ce["spliced"] += -out.target_logprobs.sum().item()  # type: ignore[union-attr]
+            if dst not in zero_ce:
+                out = lm.run(ids, mask, interventions=[zero_ablate(sae, splice_at)], logprob_positions=score_mask, targets=targets)
+                zero_ce[dst] = -out.target_logprobs.sum().item()  # type: ignore[union-attr]
+            a.ce["zero"] += zero_ce[dst]
     ce_clean = ce_clean_sum / max(n_pred, 1)
     return [a.result(sae.cfg.site, ce_clean, n_pred) for sae, a in zip(saes, acc)]
 
@@ -126,3 +141,87 @@ class _Acc:
             ce_zero=ce_z,
             ce_loss_recovered=(ce_z - ce_s) / (ce_z - ce_clean) if ce_z != ce_clean else float("nan"),
         )
+
+
+# -- rows of an activation cache, and ICL prompts by token type ------------------------------
+TOKEN_TYPES_SCORED = ("arrow", "input", "output")
+
+
+@torch.no_grad()
+def held_out_stats(sae: JumpReLUSAE, cache: ActivationCache, max_rows: int = 200_000) -> dict[str, float]:
+    """FVE, L0 and dead fraction of `sae` on the rows of a held-out cache."""
+    src, dst = Site.parse(sae.cfg.site), Site.parse(sae.cfg.out_site or sae.cfg.site)
+    n, l0, sq, y_sum, y_sq = 0, 0.0, 0.0, None, 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for batch in cache.batches(sorted({src, dst}, key=lambda s: s.order), 4096, seed=0, epoch=0):
+        x, y = batch[src], batch[dst]
+        f = sae.encode(x)  # [rows, d_sae]
+        err = sae.decode(f, x).float() - y  # [rows, d_out] (a skip transcoder adds x @ W_skip)
+        n += y.shape[0]
+        l0 += (f > 0).sum().item()
+        sq += err.pow(2).sum().item()
+        y_sum = y.sum(0) if y_sum is None else y_sum + y.sum(0)
+        y_sq += y.pow(2).sum().item()
+        fired |= (f > 0).any(0)
+        if n >= max_rows:
+            break
+    var = y_sq - y_sum.pow(2).sum().item() / n  # type: ignore[union-attr]
+    return dict(fve=1 - sq / var, l0=l0 / n, dead_fraction=1 - fired.float().mean().item(), rows=n)
+
+
+@torch.no_grad()
+def icl_rows(lm: LM, site: Site, out_site: Site, n_prompts: int = 2, n_shots: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Activations of every task's ICL prompts at the SAE's sites, with token types: {'x','y','types'}."""
+    from ..prompts import TOKEN_TOKEN_TYPES_SCORED, icl_prompts
+    from ..tasks import PAPER_TASKS, load_task
+
+    xs, ys, ts = [], [], []
+    for name in PAPER_TASKS:
+        batch = icl_prompts(lm.tokenizer, load_task(name), n_prompts, n_shots, seed=seed)
+        acts = lm.activations(batch.input_ids, [site, out_site], attention_mask=batch.attention_mask)
+        keep = batch.attention_mask.bool() & (batch.token_types != TOKEN_TOKEN_TYPES_SCORED.index("bos"))  # [batch, seq]
+        xs.append(acts[site][keep].float())
+        ys.append(acts[out_site][keep].float())
+        ts.append(batch.token_types[keep])
+    return {"x": torch.cat(xs), "y": torch.cat(ys), "types": torch.cat(ts)}
+
+
+@torch.no_grad()
+def icl_stats(sae: JumpReLUSAE, rows: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+    """(FVE, L0) per token type on ICL prompts; FVE against each type's own mean."""
+    from ..prompts import TYPE_ID
+
+    f = sae.encode(rows["x"])  # [rows, d_sae]
+    err = (sae.decode(f, rows["x"]).float() - rows["y"]).pow(2).sum(-1)  # [rows]
+    fve, l0 = {}, {}
+    for t in TOKEN_TYPES_SCORED:
+        m = rows["types"] == TYPE_ID[t]
+        y = rows["y"][m]
+        var = (y - y.mean(0)).pow(2).sum().item()
+        fve[t] = 1 - err[m].sum().item() / var if var > 0 else float("nan")
+        l0[t] = (f[m] > 0).sum(-1).float().mean().item()
+    return fve, l0
+
+
+def cache_stats(
+    lm: LM, saes: Sequence[JumpReLUSAE], eval_cache: str | Path, train_cache: str | Path,
+    dead_rows: int = 1_000_000, progress: bool = True,
+) -> list[dict[str, float]]:  # fmt: skip
+    """Per SAE: FVE / L0 on held-out cached rows, the share of latents silent over `dead_rows` training
+    rows, and FVE / L0 at the arrow, input and output tokens of the 23 tasks' ICL prompts."""
+    ev, tr = ActivationCache(eval_cache), ActivationCache(train_cache)
+    out = []
+    icl: dict[tuple[Site, Site], dict[str, torch.Tensor]] = {}
+    for sae in tqdm(saes, desc="SAE cache stats", disable=not progress):
+        src, dst = Site.parse(sae.cfg.site), Site.parse(sae.cfg.out_site or sae.cfg.site)
+        held = held_out_stats(sae, ev)
+        dead = held_out_stats(sae, tr, max_rows=dead_rows)
+        if (src, dst) not in icl:
+            icl[(src, dst)] = icl_rows(lm, src, dst)
+        fve, l0 = icl_stats(sae, icl[(src, dst)])
+        row = {"rows_fve": held["fve"], "rows_l0": held["l0"], "rows": held["rows"],
+               "dead_fraction_train": dead["dead_fraction"], "dead_rows": dead["rows"]}  # fmt: skip
+        row.update({f"icl_fve_{t}": v for t, v in fve.items()})
+        row.update({f"icl_l0_{t}": v for t, v in l0.items()})
+        out.append(row)
+    return out

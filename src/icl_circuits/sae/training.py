@@ -18,8 +18,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -33,6 +35,11 @@ from .activations import ActivationStore
 from .dictionary import JumpReLUSAE, SAEConfig
 from .formats import save_sae, save_saelens
 from .trainers import SAETrainer, TrainerConfig
+
+if TYPE_CHECKING:
+    from .cache import ActivationCache
+
+K_ARCHS = ("topk",)  # archs whose exported SAE keeps top-k at inference (BatchTopK exports a global threshold)
 
 KINDS = {"resid": ("resid_pre", None), "attn": ("attn_out", None), "transcoder": ("resid_mid", "mlp_out")}
 
@@ -65,8 +72,11 @@ class SAESpec:
         return Site(self.layer, out) if out else self.in_site
 
     def sae_config(self, lm: LM, d_sae: int, k: int | None = None) -> SAEConfig:
+        return self.sae_config_for(lm.name, lm.d_model, d_sae, k)
+
+    def sae_config_for(self, model: str, d_model: int, d_sae: int, k: int | None = None) -> SAEConfig:
         return SAEConfig(
-            d_in=lm.d_model, d_sae=d_sae, kind=self.kind, model=lm.name, site=str(self.in_site),
+            d_in=d_model, d_sae=d_sae, kind=self.kind, model=model, site=str(self.in_site),
             out_site=str(self.out_site) if self.kind == "transcoder" else None, layer=self.layer, k=k,
             source="icl-circuits",
         )  # fmt: skip
@@ -95,13 +105,14 @@ class TrainConfig:
     log_every: int = 20
     skip_docs: int = 0  # documents held out for evaluation come first in the corpus
     seed: int = 0
+    trainer: dict | None = None  # more TrainerConfig fields by name (e.g. {"aux_k": 256, "l0_coeff": 2.0})
 
     def trainer_config(self, d_in: int, kind: str = "resid") -> TrainerConfig:
         l1 = (self.l1_by_kind or {}).get(kind, self.l1_coeff)
         return TrainerConfig(
             arch=self.arch, d_in=d_in, d_sae=self.d_sae, d_out=d_in, lr=self.lr, l1_coeff=l1,
             k=self.k, param_dtype=self.param_dtype, dead_window=self.dead_window, dead_steps=self.dead_steps,
-            b_dec_init=self.b_dec_init, norm_centered=self.norm_centered, seed=self.seed,
+            b_dec_init=self.b_dec_init, norm_centered=self.norm_centered, seed=self.seed, **(self.trainer or {}),
         )  # fmt: skip
 
 
@@ -114,26 +125,10 @@ def _rank_world() -> tuple[int, int]:
 def train_saes(
     lm: LM, docs: Sequence[str], cfg: TrainConfig, out_dir: str | Path, progress: bool = True
 ) -> dict[str, JumpReLUSAE]:
-    """Train every SAE in cfg.specs (this rank's share under torch.distributed); returns {name: SAE}."""
-    out = Path(out_dir)
+    """Train every SAE in cfg.specs on a live activation stream (this rank's share under torch.distributed)."""
     rank, world = _rank_world()
-    specs = [SAESpec.parse(s) for s in cfg.specs]
-    if len({s.name for s in specs}) != len(specs):
-        raise ValueError(f"duplicate SAE specs in {cfg.specs}")
-    for s in specs:
-        if s.layer >= lm.n_layers:
-            raise ValueError(f"{s.name}: {lm.name!r} has only {lm.n_layers} layers")
-    mine = [s for i, s in enumerate(specs) if i % world == rank]
-    k = cfg.k if cfg.arch == "topk" else None
-    trainers = {s.name: SAETrainer(cfg.trainer_config(lm.d_model, s.kind), s.sae_config(lm, cfg.d_sae, k)) for s in mine}
+    specs = _parse_specs(cfg, lm.n_layers, lm.name)
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
-
-    header = dict(model=lm.name, world_size=world, config=asdict(cfg))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_or_write_header(out / "train_config.json", header)
-    if world > 1:
-        dist.barrier()
 
     def new_store(epoch: int) -> ActivationStore:
         return ActivationStore(
@@ -141,31 +136,145 @@ def train_saes(
             buffer_batches=cfg.buffer_batches, seed=cfg.seed + epoch, skip_docs=cfg.skip_docs,
         )  # fmt: skip
 
-    state = dict(step=0, tokens=0, epoch=0)
-    store = new_store(0) if rank == 0 else None
+    feed = _StoreFeed(new_store, sites, lm.d_model, rank, world)
+    header = dict(model=lm.name, world_size=world, config=asdict(cfg))
+    return _train(specs, lm.name, lm.d_model, feed, cfg, header, Path(out_dir), rank, world, progress)
+
+
+def train_from_cache(
+    cache: "ActivationCache", cfg: TrainConfig, out_dir: str | Path, progress: bool = True
+) -> dict[str, JumpReLUSAE]:
+    """Train every SAE in cfg.specs on the training rows of an on-disk activation cache (`sae/cache.py`).
+
+    Epochs re-read the cache in a new shuffled order until cfg.n_tokens rows are seen; a killed run
+    resumes exactly (the order is a function of (seed, epoch), so the checkpoint holds only a position).
+    """
+    rank, world = _rank_world()
+    m = cache.manifest
+    specs = _parse_specs(cfg, int(m["n_layers"]), str(m["model"]))
+    sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
+    cache.check(str(m["model"]), int(m["d_model"]), sites)
+    feed = _CacheFeed(cache, sites, cfg.batch_tokens, cfg.seed)
+    header = dict(model=m["model"], world_size=world, cache=cache_fingerprint(cache), config=asdict(cfg))
+    return _train(specs, str(m["model"]), int(m["d_model"]), feed, cfg, header, Path(out_dir), rank, world, progress)
+
+
+def cache_fingerprint(cache: "ActivationCache") -> str:
+    """What a training run depends on in a cache: model, sites, corpus and every shard's hash."""
+    import hashlib
+
+    m = cache.manifest
+    ident = {k: m.get(k) for k in ("model", "sites", "corpus_fingerprint", "seq_len", "storage_dtype", "forward_dtype")}
+    ident["shards"] = [s.get("sha256") for s in m["shards"]]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_specs(cfg: TrainConfig, n_layers: int, model: str) -> list[SAESpec]:
+    specs = [SAESpec.parse(s) for s in cfg.specs]
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"duplicate SAE specs in {cfg.specs}")
+    for s in specs:
+        if s.layer >= n_layers:
+            raise ValueError(f"{s.name}: {model!r} has only {n_layers} layers (0..{n_layers - 1})")
+    return specs
+
+
+class _StoreFeed:
+    """Rows from a live ActivationStore; rank 0 reads and broadcasts."""
+
+    def __init__(self, new_store, sites: list[Site], d_model: int, rank: int, world: int) -> None:  # type: ignore[no-untyped-def]
+        self.new_store, self.sites, self.d_model, self.rank, self.world = new_store, sites, d_model, rank, world
+        self.store: ActivationStore | None = new_store(0) if rank == 0 else None
+
+    def next(self, n: int) -> dict[Site, torch.Tensor] | None:
+        return _next_batch(self.store, self.sites, self.d_model, n, self.rank, self.world)
+
+    def new_epoch(self, epoch: int) -> None:
+        self.store = self.new_store(epoch) if self.rank == 0 else None
+
+    def state_dict(self) -> dict | None:
+        return self.store.state_dict() if self.store is not None else None
+
+    def load_state_dict(self, epoch: int, state: dict | None) -> None:
+        self.new_epoch(epoch)
+        if self.store is not None and state is not None:
+            self.store.load_state_dict(state)
+
+
+class _CacheFeed:
+    """Rows from an on-disk cache: every rank reads it itself, so nothing is broadcast."""
+
+    def __init__(self, cache: "ActivationCache", sites: list[Site], batch_rows: int, seed: int) -> None:
+        self.cache, self.sites, self.batch_rows, self.seed = cache, sites, batch_rows, seed
+        self.epoch, self.index = 0, 0
+        self._it = None
+
+    def next(self, n: int) -> dict[Site, torch.Tensor] | None:
+        if self._it is None:
+            self._it = iter(self.cache.batches(self.sites, self.batch_rows, seed=self.seed, epoch=self.epoch, start_batch=self.index))
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        self.index += 1
+        if n < self.batch_rows:  # the last step of a run may want fewer rows
+            batch = {s: t[:n] for s, t in batch.items()}
+        return batch
+
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self.index, self._it = epoch, 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, epoch: int, state: dict | None) -> None:
+        self.new_epoch(epoch)
+        if state is not None:
+            self.index = int(state["index"])
+
+
+def _train(
+    specs: list[SAESpec], model: str, d_model: int, feed, cfg: TrainConfig, header: dict,  # type: ignore[no-untyped-def]
+    out: Path, rank: int, world: int, progress: bool,
+) -> dict[str, JumpReLUSAE]:
+    """The one training loop: steps, logs, checkpoints and resume, whatever feeds the rows."""
+    mine = [s for i, s in enumerate(specs) if i % world == rank]
+    k = cfg.k if cfg.arch in K_ARCHS else None
+    trainers = {
+        s.name: SAETrainer(cfg.trainer_config(d_model, s.kind), s.sae_config_for(model, d_model, cfg.d_sae, k))
+        for s in mine
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_or_write_header(out / "train_config.json", header)
+    if world > 1:
+        dist.barrier()
+
+    state = dict(step=0, tokens=0, epoch=0, seconds=0.0)  # seconds: training wall time, summed over resumes
     ckpt = out / f"checkpoint-rank{rank}.pt"
+    for stale in out.glob(f"{ckpt.name}.*.tmp"):  # a kill during a checkpoint write leaves its temp file
+        stale.unlink(missing_ok=True)
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = saved["state"]
+        saved = _load_checkpoint(ckpt)
+        state = {"seconds": 0.0, **saved["state"]}
         for name, tr in trainers.items():
             tr.load_state_dict(saved["trainers"][name])
-        if store is not None:
-            store = new_store(state["epoch"])
-            store.load_state_dict(saved["store"])
+        feed.load_state_dict(state["epoch"], saved["store"])
 
     bar = tqdm(total=cfg.n_tokens, initial=state["tokens"], unit="tok", desc="SAE training", disable=not progress or rank != 0)
-    metrics_file = out / "metrics.jsonl"
+    metrics_file = out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl")
+    _truncate_metrics(metrics_file, state["step"])  # steps logged after the last checkpoint are redone
     empty_epoch = False  # an epoch that ended before its first batch: the corpus has no tokens
+    t_last = time.perf_counter()
     while state["tokens"] < cfg.n_tokens:
-        batch = _next_batch(store, sites, lm.d_model, min(cfg.batch_tokens, cfg.n_tokens - state["tokens"]), rank, world)
-        if batch is None:  # corpus exhausted: start the next epoch with a freshly shuffled pass
+        batch = feed.next(min(cfg.batch_tokens, cfg.n_tokens - state["tokens"]))
+        if batch is None:  # data exhausted: start the next epoch with a freshly shuffled pass
             if empty_epoch:
                 raise ValueError(
-                    "the corpus yields no training tokens (all documents held out, empty, or shorter than "
+                    "the data yields no training tokens (all documents held out, empty, or shorter than "
                     "the minimum chunk); check --corpus, --eval-docs and the tokenizer"
                 )
             state["epoch"] += 1
-            store = new_store(state["epoch"]) if rank == 0 else None
+            feed.new_epoch(state["epoch"])
             empty_epoch = True
             continue
         empty_epoch = False
@@ -173,24 +282,50 @@ def train_saes(
         logs = {s.name: trainers[s.name].step(batch[s.in_site], batch[s.out_site]) for s in mine}
         state["step"] += 1
         state["tokens"] += n
+        now = time.perf_counter()
+        state["seconds"] += now - t_last
+        t_last = now
         bar.update(n)
         if logs:
             first = next(iter(logs.values()))
             bar.set_postfix(loss=f"{first['loss']:.3g}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.2f}", fve=f"{first['fve']:.2f}")
         if state["step"] % cfg.log_every == 0 or state["tokens"] >= cfg.n_tokens:
-            with open(out / f"metrics-rank{rank}.jsonl" if world > 1 else metrics_file, "a") as f:
+            with open(metrics_file, "a") as f:
                 for name, m in logs.items():
                     f.write(json.dumps({"step": state["step"], "tokens": state["tokens"], "sae": name, **m}) + "\n")
         if state["step"] % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, state, trainers, store)
+            _save_checkpoint(ckpt, state, trainers, feed.state_dict())
     bar.close()
-    _save_checkpoint(ckpt, state, trainers, store)
+    _save_checkpoint(ckpt, state, trainers, feed.state_dict())
+    write_json(out / f"timing-rank{rank}.json", {"tokens": state["tokens"], "seconds": state["seconds"],
+                                                 "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)})  # fmt: skip
 
     saes = {name: tr.to_jumprelu() for name, tr in trainers.items()}
     for name, sae in saes.items():
         save_sae(sae, out / "saes" / name)
         save_saelens(sae, out / "saelens" / name)
     return saes
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged steps after `step` (the checkpoint we resume from) and any torn last line."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    atomic_write_bytes(path, ("".join(l + "\n" for l in keep)).encode())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which, and what to do
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart this run") from e
 
 
 def _next_batch(
@@ -218,11 +353,11 @@ def _next_batch(
     return batch
 
 
-def _save_checkpoint(path: Path, state: dict, trainers: dict[str, SAETrainer], store: ActivationStore | None) -> None:
+def _save_checkpoint(path: Path, state: dict, trainers: dict[str, SAETrainer], feed_state: dict | None) -> None:
     payload = {
         "state": dict(state),
         "trainers": {name: tr.state_dict() for name, tr in trainers.items()},
-        "store": store.state_dict() if store is not None else None,
+        "store": feed_state,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

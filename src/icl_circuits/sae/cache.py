@@ -1,0 +1,495 @@
+"""An on-disk activation cache: harvest once, train many SAEs for many epochs.
+
+    harvest(lm, sites, docs, "acts/", n_tokens=2_000_000)   -- writes shards + manifest.json
+    cache = ActivationCache("acts/")
+    cache.check(lm.name, lm.d_model, sites)                  -- refuses a cache of another model/site
+    for batch in cache.batches(sites, 4096, seed=0, epoch=e, eval_shards=2):
+        batch[site]                                          # [4096, d_model] float32, rows aligned
+
+Layout of a cache folder:
+
+    manifest.json          format + version, model, d_model, n_layers, sites, corpus fingerprint and
+                           provenance, seq_len, batch_size, min_tokens, forward and storage dtype,
+                           rows per shard, n_tokens asked, the shards written (rows, sha256), the
+                           resume cursor, and whether the harvest is complete
+    shard-00000.safetensors  {site name: [rows, d_model] (bf16), "token_ids": [rows] int32,
+                              "positions": [rows] int16 (position in its chunk, BOS = 0)}
+
+Rows are the real tokens of `token_batches` (BOS + chunks of seq_len-1 tokens; BOS and padding
+dropped) in corpus order; row i of every site in a shard is the same token. Every shard has
+`shard_rows` rows except the last. Each shard is written atomically and the manifest updated
+after it, so a harvest killed at any point resumes from its last complete shard and ends with
+files bitwise identical to an uninterrupted harvest (same machine, torch version and threads).
+
+Held-out rows: `batches(..., eval_shards=N)` trains on all shards but the last N and
+`batches(..., split="eval", eval_shards=N)` reads those N in order. The last shard is usually
+short, so N=2 holds out between 1 and 2 shards' worth of rows (see `split_rows`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..corpus import docs_fingerprint
+from ..model import LM
+from ..sites import Site, SiteLike
+from ..storage import atomic_write_bytes, read_json, write_json
+from .activations import Cursor, _batches
+
+FORMAT_NAME = "icl_circuits.activation_cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# settings that must match for a harvest to resume into an existing folder
+_IDENTITY = ("model", "d_model", "n_layers", "sites", "corpus_fingerprint", "seq_len", "batch_size", "min_tokens",
+             "forward_dtype", "storage_dtype", "shard_rows", "n_tokens")  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Serialise one shard and write it atomically (tests patch this to simulate a kill)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _check_same(path: Path, key: str, have: Any, want: Any) -> None:
+    if have != want:
+        raise ValueError(f"{path}: the cache was made with {key}={have!r}, not {want!r}; use another folder")
+
+
+class _Pending:
+    """Rows harvested but not yet in a shard, with where each run of them came from."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.parts: dict[str, list[Tensor]] = {n: [] for n in names}
+        self.segs: list[list[Any]] = []  # [batch start cursor, index of first row within batch, n rows]
+        self.n = 0
+
+    def add(self, rows: dict[str, Tensor], start: Cursor, offset: int) -> None:
+        n = next(iter(rows.values())).shape[0]
+        if n == 0:
+            return
+        for k, v in rows.items():
+            self.parts[k].append(v)
+        self.segs.append([start, offset, n])
+        self.n += n
+
+    def take(self, k: int) -> dict[str, Tensor]:
+        """The first k rows; the rest stay pending."""
+        out = {}
+        for name, parts in self.parts.items():
+            allrows = torch.cat(parts) if len(parts) > 1 else parts[0]
+            out[name], rest = allrows[:k], allrows[k:]
+            self.parts[name] = [rest] if rest.shape[0] else []
+        self.n -= k
+        while k:
+            seg = self.segs[0]
+            used = min(k, seg[2])
+            seg[1] += used
+            seg[2] -= used
+            k -= used
+            if seg[2] == 0:
+                self.segs.pop(0)
+        return out
+
+
+def harvest(
+    lm: LM,
+    sites: Sequence[SiteLike],
+    docs: Iterable[str],
+    out_dir: str | Path,
+    n_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    shard_rows: int = 16384,
+    storage_dtype: torch.dtype = torch.bfloat16,
+    min_tokens: int = 8,
+    corpus_id: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> "ActivationCache":
+    """Run `lm` over `docs` and store n_tokens rows of every site in out_dir (resuming if started).
+
+    One forward per token batch reads every site (LM.activations stops after the last needed
+    layer); the LM may be float32 or bfloat16, rows are cast to storage_dtype. The harvest ends
+    after n_tokens rows or at the end of the corpus. A non-finite activation raises ValueError
+    naming the site and the shard it would go into.
+
+    docs must be re-iterable in the same order (a list); the cache records
+    docs_fingerprint(docs) unless corpus_id names the corpus (needed for non-list sources).
+    provenance (e.g. corpus.provenance(spec)) is stored as is in the manifest.
+
+    Resuming: a folder with a manifest must have been started with the same model, sites,
+    corpus, seq_len, batch_size, min_tokens, dtypes, shard_rows and n_tokens (else ValueError);
+    the harvest goes on from the last complete shard. A complete cache is returned untouched.
+    """
+    if lm.tokenizer is None:
+        raise ValueError("harvest needs lm.tokenizer")
+    site_list = list(dict.fromkeys(Site.parse(s) for s in sites))
+    if not site_list:
+        raise ValueError("harvest needs at least one site")
+    if n_tokens < 1 or shard_rows < 1:
+        raise ValueError(f"need n_tokens >= 1 and shard_rows >= 1; got {n_tokens}, {shard_rows}")
+    if _dtype_name(storage_dtype) not in _DTYPES:
+        raise ValueError(f"storage_dtype must be one of {sorted(_DTYPES)}, got {storage_dtype}")
+    if corpus_id is None:
+        if not isinstance(docs, Sequence):
+            raise ValueError("harvest of a non-list corpus needs corpus_id= (a name that identifies it)")
+        corpus_id = docs_fingerprint(docs)
+    out = Path(out_dir)
+    path = out / MANIFEST
+    config = {
+        "model": lm.name,
+        "d_model": lm.d_model,
+        "n_layers": lm.n_layers,
+        "sites": [str(s) for s in site_list],
+        "corpus_fingerprint": corpus_id,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "min_tokens": min_tokens,
+        "forward_dtype": _dtype_name(lm.dtype),
+        "storage_dtype": _dtype_name(storage_dtype),
+        "shard_rows": shard_rows,
+        "n_tokens": n_tokens,
+    }
+    if path.is_file():
+        manifest = read_json(path)
+        _check_format(path, manifest)
+        for key in _IDENTITY:
+            _check_same(path, key, manifest.get(key), config[key])
+        if manifest["complete"]:
+            return ActivationCache(out)
+        for tmp in out.glob("*.tmp"):  # a write killed mid-way (SIGKILL skips atomic_write's cleanup)
+            tmp.unlink(missing_ok=True)
+    else:
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            **config,
+            "provenance": provenance,
+            "shards": [],
+            "total_rows": 0,
+            "cursor": {"doc": 0, "chunk": 0, "skip_rows": 0},
+            "complete": False,
+        }
+        write_json(path, manifest)
+
+    cur = manifest["cursor"]
+    start: Cursor = (int(cur["doc"]), int(cur["chunk"]))
+    skip = int(cur["skip_rows"])
+    written = int(manifest["total_rows"])
+    names = [str(s) for s in site_list]
+    pos_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32
+    pending = _Pending([*names, "token_ids", "positions"])
+    last_after: Cursor = start
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_tokens, initial=written, desc="harvesting", unit="tok", disable=not progress)
+
+    def flush(k: int) -> None:
+        nonlocal written
+        i = len(manifest["shards"])
+        tensors = pending.take(k)
+        name = shard_name(i)
+        # one metadata key only: safetensors writes several in an arbitrary order, breaking bitwise equality
+        _write_shard(out / name, tensors, {"icl_circuits": f"{FORMAT_NAME} v{FORMAT_VERSION} {name}"})
+        written += k
+        if pending.segs:  # the next shard starts inside a batch already run: redo that batch, skip its rows
+            (doc, chunk), offset, _ = pending.segs[0]
+        else:
+            (doc, chunk), offset = last_after, 0
+        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        manifest["shards"].append({"file": name, "rows": k, "sha256": digest})
+        manifest["total_rows"] = written
+        manifest["cursor"] = {"doc": doc, "chunk": chunk, "skip_rows": offset}
+        write_json(path, manifest)
+        bar.update(k)
+
+    with torch.no_grad():
+        batch_start = start
+        for ids, mask, after in _batches(lm.tokenizer, docs, seq_len, batch_size, min_tokens, start):
+            acts = lm.activations(ids, site_list, attention_mask=mask)  # site -> [batch, seq, d_model]
+            keep = mask.bool()  # [batch, seq]
+            keep[:, 0] = False  # BOS
+            rows: dict[str, Tensor] = {}
+            shard_i = len(manifest["shards"]) + pending.n // shard_rows
+            for s, name in zip(site_list, names):
+                a = acts[s]
+                if a.shape[-1] != lm.d_model:
+                    raise ValueError(f"{path}: site {name} gives rows of width {a.shape[-1]}, not d_model={lm.d_model}")
+                r = a[keep.to(a.device)].to("cpu", storage_dtype)  # [n, d_model]
+                if not torch.isfinite(r).all():
+                    bad = int((~torch.isfinite(r)).any(-1).sum())
+                    raise ValueError(
+                        f"{path}: {bad} rows with NaN/inf activations at site {name} in shard {shard_name(shard_i)}"
+                    )
+                rows[name] = r
+            rows["token_ids"] = ids[keep].to(torch.int32)  # [n]
+            rows["positions"] = torch.arange(ids.shape[1]).expand_as(ids)[keep].to(pos_dtype)  # [n]
+            offset = skip if batch_start == start else 0
+            room = n_tokens - written - pending.n
+            rows = {k: v[offset : offset + room] for k, v in rows.items()}
+            pending.add(rows, batch_start, offset)
+            last_after, batch_start = after, after
+            while pending.n >= shard_rows:
+                flush(shard_rows)
+            if written + pending.n >= n_tokens:
+                break
+    if pending.n:
+        flush(pending.n)
+    bar.close()
+    manifest["complete"] = True
+    write_json(path, manifest)
+    return ActivationCache(out)
+
+
+def _check_format(path: Path, manifest: dict[str, Any]) -> None:
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path}: not an activation cache (format {manifest.get('format')!r}, expected {FORMAT_NAME!r})"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: cache format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+
+
+class ActivationCache:
+    """Reader of a harvested cache folder (complete, or the complete shards of one in progress)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest_path = self.path / MANIFEST
+        if not self.manifest_path.is_file():
+            raise FileNotFoundError(f"{self.manifest_path}: no activation cache here (run harvest first)")
+        self.manifest: dict[str, Any] = read_json(self.manifest_path)
+        _check_format(self.manifest_path, self.manifest)
+        self.shard_rows: list[int] = [int(s["rows"]) for s in self.manifest["shards"]]
+        self.offsets = torch.tensor([0, *itertools.accumulate(self.shard_rows)], dtype=torch.long)  # [n_shards+1]
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_rows)
+
+    @property
+    def sites(self) -> list[Site]:
+        return [Site.parse(s) for s in self.manifest["sites"]]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def check(self, lm_name: str, d_model: int, sites: Iterable[SiteLike] = (), seq_len: int | None = None,
+              corpus_id: str | None = None) -> None:  # fmt: skip
+        """ValueError (naming the manifest and both values) unless the cache fits this use."""
+        p, m = self.manifest_path, self.manifest
+        _check_same(p, "model", m["model"], lm_name)
+        _check_same(p, "d_model", m["d_model"], d_model)
+        missing = [str(Site.parse(s)) for s in sites if str(Site.parse(s)) not in m["sites"]]
+        if missing:
+            raise ValueError(f"{p}: the cache holds sites {m['sites']}, not {missing}")
+        if seq_len is not None:
+            _check_same(p, "seq_len", m["seq_len"], seq_len)
+        if corpus_id is not None:
+            _check_same(p, "corpus_fingerprint", m["corpus_fingerprint"], corpus_id)
+
+    # -- reading ------------------------------------------------------------------------------
+    def load_shard(self, i: int, sites: Iterable[SiteLike] | None = None, extras: bool = True) -> dict[str, Tensor]:
+        """{site name: [rows, d_model] (storage dtype), 'token_ids': [rows], 'positions': [rows]}."""
+        from safetensors import safe_open
+
+        names = [str(Site.parse(s)) for s in (self.sites if sites is None else sites)]
+        file = self.path / self.manifest["shards"][i]["file"]
+        self.check(self.manifest["model"], self.d_model, names)
+        out: dict[str, Tensor] = {}
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for name in [*names, *(["token_ids", "positions"] if extras else [])]:
+                if name not in keys:
+                    raise ValueError(f"{file}: no tensor {name!r} in this shard (it holds {sorted(keys)})")
+                t = f.get_tensor(name)
+                rows = self.shard_rows[i]
+                want = (rows,) if name in ("token_ids", "positions") else (rows, self.d_model)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, expected {want} (rows, d_model)")
+                out[name] = t
+        return out
+
+    def split_shards(self, split: str = "train", eval_shards: int = 0) -> list[int]:
+        """Shard indices of a split: 'train' all but the last eval_shards, 'eval' those, 'all' every shard."""
+        if not 0 <= eval_shards <= self.n_shards:
+            raise ValueError(f"eval_shards must be in [0, {self.n_shards}], got {eval_shards}")
+        cut = self.n_shards - eval_shards
+        if split == "train":
+            return list(range(cut))
+        if split == "eval":
+            return list(range(cut, self.n_shards))
+        if split == "all":
+            return list(range(self.n_shards))
+        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+
+    def split_rows(self, split: str = "train", eval_shards: int = 0) -> int:
+        return sum(self.shard_rows[i] for i in self.split_shards(split, eval_shards))
+
+    def epoch_order(self, seed: int = 0, epoch: int = 0, split: str = "train", eval_shards: int = 0,
+                    buffer_shards: int = 8) -> Tensor:  # fmt: skip
+        """Global row indices [n_split_rows] in the order an epoch serves them.
+
+        train/all: shards in an order drawn from (seed, epoch); taken buffer_shards at a time,
+        the rows of each group permuted (same generator). eval: the rows in cache order.
+        Computed from the manifest only (no shard is read).
+        """
+        shards = self.split_shards(split, eval_shards)
+        ranges = [torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in shards]
+        if split == "eval" or not shards:
+            return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(len(shards), generator=gen).tolist()
+        groups = []
+        for g in range(0, len(order), max(1, buffer_shards)):
+            rows = torch.cat([ranges[j] for j in order[g : g + buffer_shards]])  # [group rows]
+            groups.append(rows[torch.randperm(rows.shape[0], generator=gen)])
+        return torch.cat(groups)
+
+    def n_batches(self, batch_rows: int, split: str = "train", eval_shards: int = 0, drop_last: bool = False) -> int:
+        n = self.split_rows(split, eval_shards)
+        return n // batch_rows if drop_last else math.ceil(n / batch_rows)
+
+    def batches(
+        self,
+        sites: Iterable[SiteLike] | None = None,
+        batch_rows: int = 4096,
+        seed: int = 0,
+        epoch: int = 0,
+        start_batch: int = 0,
+        split: str = "train",
+        eval_shards: int = 0,
+        buffer_shards: int = 8,
+        drop_last: bool = False,
+        extras: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[dict[Site | str, Tensor]]:
+        """{site: float32 [batch_rows, d_model]} batches of one epoch; row i of every site is one token.
+
+        Order: epoch_order(seed, epoch, split, eval_shards, buffer_shards), cut into batch_rows;
+        the last batch is shorter unless drop_last. start_batch resumes mid-epoch: the batches
+        from there are exactly those an uninterrupted epoch yields. extras adds 'token_ids' and
+        'positions' ([batch_rows] each). About buffer_shards (up to twice that at group edges)
+        shards are held in memory at a time.
+        """
+        site_list = self.sites if sites is None else [Site.parse(s) for s in sites]
+        self.check(self.manifest["model"], self.d_model, site_list)
+        names = [str(s) for s in site_list]
+        order = self.epoch_order(seed, epoch, split, eval_shards, buffer_shards)  # [n]
+        n = order.shape[0]
+        n_b = n // batch_rows if drop_last else math.ceil(n / batch_rows)
+        if n == 0:
+            return
+        shard_of = torch.searchsorted(self.offsets, order, right=True) - 1  # [n]
+        # the last batch that needs each shard: a shard is dropped from memory after it
+        last_use = torch.full((self.n_shards,), -1, dtype=torch.long)
+        last_use.scatter_reduce_(0, shard_of, torch.arange(n) // batch_rows, reduce="amax")
+        loaded: dict[int, dict[str, Tensor]] = {}
+        for b in range(start_batch, n_b):
+            idx = order[b * batch_rows : (b + 1) * batch_rows]  # [batch_rows]
+            sh = shard_of[b * batch_rows : (b + 1) * batch_rows]
+            local = idx - self.offsets[sh]
+            out: dict[Site | str, Tensor] = {}
+            for s, name in zip(site_list, names):
+                out[s] = torch.empty(idx.shape[0], self.d_model, dtype=torch.float32)
+            if extras:
+                out["token_ids"] = torch.empty(idx.shape[0], dtype=torch.int32)
+                out["positions"] = torch.empty(idx.shape[0], dtype=torch.int32)
+            for i in sh.unique().tolist():
+                if i not in loaded:
+                    loaded[i] = self.load_shard(i, site_list, extras=extras)
+                m = sh == i
+                for s, name in zip(site_list, names):
+                    out[s][m] = loaded[i][name][local[m]].float()
+                if extras:
+                    out["token_ids"][m] = loaded[i]["token_ids"][local[m]]
+                    out["positions"][m] = loaded[i]["positions"][local[m]].to(torch.int32)
+            for i in [i for i in loaded if int(last_use[i]) <= b]:
+                del loaded[i]
+            yield {k: v.to(device) for k, v in out.items()}
+
+
+# -- bf16 vs fp32 forward -----------------------------------------------------------------------
+@torch.no_grad()
+def compare_forward_dtypes(
+    lm_fp32: LM,
+    lm_low: LM,
+    sites: Sequence[SiteLike],
+    batches: Sequence[tuple[Tensor, Tensor]],
+) -> dict[str, dict[str, float]]:
+    """Relative error of lm_low's activations (e.g. a bf16 copy) against lm_fp32's at each site.
+
+    Over the real tokens of the (input_ids, attention_mask) batches, BOS dropped as in harvest:
+    {site: {"rel_err": ||low - fp32||_F / ||fp32||_F, "row_rel_err_median": median per-row
+    relative error, "cos_min": the smallest per-row cosine similarity, "storage_rel_err": the
+    error of merely storing the fp32 rows in bfloat16 (the floor of any bf16 cache)}}.
+    """
+    site_list = [Site.parse(s) for s in sites]
+    num = {s: 0.0 for s in site_list}
+    den = {s: 0.0 for s in site_list}
+    store = {s: 0.0 for s in site_list}
+    row_err: dict[Site, list[Tensor]] = {s: [] for s in site_list}
+    cos_min = {s: 1.0 for s in site_list}
+    for ids, mask in batches:
+        a = lm_fp32.activations(ids, site_list, attention_mask=mask)
+        b = lm_low.activations(ids, site_list, attention_mask=mask)
+        keep = mask.bool()
+        keep[:, 0] = False
+        for s in site_list:
+            x, y = a[s][keep].float(), b[s][keep].float()  # [n, d_model]
+            num[s] += float(((y - x) ** 2).sum())
+            den[s] += float((x**2).sum())
+            store[s] += float(((x.bfloat16().float() - x) ** 2).sum())
+            row_err[s].append((y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))
+            cos_min[s] = min(cos_min[s], float(torch.nn.functional.cosine_similarity(x, y, dim=-1).min()))
+    return {
+        str(s): {"rel_err": math.sqrt(num[s] / den[s]), "row_rel_err_median": float(torch.cat(row_err[s]).median()),
+                 "cos_min": cos_min[s], "storage_rel_err": math.sqrt(store[s] / den[s])}  # fmt: skip
+        for s in site_list
+    }
+
+
+def manifest_summary(path: str | Path) -> str:
+    """One line describing a cache (for logs and CLIs)."""
+    m = read_json(Path(path) / MANIFEST)
+    state = "complete" if m["complete"] else "in progress"
+    return (f"{m['model']} {','.join(m['sites'])}: {m['total_rows']} rows in {len(m['shards'])} shards "
+            f"({m['storage_dtype']}, seq_len {m['seq_len']}, {state})")  # fmt: skip
+
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "ActivationCache", "compare_forward_dtypes", "harvest", "manifest_summary",
+    "shard_name",
+]  # fmt: skip
