@@ -145,8 +145,9 @@ def build_saelens(args, d_in: int, scale: float):
     extra = ""
     if args.arch in TOPK_FAMILY:
         c = sae.cfg
+        sparse_acts = getattr(c, "use_sparse_activations", None)
         extra = (f", k={c.k}, aux loss coeff {c.aux_loss_coefficient:g}, rescale_acts_by_decoder_norm="
-                 f"{c.rescale_acts_by_decoder_norm}, use_sparse_activations={getattr(c, 'use_sparse_activations', None)}"
+                 f"{c.rescale_acts_by_decoder_norm}, use_sparse_activations={sparse_acts}"
                  f", dead after {tcfg.dead_feature_window} passes without firing")  # fmt: skip
     desc = (f"sae_lens {sae_lens.__version__} SAETrainer.step, {type(sae).__name__} fp32, Adam(1e-3,(0,0.99)), "
             f"constant lr, grad-norm clip 1.0, apply_b_dec_to_input{extra}")  # fmt: skip

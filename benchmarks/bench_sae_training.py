@@ -157,8 +157,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                 rl = _ratio(r["loop"], ref["loop"])
                 if r["impl"] == "ours":
                     rt = f"**{rt}**"
-            print(f"| {arch} | {r['name']} | {r['ms']:.1f} | {r['tps']:.0f} | {r['peak_rss_mib']:.0f} | {r['loop']:.0f} "
-                  f"| {r.get('dead_fraction', float('nan')):.3f} | {rt} | {rm} | {rl} |")  # fmt: skip
+            dead = r.get("dead_fraction", float("nan"))
+            print(f"| {arch} | {r['name']} | {r['ms']:.1f} | {r['tps']:.0f} | {r['peak_rss_mib']:.0f} "
+                  f"| {r['loop']:.0f} | {dead:.3f} | {rt} | {rm} | {rl} |")  # fmt: skip
         sl = [r for r in group if r["impl"] == "saelens"]
         ours = [r for r in group if r["impl"] == "ours"]
         if sl and ours:

@@ -66,13 +66,12 @@ def test_shipped_starter_suite_loads_and_helps(bundled):
 
     files = [f for f in shipped_dir("gemma-3-270m").rglob("*") if f.is_file()]
     assert {f.parent.name for f in files} == {s.replace(":", "_") for s in STARTER_SPECS}
-    assert sum(f.stat().st_size for f in files) <= 64 * 2**20  # the budget for shipped SAEs
+    assert sum(f.stat().st_size for f in files) <= 96 * 2**20  # the budget for the shipped suite v2
     saes = [starter_sae(bundled, spec, train_if_missing=False) for spec in STARTER_SPECS]
+    assert all(s.cfg.extra["suite_version"] == 2 and s.cfg.k == 64 for s in saes)
     results = evaluate_saes(bundled, saes, list(token_batches(bundled.tokenizer, TEXT, 64, 2)), progress=False)
     for spec, r in zip(STARTER_SPECS, results):
-        assert 1 <= r.l0 <= 512, (spec, r)
-        if spec.startswith("resid"):
-            # splicing a residual SAE in is far better than zero-ablating the residual stream
-            assert r.ce_loss_recovered > 0.4, (spec, r)
-    # (the starter attention SAEs and transcoders do not yet beat zero-ablation of their sites:
-    # measured and reported in the README; this test pins the residual SAEs the main job uses)
+        assert r.l0 <= 64, (spec, r)
+        # splicing any v2 SAE in is better than zero-ablating its site; residual SAEs far better
+        # (held-out figures in docs/saes.md: 0.98-0.995 residual, 0.54-0.90 attention / transcoders)
+        assert r.ce_loss_recovered > (0.8 if spec.startswith("resid") else 0.0), (spec, r)

@@ -143,9 +143,10 @@ def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
     second = sweep_mod.run_layer_sweep(lm, tasks, [0, 1], cfg, tmp_path, progress=False)
     assert calls == ["upper"]
     assert json.dumps(second.rows) == json.dumps(first.rows)  # seeded: the redone task is identical
-    # another configuration starts afresh
-    sweep_mod.run_layer_sweep(lm, tasks, [0, 1], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4), tmp_path, progress=False)
-    assert calls == ["upper", "ant", "upper"]
+    # another configuration in the same folder is refused, naming what differs (issue 18: no silent mixing)
+    with pytest.raises(ValueError, match="n_prompts: 3 -> 2"):
+        sweep_mod.run_layer_sweep(lm, tasks, [0, 1], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4), tmp_path, progress=False)
+    assert calls == ["upper"]
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama", "gpt2"])

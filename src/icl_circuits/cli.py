@@ -929,8 +929,21 @@ def _one_line(message: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every expected failure (bad input, missing or damaged file, disk full) is one line and rc 2."""
+    import warnings
+
     from safetensors import SafetensorError
 
+    if not getattr(warnings.formatwarning, "_icl_one_line", False):
+        default_format = warnings.formatwarning
+
+        def one_line_warning(message, category, *args, **kwargs):  # noqa: ANN001, ANN202
+            """Our data warnings (skipped task pairs, a collapsed cleaning) as one 'warning:' line each."""
+            if category.__name__ in ("SkippedPairsWarning", "CleaningWarning"):
+                return f"warning: {message}\n"
+            return default_format(message, category, *args, **kwargs)
+
+        one_line_warning._icl_one_line = True  # type: ignore[attr-defined]
+        warnings.formatwarning = one_line_warning
     parser = build_parser()
     _add_strict(parser)
     args = parser.parse_args(argv)

@@ -40,6 +40,7 @@ from .model import LM
 from .prompts import TOKEN_TYPES, TYPE_ID, icl_prompts
 from .sae.dictionary import JumpReLUSAE
 from .sites import Site
+from .storage import ReadOnlySQLite
 
 SCHEMA_VERSION = 1
 FILE_NAME = "dashboards.sqlite"
@@ -385,7 +386,7 @@ def build_dashboards(
 
 
 # -- reading ---------------------------------------------------------------------------------------
-class DashboardStore:
+class DashboardStore(ReadOnlySQLite):
     """Read-only typed access to a dashboards.sqlite; safe to share between threads (one connection each)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -404,18 +405,6 @@ class DashboardStore:
             raise ValueError(f"{self.path}: dashboards schema {self.header.get('schema')}, this version reads {SCHEMA_VERSION}; rebuild it")
         self._saes = {n: {"id": i, "name": n, "site": s, "d_sae": d, "n_tokens": nt, **json.loads(info)} for i, n, s, d, nt, info in rows}
 
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            self._local.con = con
-        return con
-
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
 
     @property
     def tasks(self) -> list[str]:

@@ -51,6 +51,7 @@ from .model import LM
 from .sae.activations import _chunks
 from .sae.dictionary import JumpReLUSAE
 from .sites import Site
+from .storage import ReadOnlySQLite
 
 SCHEMA_VERSION = 1
 TOP = -1  # the `bin` of a top-k example; sampled examples have bin >= 0
@@ -500,7 +501,7 @@ class Example:
         return asdict(self)
 
 
-class ExampleStore:
+class ExampleStore(ReadOnlySQLite):
     """Read-only access to an example store; safe to share between threads (one connection each)."""
 
     def __init__(self, path: str | os.PathLike, allow_partial: bool = False) -> None:
@@ -523,18 +524,6 @@ class ExampleStore:
         self._sae_ids = {name: i for i, name, *_ in rows}
         self._saes = [{"name": n, "site": s, "d_sae": d, **json.loads(info)} for _, n, s, d, info in rows]
 
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            self._local.con = con
-        return con
-
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
 
     def _sae_id(self, sae: str) -> int:
         if sae not in self._sae_ids:

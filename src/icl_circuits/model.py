@@ -8,6 +8,7 @@ loss needs, never full-vocabulary logits everywhere.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class LM:
         self._lm_head: nn.Module = model.get_output_embeddings()
         self._unembed_copies: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._softcap = logit_softcap(model)
+        # transformers 5.x renames the KV-cache argument `past_key_values` -> `cache` (the old name warns)
+        params = inspect.signature(self._base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # -- basic facts -------------------------------------------------------------------------
     @property
@@ -210,11 +214,12 @@ class LM:
         hidden: torch.Tensor | None = None
         with self._hooks(state, hook_layers), self._skipping(start_layer):
             try:
+                cache = {} if past_key_values is None else {self._cache_kwarg: past_key_values}
                 out = self._base(
                     input_ids=input_ids.to(self.device),
                     attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                    past_key_values=past_key_values,
                     use_cache=past_key_values is not None,
+                    **cache,
                 )
                 hidden = out.last_hidden_state  # [batch, seq, d_model], final norm applied
             except _StopForward:

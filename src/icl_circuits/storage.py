@@ -316,3 +316,25 @@ class RunDir:
     def __del__(self) -> None:
         if getattr(self, "_lock_fd", None) is not None:
             self.close()
+
+
+class ReadOnlySQLite:
+    """Mixin for a reader of a SQLite file: one read-only connection per thread (the viewer serves
+    requests from several threads). The class sets `self.path` and `self._local = threading.local()`."""
+
+    path: Path
+
+    def _con(self) -> "sqlite3.Connection":
+        import sqlite3
+
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None

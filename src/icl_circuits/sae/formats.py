@@ -162,6 +162,14 @@ def _publish_dir(target: PathLike, files: dict[str, bytes]) -> Path:
     return target
 
 
+def _read_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a truncated or damaged file is one clear error naming it."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: damaged or truncated safetensors file ({e})") from None
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -212,7 +220,7 @@ def load_sae(
     if unknown:
         raise ValueError(f"{cfg_path}: unknown keys {unknown}")
     cfg = _make_cfg(base, overrides, cfg_path)
-    tensors = safetensors.torch.load_file(str(st_path))
+    tensors = _read_safetensors(st_path)
     _no_leftovers(tensors, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"}, st_path)
     check_shapes(cfg, tensors, str(st_path))
     return _finish(JumpReLUSAE(cfg, tensors, where=str(st_path)), device, dtype)
@@ -305,7 +313,7 @@ def load_saelens(
     path = Path(path)
     cfg_path, st_path = _require_files(path, ("cfg.json", "sae_weights.safetensors"), "a SAELens SAE")
     raw = {**read_json(cfg_path), **(cfg_overrides or {})}
-    t = safetensors.torch.load_file(str(st_path))
+    t = _read_safetensors(st_path)
     if _is_saex(raw, t):  # the paper's own saex files share SAELens's file names
         return load_saex(path, device=device, dtype=dtype, **overrides)
     cfg = normalise_saelens_cfg(raw)
@@ -673,7 +681,7 @@ def load_gemma_scope_2(
     raw: dict[str, Any] = read_json(cfg_path) if cfg_path.is_file() else {}
     if raw.get("architecture", "jump_relu") != "jump_relu":
         raise ValueError(f"{cfg_path}: architecture {raw.get('architecture')!r} is not supported (jump_relu)")
-    t = safetensors.torch.load_file(str(st))
+    t = _read_safetensors(st)
     if "w_enc" not in t or t["w_enc"].dim() != 2:
         raise ValueError(f"{st}: missing 2-D 'w_enc' (file has {sorted(t)})")
     d_in, d_sae = t["w_enc"].shape
@@ -780,7 +788,7 @@ def load_saex(
     path = Path(path)
     cfg_path, st_path = _require_files(path, ("cfg.json", "sae_weights.safetensors"), "a saex SAE")
     raw = read_json(cfg_path)
-    t = {k: v.float() for k, v in safetensors.torch.load_file(str(st_path)).items()}  # saex may ship bf16
+    t = {k: v.float() for k, v in _read_safetensors(st_path).items()}  # saex may ship bf16
     W_enc = t.get("W_enc")
     if W_enc is None or W_enc.dim() != 2:
         raise ValueError(f"{st_path}: missing 2-D 'W_enc' (file has {sorted(t)})")
@@ -992,6 +1000,11 @@ def _hf_download(repo: str, filename: str, subfolder: str | None) -> str:
     """hf_hub_download, in one place so tests can swap in a fake hub folder (never the network)."""
     from huggingface_hub import hf_hub_download  # lazy: only for ids that are not local paths
 
+    from ..loading import hub_reachable
+
+    why = hub_reachable()  # one quick connect instead of the hub client's retries (~46 s) when offline
+    if why is not None:
+        raise FileNotFoundError(f"{repo}: not a local path, and the Hugging Face Hub is unreachable ({why})")
     return hf_hub_download(repo, filename, subfolder=subfolder or None)
 
 
@@ -1035,9 +1048,12 @@ def load_any(path: PathLike, **overrides: Any) -> JumpReLUSAE:
     """
     if isinstance(path, str) and path.startswith("saelens:"):
         return load_saelens_release(path, **overrides)
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from ..loading import hub_offline, resolve_spec
+
+        resolve_spec(str(path), "SAE", hub_subfolders=True)  # a missing path that looks local fails here, offline
+        if hub_offline():
             raise FileNotFoundError(f"{path} does not exist (and HF_HUB_OFFLINE=1, so no Hub download)")
         p = _from_hub(str(path))
         guess = _gemma_scope_site(Path(str(path)))
