@@ -12,7 +12,7 @@ the network is assumed unreachable, as in CI). It prints three counts:
   off: connects fail at once and are counted);
 - kills survived with identical results: a run is killed with SIGKILL at a chosen point, rerun to
   the end, and its results compared with an uninterrupted run (timings aside);
-- hostile viewer requests tried / refused: a slot for the viewer's own probes (not filled here).
+- hostile viewer requests tried / refused: traversal, symlinks out of RUN_DIR, bad Host, huge URLs, other methods.
 """
 
 from __future__ import annotations
@@ -344,9 +344,69 @@ def run_kills(f: dict[str, Path], work: Path, verbose: bool) -> tuple[int, int]:
 
 # -- viewer ----------------------------------------------------------------------------------------
 def run_viewer_requests(work: Path, verbose: bool) -> tuple[int, int] | None:
-    """Slot for hostile viewer requests (path traversal, symlinks out of RUN_DIR, bad Host, huge URLs...).
-    The viewer belongs to other work; its probes go here. None = not run."""
-    return None
+    """Hostile requests to a local viewer over a run folder that holds a secret outside it (reached
+    through a symlinked JSON and a symlinked folder): traversal in every spelling, absolute paths,
+    symlinks, bad Host headers, huge URLs, methods the viewer does not serve, malformed parameters.
+    Refused = an error status (or a redirect) that carries the CSP header and never the secret."""
+    import http.client
+    import threading
+
+    from icl_circuits.viewer import make_server
+
+    run = work / "viewer_run"
+    outside = work / "viewer_outside"
+    run.mkdir(exist_ok=True)
+    outside.mkdir(exist_ok=True)
+    secret = "TOP-SECRET-7f3a"
+    (outside / "secret.json").write_text(json.dumps({"task": secret, "layer": 12, "weights": [1.0]}))
+    (outside / "secret.txt").write_text(secret)
+    (run / "heatmap.json").write_text(json.dumps({"tasks": ["a"], "features": [1], "raw": [[0.5]]}))
+    for link, target in (("linked.json", outside / "secret.json"), ("linked_dir", outside)):
+        if not (run / link).is_symlink():
+            (run / link).symlink_to(target)
+    server = make_server(run, "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rel = os.path.relpath(outside / "secret.txt", run)
+    probes: list[tuple[str, str, dict]] = [
+        ("GET", f"/files/{rel}", {}), ("GET", "/files/../viewer_outside/secret.txt", {}),
+        ("GET", "/files/%2e%2e/viewer_outside/secret.txt", {}), ("GET", "/files/%2E%2E%2Fviewer_outside%2Fsecret.txt", {}),
+        ("GET", "/files/..%2fviewer_outside%2fsecret.txt", {}), ("GET", "/files/....//viewer_outside/secret.txt", {}),
+        ("GET", f"/files/{outside / 'secret.txt'}", {}), ("GET", "/files//etc/passwd", {}), ("GET", "/files/%2fetc%2fpasswd", {}),
+        ("GET", "/files/linked.json", {}), ("GET", "/files/linked_dir/secret.txt", {}), ("GET", "/files/linked_dir/secret.json", {}),
+        ("GET", "/files/./linked.json", {}), ("GET", "/files/heatmap.json%00.png", {}), ("GET", "/files/%00", {}),
+        ("GET", "/files/\\..\\viewer_outside\\secret.txt", {}),
+        ("GET", "/task/linked", {}), ("GET", "/task/..%2f..%2fetc%2fpasswd", {}), ("GET", "/feature/../../etc/passwd/0", {}),
+        ("GET", "/feature/x/-1", {}), ("GET", "/feature/x/99999999999999999999999", {}), ("GET", "/feature/%3Cscript%3E/0", {}),
+        ("GET", "/goto?sae=x&latent=abc", {}), ("GET", "/goto?sae=../../etc&latent=1", {}), ("GET", "/goto", {}),
+        ("GET", "/circuit/99", {}), ("GET", "/circuit/-1", {}), ("GET", "/" + "a" * 70000, {}),
+        ("GET", "/", {"Host": "evil.example"}), ("GET", "/", {"Host": "127.0.0.1.evil.example:80"}),
+        ("GET", "/files/heatmap.json", {"Host": "attacker.test"}),
+        ("POST", "/", {}), ("PUT", "/files/heatmap.json", {}), ("DELETE", "/files/heatmap.json", {}),
+        ("OPTIONS", "/", {}), ("TRACE", "/", {}),
+    ]
+    refused = 0
+    for method, path, headers in probes:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.putrequest(method, path, skip_host=bool(headers.get("Host")))
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            resp = conn.getresponse()
+            body = resp.read().decode("utf-8", "replace")
+            ok = (resp.status >= 400 or resp.status in (301, 302, 303)) and secret not in body \
+                and "default-src" in (resp.getheader("Content-Security-Policy") or "")
+            status = resp.status
+        except (OSError, http.client.HTTPException) as e:  # the server closing on garbage is a refusal too
+            ok, status = True, type(e).__name__
+        finally:
+            conn.close()
+        refused += ok
+        if verbose or not ok:
+            print(f"  [{'refused' if ok else 'NOT REFUSED'}] {method} {path[:70]} {headers or ''} -> {status}")
+    server.shutdown()
+    return len(probes), refused
 
 
 def main() -> int:
@@ -371,8 +431,7 @@ def main() -> int:
         lines.append(f"kills: {ok}/{n} survived with identical results (kill -9, rerun, compare with an uninterrupted run)")
     if "viewer" in only:
         v = run_viewer_requests(work, args.verbose)
-        lines.append("hostile viewer requests: not run here (viewer probes belong to the viewer work)" if v is None
-                     else f"hostile viewer requests: {v[0]} tried, {v[1]} refused")  # fmt: skip
+        lines.append(f"hostile viewer requests: {v[0]} tried, {v[1]} refused (error status with the CSP header, secret never shown)")
     print("\n".join(lines))
     print(f"({time.time() - t0:.0f} s)")
     if not args.work:

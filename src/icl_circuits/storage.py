@@ -275,6 +275,11 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._lock_fd = fd
+        # holding the lock, no one else writes here: temp files of atomic writes (NAME.XXXXXXXX.tmp) are
+        # leftovers of a killed run
+        for tmp in self.path.rglob("*.tmp"):
+            if tmp.is_file() and len(tmp.suffixes) >= 2:
+                tmp.unlink(missing_ok=True)
 
     def _check_config(self) -> None:
         path = self.path / f"{self.name}.json"

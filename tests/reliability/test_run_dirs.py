@@ -244,3 +244,18 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_p
     res = run_layer_sweep(lm, tasks, [0], CFG, out, progress=False)  # the kill freed the lock
     fresh = run_layer_sweep(lm, tasks, [0], CFG, tmp_path / "fresh", progress=False)
     assert json.dumps(res.rows) == json.dumps(fresh.rows)
+
+
+def test_a_killed_atomic_write_leaves_no_temp_file_once_the_folder_is_reopened(tmp_path):
+    """kill -9 between mkstemp and the rename leaves NAME.XXXXXXXX.tmp; the next RunDir on the folder removes it."""
+    from icl_circuits.storage import RunDir
+
+    with RunDir(tmp_path, {"a": 1}, kind="probe"):
+        pass
+    (tmp_path / "run.json.k1ll3d.tmp").write_bytes(b"half a file")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "cleaning.json.x9.tmp").write_bytes(b"")
+    (tmp_path / "notes.tmp").write_text("a user's own file, not one of ours")
+    with RunDir(tmp_path, {"a": 1}, kind="probe"):
+        pass
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == ["notes.tmp"]
