@@ -50,9 +50,9 @@ saes: $(STAMP)  ## rebuild the starter suite v2: harvest 2M tokens (~25 min), tr
 	$(VENV)/bin/icl-circuits sae eval --cache runs/acts_v2 --sae runs/saes_v2_resid/saes/resid_6 --sae runs/saes_v2_resid/saes/resid_10 \
 		--sae runs/saes_v2_resid/saes/resid_11 --sae runs/saes_v2_resid/saes/resid_12 --sae runs/saes_v2_resid/saes/resid_13 \
 		--sae runs/saes_v2_other/saes/attn_11 --sae runs/saes_v2_other/saes/attn_12 --sae runs/saes_v2_other/saes/transcoder_11 \
-		--sae runs/saes_v2_other/saes/transcoder_12 --out runs/saes_v2_eval.json --threads 2
+		--sae runs/saes_v2_other/saes/transcoder_12 --eval-ce-docs 16 --dead-rows 500000 --out runs/saes_v2_eval.json --threads 2
 	$(VENV)/bin/icl-circuits sae export runs/saes_v2_resid src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
 	$(VENV)/bin/icl-circuits sae export runs/saes_v2_other src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
 
 sae-eval: $(STAMP)  ## evaluate the starter suite on the held-out documents of `make saes`'s harvest
-	$(VENV)/bin/icl-circuits sae eval --starter --cache runs/acts_v2 --out runs/sae_eval.json
+	$(VENV)/bin/icl-circuits sae eval --starter --cache runs/acts_v2 --eval-ce-docs 16 --dead-rows 500000 --out runs/sae_eval.json

@@ -174,7 +174,11 @@ def bos_id(tokenizer: Any) -> int:
 
 def _forward_last(lm: Any, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
     """Logits at the last position only ([batch, vocab]); the vocab can be 262k wide."""
-    out = lm.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+    import inspect
+
+    # transformers 5.x renames `past_key_values` -> `cache` (the old name warns); use what this version takes
+    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **({name: past} if past is not None else {}))
     return out.logits[:, -1].float(), out.past_key_values
 
 
