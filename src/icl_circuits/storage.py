@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -329,9 +330,7 @@ class ReadOnlySQLite:
 
     path: Path
 
-    def _con(self) -> "sqlite3.Connection":
-        import sqlite3
-
+    def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)

@@ -629,7 +629,7 @@ def _lens_table(tokens: list[Any], sign: str) -> str:
 
 def _dashboard_panels(data: RunData, fd: dict[str, Any]) -> list[str]:
     d = fd["dashboard"]
-    sae, latent = fd["sae"], fd["latent"]
+    sae = fd["sae"]
     parts = []
     if d is None:
         if not fd["has_dashboard"]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..model import LM
-from ..sites import Site
 from ..storage import read_json, write_csv, write_json
 from .cache import ActivationCache
 from .dictionary import JumpReLUSAE
