@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from icl_circuits.cli import _cached_run, _harvest_docs
+from icl_circuits.corpus import harvest_docs
 from icl_circuits.loading import load_model
-from icl_circuits.sae.cache import harvest
+from icl_circuits.sae.cache import HarvestRun, harvest
 from icl_circuits.sae.evaluation import held_out_stats
 from icl_circuits.sae.training import TrainConfig, train_from_cache
 from icl_circuits.sites import Site
@@ -33,11 +33,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/harvest_dtype"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    settings, bf16, ev = _cached_run(args.cache)
+    run = HarvestRun(args.cache)
+    bf16, ev, s = run.train, run.eval, run.settings
     site = Site.parse(args.site)
-    ns = argparse.Namespace(corpus=settings["corpus"], eval_docs=settings["eval_docs"], seed=settings["seed"], quiet=True)
-    train, _ = _harvest_docs(ns, None)
-    fp32 = harvest(load_model(settings["model"]), [site], train, args.out / "fp32_cache", n_tokens=args.rows, progress=False)
+    train, _ = harvest_docs(s["corpus"], s["eval_docs"], s["seed"], progress=False)
+    fp32 = harvest(load_model(run.model), [site], train, args.out / "fp32_cache", n_tokens=args.rows, progress=False)
     same = torch.equal(fp32.load_shard(0, [site])["token_ids"], bf16.load_shard(0, [site])["token_ids"])
     if not same:
         raise SystemExit("the two harvests do not hold the same tokens; check --cache")

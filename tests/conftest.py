@@ -90,3 +90,12 @@ def bundled() -> LM:
     from icl_circuits import load_model
 
     return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: a second thread only adds contention on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

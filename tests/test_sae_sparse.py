@@ -10,12 +10,7 @@ from icl_circuits.sae.sparse import sparse_decode, sparse_decode_topk
 D_SAE, D_OUT = 50, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(

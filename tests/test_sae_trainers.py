@@ -15,13 +15,7 @@ from icl_circuits.sae.trainers import ARCHS, TOPK_FAMILY, SAETrainer, TrainerCon
 D_IN, N_PLANTED = 32, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: a second thread only adds contention on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(seed: int = 1) -> tuple[torch.Tensor, torch.Generator]:

@@ -147,24 +147,20 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = init_distributed_from_env()
-    if args.cache is not None:
-        settings, train_cache, _ = _cached_run(args.cache)
-        args.model, args.corpus, args.eval_docs = settings["model"], settings["corpus"], settings["eval_docs"]
-    lm = load_model(args.model)
-    if args.cache is not None:
-        args.seed_docs = settings["seed"]
-        docs = None
-    else:
-        docs = from_spec(args.corpus, lm, progress=not args.quiet)
+    from .sae.cache import HarvestRun
+
+    run = HarvestRun(args.cache) if args.cache is not None else None
+    lm = load_model(run.model if run else args.model)
+    docs = None if run else from_spec(args.corpus, lm, progress=not args.quiet)
     cfg = TrainConfig(
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, l1_coeff=args.l1, k=args.k, lr=args.lr, param_dtype=args.param_dtype,
         dead_window=args.dead_window, dead_steps=args.dead_steps, checkpoint_every=args.checkpoint_every,
         b_dec_init=args.b_dec_init, norm_centered=args.norm_centered, l1_by_kind=_kv_floats(args.l1_kind),
-        skip_docs=0 if args.cache is not None else args.eval_docs, seed=args.seed, trainer=_kv_trainer(args.trainer),
+        skip_docs=0 if run else args.eval_docs, seed=args.seed, trainer=_kv_trainer(args.trainer),
     )  # fmt: skip
-    if args.cache is not None:
-        saes = train_from_cache(train_cache, cfg, args.out, progress=not args.quiet)
+    if run:
+        saes = train_from_cache(run.train, cfg, args.out, progress=not args.quiet)
     else:
         saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
     if distributed:
@@ -179,10 +175,9 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     records = [json.loads(l) for l in (args.out / "metrics.jsonl").read_text().splitlines()] if (args.out / "metrics.jsonl").is_file() else []
     if records:
         plot_training_curves(records, args.out / "training_curves")
-    if args.eval_docs and not args.no_eval:
-        if args.cache is not None:
-            args.seed = args.seed_docs
-            _, held = _harvest_docs(args, lm)
+    if (run or args.eval_docs) and not args.no_eval:
+        if run:
+            held = run.held_out_docs(lm)
             batches = _eval_batches(lm, held, min(64, len(held)), args.seq_len)
         else:
             batches = _eval_batches(lm, docs, args.eval_docs, args.seq_len)
@@ -196,25 +191,10 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _harvest_docs(args: argparse.Namespace, lm):  # type: ignore[no-untyped-def]
-    """(train docs shuffled by --seed, held-out docs) of --corpus; the held-out ones are chosen by content hash."""
-    import random
-
-    from .corpus import from_spec, pack_docs, split_docs
-
-    docs = from_spec(args.corpus, lm, progress=not args.quiet)
-    if not isinstance(docs, list):
-        raise ValueError(f"--corpus {args.corpus!r} is a stream; `sae harvest` needs a finite corpus (files, debian:, python-docs)")
-    train, held = split_docs(docs, args.eval_docs, seed=args.seed)
-    random.Random(args.seed).shuffle(train)  # the harvest takes the first --tokens: mix the sources
-    # short documents (dictionary entries) are joined, so forward passes run on full-length chunks
-    return pack_docs(train), pack_docs(held)
-
-
 def cmd_sae_harvest(args: argparse.Namespace) -> int:
     import torch
 
-    from .corpus import provenance
+    from .corpus import harvest_docs, provenance
     from .loading import load_model
     from .sae.cache import harvest
     from .sae.training import SAESpec
@@ -228,7 +208,7 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
     for s in specs:
         if s.layer >= lm.n_layers:
             raise ValueError(f"--saes {s.kind}:{s.layer}: {lm.name!r} has layers 0..{lm.n_layers - 1}")
-    train, held = _harvest_docs(args, lm)
+    train, held = harvest_docs(args.corpus, args.eval_docs, args.seed, lm, progress=not args.quiet)
     prov = provenance(args.corpus)
     write_json(args.out / "harvest.json", dict(model=lm.name, corpus=args.corpus, eval_docs=args.eval_docs, seed=args.seed,
                                                 sites=[str(s) for s in sites], dtype=args.dtype))  # fmt: skip
@@ -241,16 +221,6 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cached_run(path: Path):  # type: ignore[no-untyped-def]
-    """(harvest settings, train cache, eval cache) of a `sae harvest` folder."""
-    from .sae.cache import ActivationCache
-    from .storage import read_json
-
-    if not (path / "harvest.json").is_file():
-        raise FileNotFoundError(f"{path}: not a `sae harvest` folder (no harvest.json)")
-    return read_json(path / "harvest.json"), ActivationCache(path / "train"), ActivationCache(path / "eval")
-
-
 def cmd_sae_compare(args: argparse.Namespace) -> int:
     import torch
 
@@ -259,7 +229,9 @@ def cmd_sae_compare(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings, train_cache, eval_cache = _cached_run(args.cache)
+    from .sae.cache import HarvestRun
+
+    run = HarvestRun(args.cache)
     penalties = {}
     for item in args.penalty or []:
         arch, _, values = item.partition("=")
@@ -269,11 +241,10 @@ def cmd_sae_compare(args: argparse.Namespace) -> int:
         penalties=penalties, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed,
     )  # fmt: skip
     cfg.runs()  # fail on a missing --penalty before the slow model load
-    lm = load_model(settings["model"])
-    args.corpus, args.eval_docs, args.seed = settings["corpus"], settings["eval_docs"], settings["seed"]
-    _, held = _harvest_docs(args, lm)
+    lm = load_model(run.model)
+    held = run.held_out_docs(lm)
     batches = _eval_batches(lm, held, min(args.eval_ce_docs, len(held)), 128)
-    rows = run_compare(lm, cfg, train_cache, eval_cache, batches, args.out, progress=not args.quiet)
+    rows = run_compare(lm, cfg, run.train, run.eval, batches, args.out, progress=not args.quiet)
     print(f"\n{'recipe':12s} {'L0':>5s} {'FVE':>6s} {'CE rec.':>7s} {'dead':>6s} {'tok/s':>7s} {'arrow':>6s} {'input':>6s} {'output':>6s}")
     for r in rows:
         print(f"{r['arch']:12s} {r['target_l0']:5d} {r['fve']:6.3f} {r['ce_loss_recovered']:7.3f} {r['dead_fraction']:6.3f} "
@@ -293,8 +264,10 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = _cached_run(args.cache)[0] if args.cache is not None else None
-    lm = load_model(settings["model"] if settings else args.model)
+    from .sae.cache import HarvestRun
+
+    run = HarvestRun(args.cache) if args.cache is not None else None
+    lm = load_model(run.model if run else args.model)
     saes = [load_any(p) for p in args.sae or []]
     if args.starter:
         from .sae.suite import STARTER_SPECS, starter_sae
@@ -302,18 +275,17 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
         saes += [starter_sae(lm, spec, progress=not args.quiet) for spec in STARTER_SPECS]
     if not saes:
         raise ValueError("nothing to evaluate: pass --sae PATH (repeatable) or --starter")
-    if settings:  # held-out documents of the harvest (chosen by content hash), not the first --eval-docs
-        args.corpus, args.eval_docs, args.seed = settings["corpus"], settings["eval_docs"], settings["seed"]
-        _, held = _harvest_docs(args, lm)
+    if run:  # held-out documents of the harvest (chosen by content hash), not the first --eval-docs
+        held = run.held_out_docs(lm)
         batches = _eval_batches(lm, held, min(args.eval_ce_docs, len(held)), args.seq_len)
     else:
         batches = _eval_batches(lm, from_spec(args.corpus, lm, progress=not args.quiet), args.eval_docs, args.seq_len)
     results = [r.to_dict() for r in evaluate_saes(lm, saes, batches, progress=not args.quiet)]
     _print_eval(results)
-    if settings:
+    if run:
         from .sae.evaluation import cache_stats
 
-        extra = cache_stats(lm, saes, args.cache / "eval", args.cache / "train", dead_rows=args.dead_rows, progress=not args.quiet)
+        extra = cache_stats(lm, saes, run.eval.path, run.train.path, dead_rows=args.dead_rows, progress=not args.quiet)
         for r, e in zip(results, extra):
             r.update(e)
         print(f"\n{'SAE site':16s} {'FVE (held-out rows)':>19s} {'dead over train rows':>20s} {'FVE arrow':>9s} {'input':>6s} {'output':>6s}")
@@ -331,8 +303,10 @@ def cmd_sae_export(args: argparse.Namespace) -> int:
 
     corpus, prov = args.corpus, None
     if args.cache is not None:  # the harvest names the corpus and where its text came from
-        settings, train_cache, _ = _cached_run(args.cache)
-        corpus, prov = settings["corpus"], train_cache.manifest.get("provenance")
+        from .sae.cache import HarvestRun
+
+        run = HarvestRun(args.cache)
+        corpus, prov = run.settings["corpus"], run.train.manifest.get("provenance")
     for path in export_suite(args.run, args.dest, corpus=corpus, provenance=prov, eval_path=args.eval):
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         print(f"{path}  ({size:.1f} MiB)")
@@ -651,6 +625,13 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(s: argparse.ArgumentParser) -> None:
+    """--seed, --threads, --quiet: the same on every command that runs a model."""
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sae.suite import STARTER_CORPUS
     from .sae.trainers import ARCHS
@@ -705,9 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (run `sae eval` later)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_sae_train)
 
     s = sae.add_parser("harvest", help="cache activations on disk once (bf16 shards, resumable) for many training runs")
@@ -720,9 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model forward's dtype")
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--out", type=Path, default=Path("runs/activations"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_sae_harvest)
 
     s = sae.add_parser("compare", help="every SAE recipe on the same cached rows at matched L0: FVE, CE loss recovered, ICL-prompt FVE")
@@ -737,9 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-tokens", type=int, default=1024)
     s.add_argument("--eval-ce-docs", type=int, default=24, help="held-out documents for CE loss recovered")
     s.add_argument("--out", type=Path, default=Path("runs/sae_compare"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_sae_compare)
 
     s = sae.add_parser("eval", help="L0, FVE, dead fraction, CE loss recovered on held-out tokens")
@@ -754,9 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-ce-docs", type=int, default=24, help="with --cache: held-out documents for CE loss recovered")
     s.add_argument("--dead-rows", type=int, default=1_000_000, help="with --cache: training rows over which a silent latent counts as dead")
     s.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_sae_eval)
 
     s = sae.add_parser("export", help="ship a training run: bf16 weights + a model card per SAE")
@@ -780,9 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bin-width", type=float, default=0.5)
     s.add_argument("--context-before", type=int, default=24)
     s.add_argument("--context-after", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_examples)
 
     s = sub.add_parser("view", help="browse a run in a local web page (tasks, features, examples, circuits, plots)")
@@ -805,9 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-shots", type=int, default=8)
     s.add_argument("--top-tokens", type=int, default=10)
     s.add_argument("--neighbours", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_dashboards)
     s = sub.add_parser("heatmap", help="steering heatmaps of cleaned task-vector features (Sec. 3.2, App. F; Fig. 10 with --top-only)")
     s.add_argument("--model", default="gemma-3-270m")
@@ -833,9 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("runs/heatmap"), help="run folder (resumes if present)")
     s.add_argument("--figures", type=Path, default=Path("docs/results/heatmaps"), help="where figures and tables go")
     s.add_argument("--name", default=None, help="file stem of the figures (default: the setting)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_heatmap)
 
     s = sub.add_parser("detectors", help="task-detection features: layer sweep, token-type masses, detector->executor link (Sec. 4.2)")
@@ -904,9 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cross-task", action="store_true")
     s.add_argument("--keep-errors-curve", action="store_true", help="also faithfulness with error nodes never ablated (weak-SAE diagnostic)")
     s.add_argument("--out", type=Path, default=Path("runs/circuits"), help="run folder (finished tasks are skipped)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_circuit)
     return p
 

@@ -852,3 +852,18 @@ def pack_docs(docs: Iterable[str], target_chars: int = 2000, sep: str = "\n\n") 
     if cur:
         out.append(sep.join(cur))
     return out
+
+
+def harvest_docs(spec: str, n_eval: int, seed: int = 0, lm: Any = None, progress: bool = True) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents) of a finite corpus, as `sae harvest` uses them: the
+    held-out ones chosen by content hash (`split_docs`), the training ones shuffled by `seed` (a harvest
+    takes the first N tokens, so the sources mix), and both packed into ~2,000-character documents
+    (`pack_docs`), so forward passes run on full-length chunks."""
+    import random
+
+    docs = from_spec(spec, lm, progress=progress)
+    if not isinstance(docs, list):
+        raise CorpusError(f"corpus {spec!r} is a stream; harvesting needs a finite corpus (files, debian:, python-docs)")
+    train, held = split_docs(docs, n_eval, seed=seed)
+    random.Random(seed).shuffle(train)
+    return pack_docs(train), pack_docs(held)

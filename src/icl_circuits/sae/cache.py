@@ -493,3 +493,26 @@ __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ActivationCache", "compare_forward_dtypes", "harvest", "manifest_summary",
     "shard_name",
 ]  # fmt: skip
+
+
+class HarvestRun:
+    """A `sae harvest` folder: harvest.json (model, corpus, held-out documents, seed), train/ and eval/."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "harvest.json").is_file():
+            raise FileNotFoundError(f"{self.path}: not a `sae harvest` folder (no harvest.json)")
+        self.settings: dict[str, Any] = read_json(self.path / "harvest.json")
+        self.train = ActivationCache(self.path / "train")
+        self.eval = ActivationCache(self.path / "eval")
+
+    @property
+    def model(self) -> str:
+        return str(self.settings["model"])
+
+    def held_out_docs(self, lm: Any = None, progress: bool = False) -> list[str]:
+        """The held-out documents the eval cache was made from (the same split and packing)."""
+        from ..corpus import harvest_docs
+
+        s = self.settings
+        return harvest_docs(s["corpus"], s["eval_docs"], s["seed"], lm, progress)[1]
