@@ -118,7 +118,7 @@ def test_faithfulness_curve_and_nodes_needed():
     eff = node_effects(lm, batch, saes, cfg)
     held_out, _ = toy_batch(seed=7)
     sp = SplicedModel(lm, held_out, saes, cfg)
-    curve = faithfulness_curve(sp, eff, sizes=(0, 1, 5, 20, 100))
+    curve = faithfulness_curve(sp, eff, sizes=(0, 1, 5, 20, 100), by="abs", keep_errors=False)  # the options
     assert curve.sizes[0] == 0 and curve.sizes[-1] == eff.n_nonzero()
     assert curve.faith_C[0] == pytest.approx(0.0) and curve.faith_M[0] == pytest.approx(1.0)
     n = nodes_needed(sp, eff, 0.6, curve=curve)
@@ -144,6 +144,15 @@ def test_ie_quality_rows_and_correlations():
                for k in saes.keys for t in ("input", "output", "arrow"))  # fmt: skip
     per_layer = ie_correlations(rows)
     assert {r["layer"] for r in per_layer} == {0, 1}
+    # the headline is the authors' metric: feature nodes only; error nodes are the separate diagnostic
+    (pooled,) = ie_correlations(rows, ())
+    feats = [r for r in rows if r["feature"] != ERROR]
+    assert pooled["n"] == len(feats) and pooled["n_errors"] == len(errors)
+    assert pooled["r"] == pytest.approx(pearson([r["estimate"] for r in feats], [r["actual"] for r in feats]))
+    assert pooled["r_with_errors"] == pytest.approx(pearson([r["estimate"] for r in rows], [r["actual"] for r in rows]))
+    # by default every non-zero feature node is ablated (no sample)
+    every = ie_quality(sp, eff, token_types=("arrow",), chunk=8, all_errors=False)
+    assert len(every) == sum(int((eff.effects[k][NODE_TYPES.index("arrow"), :-1] != 0).sum()) for k in saes.keys)
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
 
@@ -173,23 +182,29 @@ def test_run_circuits_end_to_end_with_resume(tmp_path, monkeypatch):
     saes = tiny_saes(lm, (0, 1))
     tasks = [toy_task("a", PAIRS), toy_task("b", list(reversed(PAIRS)))]
     rc = CircuitRunConfig(circuit=CircuitConfig(layers=(0, 1)), n_prompts=2, n_shots=3, sizes=(0, 2, 10), edge_k=1, ie_quality_per_sae=2,
-                          keep_errors_curve=True)
+                          other_errors_curve=True)
     res = run_circuits(lm, tasks, rc, tmp_path, saes=saes, progress=False)
     assert len(res["summaries"]) == 2
-    for name in ("faithfulness.png", "faithfulness_keep_errors.png", "ie_quality.png", "cross_task.png", "summary.csv", "a/graph.json",
-                 "a/graph.png", "b/summary.json", "b/faithfulness_keep_errors.json", "cross_task_keep_errors.png"):
+    for name in ("faithfulness.png", "faithfulness_errors_ablated.png", "ie_quality.png", "cross_task.png", "summary.csv", "a/graph.json",
+                 "a/graph.png", "b/summary.json", "b/faithfulness_errors_ablated.json", "cross_task_errors_ablated.png"):
         assert (tmp_path / name).is_file(), name
+    import json
+
+    main = json.loads((tmp_path / "a" / "faithfulness.json").read_text())
+    assert main["keep_errors"] and main["rank_by"] == "signed" and set(main["n_error_nodes"]) == {0}
     monkeypatch.setattr(ab, "run_circuit_task", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed a finished task")))
     again = run_circuits(lm, tasks, rc, tmp_path, saes=saes, progress=False)
     assert [s["task"] for s in again["summaries"]] == ["a", "b"]
 
 
-def test_keep_errors_curve_never_ablates_error_nodes():
+def test_default_keeps_error_nodes_mM_is_the_model_and_m_empty_ablates_features_only():
+    """The authors' faithfulness: m(M) = the model itself, m(empty) = every feature zeroed, every error kept."""
     lm, cfg, saes, batch = setup()
     eff = node_effects(lm, batch, saes, cfg)
     sp = SplicedModel(lm, batch, saes, cfg)
-    curve = faithfulness_curve(sp, eff, sizes=(0, 3, 10), keep_errors=True)
-    assert curve.keep_errors and curve.n_error_nodes == [0] * len(curve.sizes)
+    curve = faithfulness_curve(sp, eff, sizes=(0, 3, 10))
+    assert curve.keep_errors and curve.rank_by == "signed" and curve.n_error_nodes == [0] * len(curve.sizes)
+    assert curve.m_full == pytest.approx(_hf_metric(lm, batch), abs=1e-5)
     assert curve.faith_C[0] == pytest.approx(0.0) and curve.faith_M[0] == pytest.approx(1.0)
     # m(empty) here = every latent zeroed, every error node kept: out = y - (f @ W_dec) / scale, by hand
     nodes = batch.token_types >= 1
@@ -204,3 +219,40 @@ def test_keep_errors_curve_never_ablates_error_nodes():
     assert curve.m_empty == pytest.approx(float(out.target_logprobs.mean()), abs=1e-5)
     n = nodes_needed(sp, eff, 0.5, curve=curve)
     assert n is None or n <= curve.n_nonzero
+
+
+def test_signed_ranking_puts_a_harmful_node_last():
+    from icl_circuits.ablation import circuit_order
+    from icl_circuits.circuits import NodeEffects, ranking
+
+    e = torch.tensor([0.5, -2.0, 1.0, 0.0])
+    assert ranking(e).tolist() == [2, 0, 3, 1]  # signed (default): the harmful node (-2) is last
+    assert ranking(e, "abs").tolist() == [1, 2, 0, 3]  # by |effect| it would come first
+    # through the circuit order, with an error node (last column) that is never ranked by default
+    eff = NodeEffects(["resid.0"], ("arrow",), {"resid.0": torch.tensor([[0.5, -2.0, 1.0, 3.0]])}, 0.0)
+    order, errs = circuit_order(eff)
+    assert order.tolist() == [2, 0, 1] and errs.tolist() == [False, False, False, True]
+    order, errs = circuit_order(eff, "signed", keep_errors=False)
+    assert order.tolist() == [3, 2, 0, 1] and errs is None
+
+
+def test_cross_task_default_ablates_features_only(monkeypatch):
+    """Cross-task ablation keeps every error node by default: each pattern it runs leaves error nodes alone."""
+    lm, cfg, saes, batch = setup()
+    tasks = {"a": toy_task("a", PAIRS[:6]), "b": toy_task("b", PAIRS[6:])}
+    sp, eff = {}, {}
+    for name, task in tasks.items():
+        est, _ = toy_batch(task=task, n_shots=2, seed=1)
+        held, _ = toy_batch(task=task, n_shots=2, seed=2)
+        eff[name] = node_effects(lm, est, saes, cfg)
+        sp[name] = SplicedModel(lm, held, saes, cfg)
+    errs = torch.zeros(sp["a"].n_nodes, dtype=torch.bool)
+    for k, o in eff["a"].offsets().items():
+        n_types, width = eff["a"].effects[k].shape
+        errs[o + width - 1 : o + n_types * width : width] = True
+    seen = []
+    for s in sp.values():
+        orig = s.metrics
+        monkeypatch.setattr(s, "metrics", lambda pats, chunk=4, orig=orig: (seen.append(pats.clone()), orig(pats, chunk))[1])
+    cross_task_ablation(sp, eff, target=0.3)
+    assert seen and all(not (p & errs).any() for p in seen)

@@ -169,7 +169,7 @@ def test_early_stopping_fires_after_patience_steps_without_an_l0_change():
     # when L0 changes, the count starts again: it stops `patience` steps after the last change
     r = clean_vector(sae, setting, 1, tv, CleaningConfig(l1_coeff=5.0, lr=0.1, patience=10, max_steps=500))
     changes = [i for i in range(1, len(r.l0_history)) if r.l0_history[i] != r.l0_history[i - 1]]
-    first_change = 0 if r.l0_history[0] != int((r.initial_weights > 0).sum()) else None
+    first_change = 0 if r.l0_history[0] != int((r.start_weights > 0).sum()) else None
     last = max(changes) if changes else first_change
     assert r.stopped == "patience" and last is not None and r.steps == last + 1 + 10
     r = clean_vector(sae, setting, 1, tv, CleaningConfig(l1_coeff=0.0, lr=1e-6, patience=50, max_steps=5))
@@ -351,11 +351,15 @@ def test_mean_encode_init_starts_from_the_mean_of_token_encodings():
     lm = _lm()
     sae = _sae(lm, scale=3.0)
     setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, CleaningConfig(n_train=4, n_eval=4), TaskVectorConfig(n_prompts=2, n_shots=3))
-    init = setup.initial_latents(sae, "mean_encode")
+    init = setup.initial_latents(sae, CleaningConfig(init="mean_encode"))
     torch.testing.assert_close(init, torch.stack([sae.encode(t) for t in setup.tokens]).mean(0))
-    assert setup.initial_latents(sae, "encode_mean") is None
+    assert setup.initial_latents(sae, CleaningConfig(init="encode_mean")) is None
+    assert setup.initial_latents(sae, CleaningConfig()) is None  # 'auto' in the execution setting = Alg. 1's SAE(TV)
     r = clean_vector(sae, setup.train, 1, setup.vector, CleaningConfig(max_steps=1, lr=1e-9), init=init)
-    assert set(r.initial_features) == set(torch.nonzero(init > 0).flatten().tolist())
+    assert set(torch.nonzero(r.start_weights > 0).flatten().tolist()) == set(torch.nonzero(init > 0).flatten().tolist())
+    # initial_weights stays SAE(TV) whatever the start (the "in raw task vector" marks and L0 fractions read it)
+    torch.testing.assert_close(r.initial_weights, sae.encode(setup.vector).float())
+    assert set(r.initial_features) != set(torch.nonzero(init > 0).flatten().tolist())  # the two differ here
     with pytest.raises(ValueError, match="init"):
         clean_vector(sae, setup.train, 1, setup.vector, init=-init - 1)
 
@@ -374,3 +378,25 @@ def test_topk_sae_starts_from_its_own_top_k_encoding():
     assert set(torch.nonzero(r.initial_weights).flatten().tolist()) == top3
     torch.testing.assert_close(r.initial_weights, sae.encode(v).float())
     assert r.l0_history[0] <= 3  # a latent outside the top k never turns on (its start is below threshold)
+
+
+def test_detection_tvc_starts_from_the_ito_support(tmp_path):
+    """The authors' detection TVC starts from gradient pursuit with k = 7 latents, not from SAE(vector)."""
+    from icl_circuits.cleaning import load_cleaning
+    from icl_circuits.ito import ito_weights
+
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    cfg = CleaningConfig(n_train=4, n_eval=4, setting="detection", max_steps=1, lr=1e-9, l1_coeff=0.0)
+    assert cfg.start == "ito" and CleaningConfig(setting="detection", init="encode_mean").start == "encode_mean"
+    setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, cfg, TaskVectorConfig(n_prompts=2, n_shots=3))
+    init = setup.initial_latents(sae, cfg)
+    ito = ito_weights(sae, setup.vector, 7)
+    torch.testing.assert_close(init, ito)
+    r = clean_vector(sae, setup.train, 1, setup.vector, cfg, init=init)
+    support = set(torch.nonzero(ito > 0).flatten().tolist())
+    assert 0 < len(support) <= 7
+    assert set(torch.nonzero(r.start_weights > 0).flatten().tolist()) == support
+    torch.testing.assert_close(r.initial_weights, sae.encode(setup.vector).float())
+    back = load_cleaning(r.save(tmp_path / "r"))
+    torch.testing.assert_close(back.start_weights, r.start_weights)

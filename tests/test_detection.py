@@ -147,39 +147,76 @@ def test_latent_ablation_removes_the_latent_times_its_decoder_row():
     assert torch.equal(got[~outs], x[~outs])
 
 
-def test_link_matches_manual_frozen_ablation_and_resumes(tmp_path, monkeypatch):
+def _manual_link(lm, tasks, det, ex, dets, execs, ablate):
+    """Reference: per task batch a clean and a frozen-attention ablated pass, drops summed by hand."""
+    from icl_circuits.task_vectors import TaskVectorConfig, task_batches
+
+    tot, cnt = torch.zeros(len(dets), len(execs)), torch.zeros(len(dets), len(execs))
+    for task in tasks:
+        icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=3, n_shots=3))
+        for i, d in enumerate(dets):
+            with FrozenAttention(lm, [0]) as fa:
+                fa.record()
+                r0 = lm.run(icl.input_ids, icl.attention_mask, read=["resid_pre.0", "resid_pre.1"]).acts
+                iv, where = ablate(icl, d, r0[Site(0, "resid_pre")])
+                c = ex.encode(r0[Site(1, "resid_pre")])[..., execs][where]
+                fa.freeze()
+                if iv is None:
+                    continue
+                a = ex.encode(lm.run(icl.input_ids, icl.attention_mask, read=["resid_pre.1"], interventions=[iv]).acts[Site(1, "resid_pre")])
+                a = a[..., execs][where]
+            for e in range(len(execs)):
+                on = c[:, e] > 0
+                yield_ = ablate.rel(c[on, e], a[on, e])
+                tot[i, e] += yield_.sum()
+                cnt[i, e] += on.sum()
+    return tot / cnt.clamp_min(1), cnt
+
+
+def test_link_default_is_the_authors_clipped_direction_ablation(tmp_path, monkeypatch):
+    """50 x mean activation x unit direction subtracted everywhere; drop clip(1 - a/c, 0, 1) where the executor was on."""
     lm = _setup()
     det, ex = _sae(lm, 0, seed=3), _sae(lm, 1, seed=4)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     cfg = LinkConfig(n_prompts=3, n_shots=3)
+    assert (cfg.ablation, cfg.multiple, cfg.ablate_at, cfg.measure_at, cfg.clip) == ("direction", 50.0, "all", "all", True)
     res = detector_executor_link(lm, tasks, {"ant": 2, "upper": 6}, {"ant": 1, "upper": 8}, det, ex, cfg, out_dir=tmp_path, progress=False)
     assert res.drop.shape == (2, 2)
-    # reference: both task batches, a separate clean and frozen-ablated pass, relative drops averaged by hand
-    from icl_circuits.task_vectors import TaskVectorConfig, task_batches
 
-    tot, cnt = torch.zeros(2, 2), torch.zeros(2)
-    for task in tasks:
-        icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=3, n_shots=3))
-        arrows = icl.type_mask("arrow")
-        for i, d in enumerate([2, 6]):
-            with FrozenAttention(lm, [0]) as fa:
-                fa.record()
-                c = ex.encode(lm.run(icl.input_ids, icl.attention_mask, read=["resid_pre.1"]).acts[Site(1, "resid_pre")])[..., [1, 8]][arrows]
-                fa.freeze()
-                iv = latent_ablation(det, [d], icl.type_mask("output"))
-                a = ex.encode(lm.run(icl.input_ids, icl.attention_mask, read=["resid_pre.1"], interventions=[iv]).acts[Site(1, "resid_pre")])[..., [1, 8]][arrows]
-            for e in range(2):
-                on = c[:, e] > 0
-                tot[i, e] += ((c[on, e] - a[on, e]) / c[on, e]).sum()
-                if i == 0:
-                    cnt[e] += on.sum()
-    torch.testing.assert_close(res.drop, tot / cnt.clamp_min(1), rtol=1e-4, atol=1e-5)
+    def ablate(icl, d, resid0):
+        real = icl.token_types >= 1
+        mean = float(det.encode(resid0)[..., d][real].mean().detach())
+        if mean < 1e-6:
+            return None, real
+        row = det.W_dec[d].detach().float() / det.cfg.output_scale
+        return Intervention(Site(0, "resid_pre"), real, -50.0 * mean * row / row.norm()), real
+
+    ablate.rel = lambda c, a: (1 - a / c).clamp(0, 1)
+    want, cnt = _manual_link(lm, tasks, det, ex, [2, 6], [1, 8], ablate)
+    torch.testing.assert_close(res.drop, want, rtol=1e-4, atol=1e-5)
     assert res.n_active.tolist() == cnt.tolist()
+    assert ((res.drop >= 0) & (res.drop <= 1)).all() and res.drop.max() > 0
     shared = detector_executor_link(lm, tasks, {"ant": 6, "upper": 6}, {"ant": 1, "upper": 8}, det, ex, cfg, progress=False)
     torch.testing.assert_close(shared.drop, res.drop[[1, 1]])  # a detector shared by two tasks: same row twice
     monkeypatch.setattr("icl_circuits.detection.link_on_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = detector_executor_link(lm, tasks, {"ant": 2, "upper": 6}, {"ant": 1, "upper": 8}, det, ex, cfg, out_dir=tmp_path, progress=False)
     assert torch.equal(again.drop, res.drop)
+
+
+def test_link_zero_ablation_option_matches_manual_frozen_ablation():
+    lm = _setup()
+    det, ex = _sae(lm, 0, seed=3), _sae(lm, 1, seed=4)
+    tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
+    cfg = LinkConfig(n_prompts=3, n_shots=3, ablation="zero", ablate_at="output", measure_at="arrow", clip=False)
+    res = detector_executor_link(lm, tasks, {"ant": 2, "upper": 6}, {"ant": 1, "upper": 8}, det, ex, cfg, progress=False)
+
+    def ablate(icl, d, resid0):
+        return latent_ablation(det, [d], icl.type_mask("output")), icl.type_mask("arrow")
+
+    ablate.rel = lambda c, a: (c - a) / c
+    want, cnt = _manual_link(lm, tasks, det, ex, [2, 6], [1, 8], ablate)
+    torch.testing.assert_close(res.drop, want, rtol=1e-4, atol=1e-5)
+    assert res.n_active.tolist() == cnt.tolist()
 
 
 def test_bad_inputs_are_clear_errors():

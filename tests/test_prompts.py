@@ -47,7 +47,15 @@ def test_multi_token_inputs_and_outputs():
     assert s2.is_first.tolist() == [True, False]
     s_all = batch.scoring("all", n_tokens=5)
     assert s_all.positions.nonzero()[:, 1].tolist() == [7, 11, 12]
-    assert batch.scoring("all_but_first").positions.nonzero()[:, 1].tolist() == [11]
+    assert batch.scoring("all_but_first", n_tokens=1).positions.nonzero()[:, 1].tolist() == [11]
+    # the default scores the first 2 tokens of each output (the authors' n_first=2)
+    assert batch.scoring("all_but_first").positions.nonzero()[:, 1].tolist() == [11, 12]
+
+
+def test_cli_score_token_default_is_the_librarys():
+    from icl_circuits import cli, prompts
+
+    assert cli.N_SCORE_TOKENS == prompts.N_SCORE_TOKENS == 2
 
 
 def test_batch_padding_masks_and_arrows():

@@ -58,7 +58,10 @@ def test_feature_steering_adds_exactly_scale_times_decoder_row_at_chosen_positio
     clean = lm.run(batch.input_ids, batch.attention_mask, read=["resid_pre.1"]).acts[Site(1, "resid_pre")]
     iv = feature_intervention(sae, feature=5, scale=7.0, positions=where)
     steered = lm.run(batch.input_ids, batch.attention_mask, read=["resid_pre.1"], interventions=[iv]).acts[Site(1, "resid_pre")]
-    expected = 7.0 * sae.W_dec.detach()[5] / 0.5  # decoder row in model units (output_scale 0.5)
+    row = sae.W_dec.detach()[5].double()
+    expected = (7.0 * row / row.norm()).float()  # exactly scale x the unit-norm decoder direction (the paper's steering)
+    assert float(feature_directions(sae, [5])[0].norm()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(feature_directions(sae, [5], unit=False)[0], sae.W_dec.detach()[5] / 0.5)  # the option: model units
     diff = steered - clean  # [batch, seq, d_model]
     torch.testing.assert_close(diff[where], expected.expand(int(where.sum()), -1), rtol=0, atol=1e-5)
     assert torch.equal(steered[~where], clean[~where])  # nowhere else, bit for bit
@@ -162,7 +165,7 @@ def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
     sae = _sae(lm)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3, 5], [3, 8]), "upper": FeatureSet("upper", [5, 9], [1])}
-    cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0), n_eval=4, vectors_per_pass=3)
+    cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0), n_eval=4, vectors_per_pass=3, scale_mode="per_feature")
     res = positive_heatmap(lm, tasks, sets, sae, cfg, out_dir=tmp_path, progress=False)
     assert res.features == [3, 5, 9] and res.raw.shape == (2, 3)
     assert res.owners == {3: ["ant"], 5: ["ant", "upper"], 9: ["upper"]}
@@ -171,9 +174,12 @@ def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
         st = steering_batch(lm, task, cfg)
         for j in range(3):
             assert float(res.raw[t, j]) == pytest.approx(float(st.relative_loss_decrease((res.scales[j] * dirs[j])[None])[0]), rel=1e-4, abs=1e-6)
-    for j, f in enumerate(res.features):  # per-feature scale = best grid value on its owner tasks
+    for j, f in enumerate(res.features):  # per-feature scale = best grid value on its owner tasks (calibration split)
         best = max(range(2), key=lambda g: max(res.grid[t][f][g] for t in res.owners[f]))
         assert res.scales[j] == cfg.scale_grid[best]
+        t = res.owners[f][0]
+        cal = steering_batch(lm, tasks[res.tasks.index(t)], cfg, "calibration")
+        assert res.grid[t][f][1] == pytest.approx(float(cal.relative_loss_decrease((2.0 * dirs[j])[None])[0]), rel=1e-4, abs=1e-6)
     in_tv, kept = res.marks()
     assert in_tv.tolist() == [[True, False, False], [False, False, False]]
     assert kept.tolist() == [[True, True, False], [False, True, True]]
@@ -184,10 +190,12 @@ def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
     assert torch.equal(HeatmapResult.from_dict(res.to_dict()).raw, res.raw)
     # a rerun with one more feature evaluates only that feature's cells
     calls = []
-    monkeypatch.setattr("icl_circuits.steering.steering_batch", lambda lm, task, cfg: calls.append(task.name) or steering_batch(lm, task, cfg))
+    monkeypatch.setattr("icl_circuits.steering.steering_batch",
+                        lambda lm, task, cfg, split="eval": calls.append((task.name, split)) or steering_batch(lm, task, cfg, split))
     more = {**sets, "upper": FeatureSet("upper", [5, 9, 11], [1])}
     grown = positive_heatmap(lm, tasks, more, sae, cfg, out_dir=tmp_path, progress=False)
-    assert grown.features == [3, 5, 9, 11] and calls == ["upper", "ant"]  # grid on its owner (covers its own cell), then the other task
+    # the new feature's grid on its owner's calibration prompts, then its cell on every task's evaluation prompts
+    assert grown.features == [3, 5, 9, 11] and calls == [("upper", "calibration"), ("ant", "eval"), ("upper", "eval")]
     torch.testing.assert_close(grown.raw[:, :3], res.raw)
     with pytest.raises(ValueError, match="other prompts"):
         positive_heatmap(lm, tasks, sets, sae, HeatmapConfig(layer=1, scale_grid=(1.0,), n_eval=5), out_dir=tmp_path, progress=False)
@@ -205,7 +213,13 @@ def test_top_only_heatmap_keeps_each_tasks_strongest_feature():
     res = positive_heatmap(lm, tasks, sets, sae, cfg, progress=False)
     for name in ("ant", "upper"):
         own = sets[name].features
-        assert res.top_feature(name) == max(own, key=lambda f: res.grid[name][f][0])
+        t = res.tasks.index(name)
+        best = max((f for f in own if f in res.features), key=lambda f: float(res.raw[t, res.features.index(f)]), default=None)
+        if best is not None and float(res.raw[t, res.features.index(best)]) > 0:
+            assert res.top_feature(name) == best
+        else:  # only a feature with a positive effect on its own task can be its top feature
+            with pytest.raises(ValueError, match="positive effect|contributes no feature"):
+                res.top_feature(name)
 
 
 def test_negative_steering_picks_smallest_scale_reaching_the_drop():
@@ -273,3 +287,40 @@ def test_feature_sets_from_saved_cleaning_results(tmp_path):
         load_feature_sets(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_feature_sets(tmp_path / "missing")
+
+
+def test_shared_scale_is_calibrated_on_the_training_pairs_and_used_for_every_feature(tmp_path):
+    lm = _setup()
+    sae = _sae(lm)
+    tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
+    sets = {"ant": FeatureSet("ant", [3, 5]), "upper": FeatureSet("upper", [5, 9])}
+    cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0, 8.0), n_eval=4)
+    assert cfg.scale_mode == "shared" and cfg.n_score_tokens == 2
+    res = positive_heatmap(lm, tasks, sets, sae, cfg, progress=False)
+    # by hand: the grid value maximising the mean over tasks of the best own-feature effect on calibration prompts
+    dirs = dict(zip([3, 5, 9], feature_directions(sae, [3, 5, 9])))
+    means = []
+    for g in cfg.scale_grid:
+        best = []
+        for task in tasks:
+            cal = steering_batch(lm, task, cfg, "calibration")
+            best.append(max(float(cal.relative_loss_decrease((g * dirs[f])[None])[0]) for f in sets[task.name].features))
+        means.append(sum(best) / len(best))
+    want = cfg.scale_grid[max(range(3), key=lambda j: means[j])]
+    assert res.shared_scale == want and res.scales == [want] * 3
+    # calibration prompts come from the training pairs, disjoint from the evaluated (held-out) queries
+    for task in tasks:
+        cal, ev = steering_batch(lm, task, cfg, "calibration"), steering_batch(lm, task, cfg, "eval")
+        train, held = task.split(cfg.eval_share, cfg.seed)
+        q = lambda st: {lm.tokenizer.decode(p.ids[p.pairs[-1].input]).strip() for p in st_batch(st)}  # noqa: E731
+        assert q(cal) <= {x for x, _ in train.pairs} and q(ev) <= {x for x, _ in held.pairs}
+    from icl_circuits.steering import PAPER_NEGATIVE_SCALES, paper_negative_scales
+
+    assert len(PAPER_NEGATIVE_SCALES) == 50 and PAPER_NEGATIVE_SCALES[0] == 1.0 and PAPER_NEGATIVE_SCALES[-1] == pytest.approx(31.6, abs=0.05)
+    assert paper_negative_scales(15.0) == PAPER_NEGATIVE_SCALES  # at the paper's own scale: exactly the paper's range
+    sc = paper_negative_scales(300.0)
+    assert sc[0] == pytest.approx(20.0) and sc[-1] == pytest.approx(632.0, rel=2e-3)
+
+
+def st_batch(st):
+    return st.batch.prompts

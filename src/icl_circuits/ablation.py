@@ -13,7 +13,11 @@ Runs start at the first SAE layer from a cached resid_pre and score only the met
 several ablation patterns run as stacked copies of the batch in one forward.
 
 Faithfulness(C) = (m(C) - m(empty)) / (m(M) - m(empty)) where m(C) keeps only the nodes of C
-(everything else ablated), m(empty) ablates every node and m(M) is the full model.
+(everything else ablated) and m(M) is the full model. As the authors ran it, error nodes are never
+ablated: C, M \\ C and the node counts cover feature nodes only, and m(empty) ablates every feature
+with the errors kept (keep_errors=True, the default). keep_errors=False also ranks and zero-ablates
+error nodes (m(empty) then ablates everything). Nodes are ranked by signed effect (the authors'
+do_abs=False); by |effect| is an option.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .circuits import (
     save_graph,
     type_index,
 )
+from .distributed import gather_in_order, is_main, my_share, shared_run
 from .model import LM
 from .prompts import PromptBatch, icl_prompts
 from .sites import Intervention, Site
@@ -128,7 +133,7 @@ class SplicedModel:
             if not a.any():
                 continue  # nothing ablated here: the site is untouched (exactly the original)
             per_pos = (a[:, self.tix.clamp(min=0)] & node_pos).flatten(0, 1)  # [k*b, s, d_sae+1]
-            ivs.append(Intervention(self.saes.out_site(key), torch.ones(per_pos.shape[:2], dtype=torch.bool),
+            ivs.append(Intervention(self.saes.out_site(key), torch.ones(per_pos.shape[:2], dtype=torch.bool, device=per_pos.device),
                                     mode="fn", fn=self._splice_fn(key, per_pos)))  # fmt: skip
         out = self.lm.run(
             b.input_ids.repeat(k, 1), b.attention_mask.repeat(k, 1), interventions=ivs,
@@ -160,6 +165,8 @@ class SplicedModel:
 
 def sparse_matmul(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """f [..., d_sae] (mostly zeros: SAE latents) @ w [d_sae, d] -> [..., d]; ~4x faster than dense on CPU."""
+    if f.device.type not in ("cpu", "cuda"):  # MPS has no sparse matmul; the dense product is the same
+        return f @ w
     flat = f.reshape(-1, f.shape[-1])
     return torch.sparse.mm(flat.to_sparse(), w).reshape(*f.shape[:-1], w.shape[-1])
 
@@ -173,9 +180,10 @@ class FaithfulnessCurve:
     m_M: list[float]  # complement: top-N nodes ablated
     m_full: float
     m_empty: float
-    n_error_nodes: list[int]  # error nodes among the top N
-    n_nonzero: int  # nodes with a non-zero effect on the IE batch
-    keep_errors: bool = False  # error nodes never ablated nor counted (diagnostic for weak SAEs)
+    n_error_nodes: list[int]  # error nodes among the top N (0 when error nodes are kept)
+    n_nonzero: int  # ranked nodes with a non-zero effect on the IE batch
+    keep_errors: bool = True  # error nodes never ablated nor counted (the authors' method)
+    rank_by: str = "signed"
 
     @property
     def faith_C(self) -> list[float]:
@@ -190,13 +198,14 @@ class FaithfulnessCurve:
 
 
 def faithfulness_curve(
-    spliced: SplicedModel, effects: NodeEffects, sizes: Sequence[int] = DEFAULT_SIZES, by: str = "abs",
-    task: str = "", chunk: int = 4, keep_errors: bool = False,
+    spliced: SplicedModel, effects: NodeEffects, sizes: Sequence[int] = DEFAULT_SIZES, by: str = "signed",
+    task: str = "", chunk: int = 4, keep_errors: bool = True,
 ) -> FaithfulnessCurve:  # fmt: skip
     """m(C_N) and m(M \\ C_N) for circuits C_N = the top-N nodes by effect, on spliced's batch.
 
-    keep_errors=True is a diagnostic for weak SAEs: error nodes are never ablated and never
-    counted, so C_N is N feature nodes plus every error node, and m(empty) ablates all features only.
+    keep_errors=True (the authors' method): error nodes are never ablated and never counted, so C_N
+    is N feature nodes plus every error node, and m(empty) ablates all features only. keep_errors=False
+    ranks error nodes with the features and zero-ablates them too.
     """
     _check_same_nodes(spliced, effects)
     order, errs = circuit_order(effects, by, keep_errors)
@@ -206,10 +215,10 @@ def faithfulness_curve(
     m = spliced.metrics(torch.stack(pats), chunk).tolist()
     n_err = [sum(effects.node(i)[1] == ERROR for i in order[:n].tolist()) for n in sizes]
     m_empty = spliced.empty if errs is None else spliced.metric(~errs)
-    return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors)
+    return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors, by)
 
 
-def circuit_order(effects: NodeEffects, by: str = "abs", keep_errors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def circuit_order(effects: NodeEffects, by: str = "signed", keep_errors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(node ids by decreasing effect, bool mask of error nodes or None): with keep_errors the
     error nodes are left out of the order (they stay in the model)."""
     order = ranking(effects.flat(), by)
@@ -229,15 +238,15 @@ def circuit_pattern(spliced: SplicedModel, nodes: torch.Tensor, complement: bool
 
 
 def nodes_needed(
-    spliced: SplicedModel, effects: NodeEffects, target: float, complement: bool = False, by: str = "abs",
-    curve: FaithfulnessCurve | None = None,
+    spliced: SplicedModel, effects: NodeEffects, target: float, complement: bool = False, by: str = "signed",
+    curve: FaithfulnessCurve | None = None, keep_errors: bool = True,
 ) -> int | None:  # fmt: skip
     """Fewest top-N nodes with faithfulness(C_N) >= target (complement=False), or with
     faithfulness(M \\ C_N) <= target (complement=True). Scans the curve's grid, then bisects
     between its two grid points (assumes monotonicity there). None if never reached."""
     if curve is None:
-        curve = faithfulness_curve(spliced, effects, by=by)
-    order, errs = circuit_order(effects, by, curve.keep_errors)
+        curve = faithfulness_curve(spliced, effects, by=by, keep_errors=keep_errors)
+    order, errs = circuit_order(effects, curve.rank_by, curve.keep_errors)
     vals = curve.faith_M if complement else curve.faith_C
 
     def ok(f: float) -> bool:
@@ -273,13 +282,13 @@ class CrossTask:
 
 
 def cross_task_ablation(
-    spliced: Mapping[str, SplicedModel], effects: Mapping[str, NodeEffects], target: float = 0.3, by: str = "abs",
-    curves: Mapping[str, FaithfulnessCurve] | None = None, progress: bool = False, keep_errors: bool = False,
+    spliced: Mapping[str, SplicedModel], effects: Mapping[str, NodeEffects], target: float = 0.3, by: str = "signed",
+    curves: Mapping[str, FaithfulnessCurve] | None = None, progress: bool = False, keep_errors: bool = True,
 ) -> CrossTask:  # fmt: skip
     """For each task A ablate its top-IE nodes until faithfulness(A) <= target; measure every task B.
 
-    keep_errors=True: only feature nodes are ranked and ablated, error nodes always stay, and each
-    task's faithfulness is measured against its all-features-ablated baseline (see faithfulness_curve).
+    keep_errors=True (the authors' method): only feature nodes are ranked and ablated, error nodes always
+    stay, and each task's faithfulness is measured against its all-features-ablated baseline.
     """
     from tqdm.auto import tqdm
 
@@ -287,7 +296,9 @@ def cross_task_ablation(
     n_abl, change = {}, []
     empty: dict[str, float] = {}
     for a in tqdm(tasks, desc="cross-task", disable=not progress):
-        curve = (curves or {}).get(a) or faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors)
+        curve = (curves or {}).get(a)
+        if curve is None or curve.keep_errors != keep_errors or curve.rank_by != by:  # a curve of another method
+            curve = faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors)
         n = nodes_needed(spliced[a], effects[a], target, complement=True, by=by, curve=curve)
         n_abl[a] = n
         if n is None:
@@ -307,12 +318,13 @@ def cross_task_ablation(
 # -- IE quality (Fig. 20, 21) -----------------------------------------------------------------
 def ie_quality(
     spliced: SplicedModel, effects: NodeEffects, token_types: Sequence[str] = ("input", "output", "arrow"),
-    max_per_sae: int | None = 32, seed: int = 0, chunk: int = 8, progress: bool = False, all_errors: bool = True,
+    max_per_sae: int | None = None, seed: int = 0, chunk: int = 8, progress: bool = False, all_errors: bool = True,
 ) -> list[dict]:  # fmt: skip
     """Actual single-node ablation effect m(M) - m(M without node) vs. the attribution estimate,
-    for non-zero nodes of the given token types (a seeded uniform sample of at most max_per_sae
-    feature nodes per SAE and token type, plus every error node when all_errors). Use the batch
-    the effects were estimated on."""
+    for the non-zero feature nodes of the given token types: all of them (the authors' check), or a
+    seeded uniform sample of at most max_per_sae per SAE and token type. With all_errors every non-zero
+    error node is ablated too, for the separate error-node diagnostic (ie_correlations keeps them out of
+    the headline). Use the batch the effects were estimated on."""
     from tqdm.auto import tqdm
 
     _check_same_nodes(spliced, effects)
@@ -357,18 +369,20 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def ie_correlations(rows: Sequence[dict], by: Sequence[str] = ("layer",)) -> list[dict]:
-    """Pearson r (and Spearman rho) of estimate vs. actual per group (by=('layer',), ('kind', 'layer'), ...).
+    """Pearson r of estimate vs. actual per group (by=('layer',), ('kind', 'layer'), ...).
 
-    Also r over latent nodes only (error nodes excluded), since a few large error nodes can carry r."""
+    The headline r / rho / n are the authors' metric: feature nodes only. Error nodes are a separate
+    diagnostic (r_with_errors, n_errors): a few large, badly estimated error nodes can carry r."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in by), []).append(r)
     out = []
     for g, rs in sorted(groups.items()):
-        est, act = [r["estimate"] for r in rs], [r["actual"] for r in rs]
         lat = [r for r in rs if str(r["feature"]) != ERROR]
-        out.append({**dict(zip(by, g)), "n": len(rs), "r": pearson(est, act), "rho": spearman(est, act),
-                    "r_latents": pearson([r["estimate"] for r in lat], [r["actual"] for r in lat])})  # fmt: skip
+        est, act = [r["estimate"] for r in lat], [r["actual"] for r in lat]
+        out.append({**dict(zip(by, g)), "n": len(lat), "r": pearson(est, act), "rho": spearman(est, act),
+                    "n_errors": len(rs) - len(lat),
+                    "r_with_errors": pearson([r["estimate"] for r in rs], [r["actual"] for r in rs])})  # fmt: skip
     return out
 
 
@@ -377,16 +391,18 @@ def ie_correlations(rows: Sequence[dict], by: Sequence[str] = ("layer",)) -> lis
 class CircuitRunConfig:
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     n_prompts: int = 8  # prompts per batch (IE batch and held-out batch)
-    n_shots: int = 8
+    n_shots: int = 12  # the authors: 8 prompts x 12 shots (circuit_ablation_script_2.py; 8 shots for algo tasks)
     seed: int = 0
     sizes: tuple[int, ...] = DEFAULT_SIZES
-    rank_by: str = "abs"
+    rank_by: str = "signed"  # the authors' do_abs=False; 'abs' ranks by |effect|
+    ablate_errors: bool = False  # the authors never ablate error nodes; True also ranks and zero-ablates them
     faith_target: float = 0.6  # report the nodes needed for this faithfulness of C
     cross_target: float = 0.3  # cross-task: ablate A's nodes until faithfulness(A) <= this
     edge_k: int = 3  # edge targets per (layer, token type)
     edges_per_target: int = 4
-    ie_quality_per_sae: int = 16  # single-node ablations per (SAE, token type); 0 = skip
-    keep_errors_curve: bool = False  # also the diagnostic curve with error nodes never ablated
+    ie_quality_per_sae: int | None = None  # IE quality: None = every non-zero feature node (the authors'), n = a
+    #                                       seeded sample of n per (SAE, token type), 0 = skip
+    other_errors_curve: bool = False  # also the faithfulness curves and cross-task ablation with the other error-node choice
     chunk: int = 4  # ablation patterns per forward pass
 
     def to_dict(self) -> dict:
@@ -441,17 +457,18 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
     draw_graph(graph, out / "graph", title=f"{task.name}: top-{cfg.edge_k} nodes per (layer, token type) and their edges")
 
     spliced = SplicedModel(lm, eval_batch, saes, cfg.circuit)
-    curve = faithfulness_curve(spliced, effects, cfg.sizes, cfg.rank_by, task.name, cfg.chunk)
+    curve = faithfulness_curve(spliced, effects, cfg.sizes, cfg.rank_by, task.name, cfg.chunk, keep_errors=not cfg.ablate_errors)
     need = nodes_needed(spliced, effects, cfg.faith_target, by=cfg.rank_by, curve=curve)
     write_json(out / "faithfulness.json", curve.to_dict())
 
     rows: list[dict] = []
-    if cfg.ie_quality_per_sae:
+    if cfg.ie_quality_per_sae != 0:
         spliced_est = SplicedModel(lm, est_batch, saes, cfg.circuit)
         rows = ie_quality(spliced_est, effects, max_per_sae=cfg.ie_quality_per_sae, seed=cfg.seed, chunk=cfg.chunk * 2)
         write_csv(out / "ie_quality.csv", rows)
     summary = dict(
-        task=task.name, metric_est=effects.metric, metric_eval=spliced.full, metric_empty=spliced.empty,
+        task=task.name, metric_est=effects.metric, metric_eval=spliced.full, metric_empty=curve.m_empty,
+        errors=("ablated" if cfg.ablate_errors else "kept"), rank_by=cfg.rank_by,
         n_nonzero_nodes=effects.n_nonzero(), nodes_for_target=need, faith_target=cfg.faith_target,
         n_edges=len(edges), n_ie_quality=len(rows), node_effects_s=t_nodes, seconds=time.perf_counter() - t0,
         top_nodes=effects.table(10, cfg.rank_by),
@@ -471,7 +488,9 @@ def run_circuits(
     check_unique_names(list(tasks))
     circ = circuit_saes(lm, cfg.circuit, saes)
     header = dict(model=lm.name, config=cfg.to_dict(), saes={k: sae_digest(circ.saes[k]) for k in circ.keys})
-    with RunDir(out, header, kind="circuits") as run:  # one writer; a resume under another config / other SAEs is refused
+    # one writer (under torchrun: the ranks of one run, tasks split over them, see distributed.py); a resume
+    # under another config / other SAEs is refused
+    with shared_run(out, header, kind="circuits") as run:
         return _run_circuits(lm, tasks, cfg, out, circ, run, cross_task, progress)
 
 
@@ -492,33 +511,36 @@ def _run_circuits(
     keys = {t.name: run.key(t.digest) for t in tasks}
     todo = [t for t in tasks if not _finished(out / t.name, keys[t.name])]
     if todo:  # figures over tasks made from the old results are stale
-        for stem in ("cross_task", "cross_task_keep_errors"):
+        for stem in ("cross_task", f"cross_task_{_other(cfg)}"):
             (out / f"{stem}.json").unlink(missing_ok=True)
     summaries = []
-    bar = tqdm(tasks, desc="circuits", disable=not progress)
+    bar = tqdm(my_share(tasks), desc="circuits", disable=not progress)
     for task in bar:
         bar.set_postfix_str(task.name)
         folder = out / task.name
         if task in todo:
-            for stale in (UNIT_FILE, "summary.json", "faithfulness_keep_errors.json"):
+            for stale in (UNIT_FILE, "summary.json", f"faithfulness_{_other(cfg)}.json"):
                 (folder / stale).unlink(missing_ok=True)
             summaries.append(run_circuit_task(lm, task, circ, cfg, out, progress))
             write_json(folder / UNIT_FILE, dict(key=keys[task.name], task=task.name, task_digest=task.digest))
         else:
             summaries.append(read_json(folder / "summary.json"))
+    summaries = gather_in_order(tasks, summaries)  # every rank's tasks, once all are done
+    if not is_main():  # the figures over tasks and the cross-task ablation: rank 0 alone
+        return dict(summaries=summaries, files=[])
     curves = [_read_curve(out / t.name / "faithfulness.json") for t in tasks]
     files = plot_faithfulness(curves, out / "faithfulness")
-    if cfg.keep_errors_curve:
-        kept = []
-        for t in tqdm(tasks, desc="curves with error nodes kept", disable=not progress):
-            path = out / t.name / "faithfulness_keep_errors.json"
+    other: list[FaithfulnessCurve] = []
+    if cfg.other_errors_curve:  # the diagnostic with the other error-node choice
+        for t in tqdm(tasks, desc=f"curves with {_other(cfg).replace('_', ' ')}", disable=not progress):
+            path = out / t.name / f"faithfulness_{_other(cfg)}.json"
             if not path.is_file():
                 _, eval_batch = circuit_batches(lm, t, cfg)
                 sp, eff = SplicedModel(lm, eval_batch, circ, cfg.circuit), load_effects(out / t.name / "node_effects.safetensors")
-                c = faithfulness_curve(sp, eff, cfg.sizes, cfg.rank_by, t.name, cfg.chunk, keep_errors=True)
+                c = faithfulness_curve(sp, eff, cfg.sizes, cfg.rank_by, t.name, cfg.chunk, keep_errors=cfg.ablate_errors)
                 write_json(path, {**c.to_dict(), "nodes_for_target": nodes_needed(sp, eff, cfg.faith_target, by=cfg.rank_by, curve=c)})
-            kept.append(_read_curve(path))
-        files += plot_faithfulness(kept, out / "faithfulness_keep_errors")
+            other.append(_read_curve(path))
+        files += plot_faithfulness(other, out / f"faithfulness_{_other(cfg)}")
     rows = [r for t in tasks if (out / t.name / "ie_quality.csv").is_file() for r in _read_csv(out / t.name / "ie_quality.csv")]
     if rows:
         files += plot_ie_quality(rows, out / "ie_quality")
@@ -541,7 +563,8 @@ def _run_circuits(
                 spl[t.name] = SplicedModel(lm, eval_batch, circ, cfg.circuit)
                 eff[t.name] = load_effects(out / t.name / "node_effects.safetensors")
 
-        variants = [("cross_task", False, curves)] + ([("cross_task_keep_errors", True, kept)] if cfg.keep_errors_curve else [])
+        keep = not cfg.ablate_errors
+        variants = [("cross_task", keep, curves)] + ([(f"cross_task_{_other(cfg)}", not keep, other)] if cfg.other_errors_curve else [])
         for stem, keep, cs in variants:
             ct_path = out / f"{stem}.json"
             if ct_path.is_file():
@@ -550,8 +573,13 @@ def _run_circuits(
                 setup()
                 ct = cross_task_ablation(spl, eff, cfg.cross_target, cfg.rank_by, {c.task: c for c in cs}, progress, keep)
                 write_json(ct_path, ct.to_dict())
-            files += plot_cross_task(ct, out / stem, "feature nodes only, error nodes kept" if keep else "")
+            files += plot_cross_task(ct, out / stem, "feature nodes only, error nodes kept" if keep else "error nodes ranked and ablated too")
     return dict(summaries=summaries, files=files)
+
+
+def _other(cfg: CircuitRunConfig) -> str:
+    """File-name tag of the diagnostic variant: the error-node choice the run did not make."""
+    return "errors_kept" if cfg.ablate_errors else "errors_ablated"
 
 
 def _finished(folder: Path, key: str) -> bool:
@@ -605,11 +633,13 @@ def plot_faithfulness(curves: Sequence[FaithfulnessCurve], stem: str | Path) -> 
         ax.plot([max(n, 0.5) for n in grid], mean, lw=3, color="black", label="mean over tasks")
         ax.axhline(ideal, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("number of nodes N (top by |effect|; N=0 drawn at 0.5)")
+        by = curves[0].rank_by if curves else "signed"
+        ax.set_xlabel(f"number of nodes N (top by {'|effect|' if by == 'abs' else 'signed effect'}; N=0 drawn at 0.5)")
         ax.grid(alpha=0.3)
     axes[0].axhline(0.6, color="red", ls=":", lw=0.8)
-    if curves and curves[0].keep_errors:
-        fig.suptitle("diagnostic: error nodes always kept, N counts feature nodes only", fontsize=10)
+    if curves:
+        fig.suptitle("error nodes always kept, N counts feature nodes (the authors' method)" if curves[0].keep_errors
+                     else "error nodes ranked and zero-ablated with the features", fontsize=10)  # fmt: skip
     axes[0].set_title("faithfulness of circuit C (top-N nodes kept; ideal 1)")
     axes[1].set_title("faithfulness of complement M \\ C (top-N nodes ablated; ideal 0)")
     axes[0].set_ylabel("faithfulness (eq. 4)")
@@ -641,12 +671,13 @@ def plot_ie_quality(rows: Sequence[dict], stem: str | Path) -> list[Path]:
     axes[0].tick_params(labelsize=7)
     axes[0].set_xlabel("attribution estimate (grad . value)")
     axes[0].set_ylabel("actual: m(M) - m(M without node)")
-    axes[0].set_title(f"single-node ablations (n={len(rows)}, r={pearson([r['estimate'] for r in rows], [r['actual'] for r in rows]):.2f})")
+    feats = [r for r in rows if str(r["feature"]) != ERROR]
+    axes[0].set_title(f"single-node ablations ({len(feats)} feature nodes, r={pearson([r['estimate'] for r in feats], [r['actual'] for r in feats]):.2f})")
     axes[0].legend(fontsize=6)
     by_layer = ie_correlations(rows)
     xs = range(len(by_layer))
-    axes[1].bar([x - 0.2 for x in xs], [r["r"] for r in by_layer], width=0.4, color="black", label="all nodes (incl. error nodes)")
-    axes[1].bar([x + 0.2 for x in xs], [r["r_latents"] for r in by_layer], width=0.4, color="grey", label="feature nodes only")
+    axes[1].bar([x - 0.2 for x in xs], [r["r"] for r in by_layer], width=0.4, color="black", label="feature nodes (the paper's metric)")
+    axes[1].bar([x + 0.2 for x in xs], [r["r_with_errors"] for r in by_layer], width=0.4, color="grey", label="with error nodes (diagnostic)")
     axes[1].set_xticks(list(xs), [str(r["layer"]) for r in by_layer])
     axes[1].set_title("Fig. 20: correlation per layer (all SAE types)")
     axes[1].set_xlabel("layer")
@@ -654,13 +685,13 @@ def plot_ie_quality(rows: Sequence[dict], stem: str | Path) -> list[Path]:
     by_kind = ie_correlations(rows, ("kind", "layer"))
     labels = [f"{r['kind']}\nL{r['layer']}" for r in by_kind]
     xs = range(len(by_kind))
-    axes[2].bar([x - 0.2 for x in xs], [r["r"] for r in by_kind], width=0.4, color=[colors[r["kind"]] for r in by_kind], label="all nodes")
-    axes[2].bar([x + 0.2 for x in xs], [r["r_latents"] for r in by_kind], width=0.4, color=[colors[r["kind"]] for r in by_kind],
-                alpha=0.45, hatch="//", label="feature nodes only")  # fmt: skip
+    axes[2].bar([x - 0.2 for x in xs], [r["r"] for r in by_kind], width=0.4, color=[colors[r["kind"]] for r in by_kind], label="feature nodes")
+    axes[2].bar([x + 0.2 for x in xs], [r["r_with_errors"] for r in by_kind], width=0.4, color=[colors[r["kind"]] for r in by_kind],
+                alpha=0.45, hatch="//", label="with error nodes")  # fmt: skip
     axes[2].set_xticks(list(xs), labels, fontsize=7)
     axes[2].set_title("Fig. 21: correlation per SAE type and layer")
     axes[2].legend(fontsize=7)
-    finite = [v for r in by_kind + by_layer for v in (r["r"], r["r_latents"]) if not math.isnan(v)]
+    finite = [v for r in by_kind + by_layer for v in (r["r"], r["r_with_errors"]) if not math.isnan(v)]
     for ax in axes[1:]:
         ax.set_ylabel("Pearson r (estimate vs actual)")
         ax.set_ylim(min([0.0, *finite]) - 0.05, 1.05)

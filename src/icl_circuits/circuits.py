@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .model import LM, RunOutput
-from .prompts import TYPE_ID, PromptBatch, Scoring
+from .prompts import N_SCORE_TOKENS, TYPE_ID, PromptBatch, Scoring
 from .sae.dictionary import JumpReLUSAE
 from .sites import Intervention, Site
 from .storage import read_json, save_figure, write_json
@@ -62,7 +62,7 @@ class CircuitConfig:
     kinds: tuple[str, ...] = SAE_KINDS
     node_types: tuple[str, ...] = NODE_TYPES
     metric_pairs: str = "all_but_first"  # 'all_but_first' (paper) or 'last' (original SFC)
-    n_score_tokens: int = 1  # first n tokens of each scored output
+    n_score_tokens: int = N_SCORE_TOKENS  # first n tokens of each scored output (the authors': 2)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -231,10 +231,10 @@ class NodeEffects:
         f = width - 1 if feature == ERROR else int(feature)
         return self.offsets()[key] + self.node_types.index(token_type) * width + f
 
-    def top(self, n: int, by: str = "abs") -> list[int]:
+    def top(self, n: int, by: str = "signed") -> list[int]:
         return ranking(self.flat(), by)[:n].tolist()
 
-    def table(self, n: int = 50, by: str = "abs") -> list[dict]:
+    def table(self, n: int = 50, by: str = "signed") -> list[dict]:
         """The top-n nodes as rows (key, kind, layer, feature, token type, effect)."""
         flat = self.flat()
         rows = []
@@ -248,10 +248,15 @@ class NodeEffects:
         return int((self.flat() != 0).sum())
 
 
-def ranking(effects: torch.Tensor, by: str = "abs") -> torch.Tensor:
-    """Node order for circuits: by |effect| ('abs', default) or by signed effect ('value'), largest first."""
-    if by not in ("abs", "value"):
-        raise ValueError(f"rank by 'abs' or 'value', got {by!r}")
+RANK_BY: tuple[str, ...] = ("signed", "abs")
+
+
+def ranking(effects: torch.Tensor, by: str = "signed") -> torch.Tensor:
+    """Node order for circuits, largest first: by signed effect ('signed', the authors' do_abs=False, so a
+    harmful node comes last) or by |effect| ('abs'). 'value' is the old name of 'signed'."""
+    by = "signed" if by == "value" else by
+    if by not in RANK_BY:
+        raise ValueError(f"rank by one of {RANK_BY}, got {by!r}")
     key = effects.abs() if by == "abs" else effects
     return torch.argsort(key, descending=True, stable=True)
 

@@ -28,11 +28,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .prompts import N_SCORE_TOKENS
 from .sae.dictionary import JumpReLUSAE
 from .storage import atomic_write_bytes, read_json, write_json
 from .task_vectors import Score, ZeroShotSteering
 
 SETTINGS: tuple[str, ...] = ("execution", "detection")
+
+INITS: tuple[str, ...] = ("auto", "encode_mean", "mean_encode", "ito")
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,15 @@ class CleaningConfig:
     max_steps: int = 1000
     n_train: int = 24  # zero-shot prompts optimised on (paper: 24)
     n_eval: int = 24  # held-out zero-shot prompts evaluated on (paper: 24)
-    n_score_tokens: int = 1  # first n tokens of each output are scored
+    n_score_tokens: int = N_SCORE_TOKENS  # first n tokens of each scored output (the authors': 2)
     eval_every: int = 10  # evaluation loss recorded every n steps (0: only at the end)
     train_unembed: str = "bfloat16"  # dtype of the unembedding in training steps ('float32': exact; bf16 ~3x faster
     #                                 on CPU, logits within ~0.1). Every reported score is computed in the model's dtype.
     setting: str = "execution"  # 'execution' (query arrow) or 'detection' (fake pair's output, App. G)
-    init: str = "encode_mean"  # start from the SAE encoding of the mean vector (Alg. 1), or 'mean_encode':
-    #                            the mean of the encodings of the tokens averaged into it (App. D's other option)
+    init: str = "auto"  # TVC's starting point: 'encode_mean' (SAE encoding of the vector, Alg. 1), 'mean_encode'
+    #                     (mean of the encodings of the tokens averaged into it, App. D), 'ito' (gradient pursuit
+    #                     with ito_k latents). 'auto' = the authors' choice: encode_mean for execution, ito for detection.
+    ito_k: int = 7  # latents of the ITO start (the authors' detection TVC: grad pursuit, k = 7)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,10 +65,19 @@ class CleaningConfig:
             raise ValueError(f"need l1_coeff >= 0, lr > 0, patience > 0, max_steps > 0; got {self}")
         if not isinstance(getattr(torch, self.train_unembed, None), torch.dtype) or not getattr(torch, self.train_unembed).is_floating_point:
             raise ValueError(f"train_unembed must name a torch float dtype ('float32', 'bfloat16'), got {self.train_unembed!r}")
-        if self.init not in ("encode_mean", "mean_encode"):
-            raise ValueError(f"init must be 'encode_mean' or 'mean_encode', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.ito_k < 1:
+            raise ValueError(f"ito_k must be >= 1, got {self.ito_k}")
         if self.n_train < 1 or self.n_eval < 1:
             raise ValueError(f"need n_train >= 1 and n_eval >= 1, got {self.n_train}, {self.n_eval}")
+
+    @property
+    def start(self) -> str:
+        """The starting point actually used ('auto' resolved by the setting)."""
+        if self.init != "auto":
+            return self.init
+        return "ito" if self.setting == "detection" else "encode_mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +93,7 @@ class CleaningResult:
     sae_spec: str  # e.g. 'resid:12', or the SAE's folder
     config: dict[str, Any]
     weights: torch.Tensor  # [d_sae] cleaned latent weights (>= 0, zero = inactive)
-    initial_weights: torch.Tensor  # [d_sae] SAE encoding of the raw vector
+    initial_weights: torch.Tensor  # [d_sae] SAE(vector): the SAE encoding of the raw vector, whatever the start
     vector: torch.Tensor  # [d_model] the raw task (or detection) vector
     l0_history: list[int]  # L0 after each step
     train_loss: list[float]  # NLL on the training prompts at each step (without the L1 term)
@@ -90,6 +104,7 @@ class CleaningResult:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> l0, nll, accuracy, relative_loss_decrease
     feature_effects: list[dict[str, float]] = field(default_factory=list)  # per active feature
     warnings: list[str] = field(default_factory=list)  # e.g. a collapse to L0 = 0; shown in the CLI and report
+    start_weights: torch.Tensor | None = None  # [d_sae] where the optimisation started (None: = initial_weights)
 
     @property
     def collapsed(self) -> bool:
@@ -112,9 +127,10 @@ class CleaningResult:
         return int((self.weights > 0).sum())
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor)}
+        d = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and k != "start_weights"}
         d["features"] = [dict(index=i, weight=float(self.weights[i])) for i in self.features]
         d["initial_l0"] = len(self.initial_features)
+        d["start_l0"] = len(self.initial_features) if self.start_weights is None else int((self.start_weights > 0).sum())
         d["collapsed"] = self.collapsed
         return d
 
@@ -123,6 +139,8 @@ class CleaningResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"weights": self.weights, "initial_weights": self.initial_weights, "vector": self.vector}
+        if self.start_weights is not None:
+            tensors["start_weights"] = self.start_weights
         tmp = folder / "cleaning.safetensors.tmp"
         save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         atomic_write_bytes(folder / "cleaning.safetensors", tmp.read_bytes())
@@ -140,8 +158,10 @@ def load_cleaning(folder: str | Path) -> CleaningResult:
     d.pop("features", None)
     d.pop("initial_l0", None)
     d.pop("collapsed", None)
+    d.pop("start_l0", None)
     d["eval_loss"] = [tuple(x) for x in d["eval_loss"]]
-    return CleaningResult(**d, weights=t["weights"], initial_weights=t["initial_weights"], vector=t["vector"])
+    return CleaningResult(**d, weights=t["weights"], initial_weights=t["initial_weights"], vector=t["vector"],
+                          start_weights=t.get("start_weights"))  # fmt: skip
 
 
 class CleaningWarning(UserWarning):
@@ -209,6 +229,9 @@ def clean_vector(
         raise ValueError(f"vector must be [d_model={sae.cfg.d_in}], got {tuple(vector.shape)}")
     if not torch.isfinite(vector).all():
         raise ValueError("the vector to clean has NaN/inf entries")
+    # θ, the SAE and the steered model share one device (a vector from load_cleaning is on the CPU)
+    vector = vector.to(sae.device)  # [d_model]
+    init = None if init is None else init.to(sae.device)  # [d_sae]
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     decode = frozen_decoder(sae)
@@ -216,7 +239,7 @@ def clean_vector(
     # their latents come in arbitrary units (the starter suite's rows have norm ~0.17, latents ~10).
     # Optimising u = w * ||W_dec[i]|| (the same SAE with unit-norm rows) gives Adam's step size and λ
     # one meaning for every SAE; for unit-norm decoders it is exactly the paper's θ and ||θ||_1.
-    unit = sae.W_dec.detach().float().norm(dim=1).clamp_min(1e-8) if cfg.unit_norm_latents else torch.ones(sae.cfg.d_sae)  # [d_sae]
+    unit = sae.W_dec.detach().float().norm(dim=1).clamp_min(1e-8) if cfg.unit_norm_latents else torch.ones(sae.cfg.d_sae, device=sae.device)  # [d_sae]
     threshold = sae.threshold.detach().float() * unit  # [d_sae]
 
     def act(u: torch.Tensor) -> torch.Tensor:  # the SAE's JumpReLU in unit-norm coordinates
@@ -235,20 +258,24 @@ def clean_vector(
             u0 = init.float() * unit
             # active latents start just above their threshold at least; inactive ones below it (they stay off)
             theta0 = torch.where(u0 > 0, torch.maximum(u0, threshold + 1e-4), torch.full_like(u0, -1.0))
-    initial = act(theta0) / unit  # [d_sae], SAE units
+    start = act(theta0) / unit  # [d_sae], SAE units: where the optimisation starts
+    with torch.no_grad():
+        # SAE(vector), kept apart from the start: the "in raw task vector" marks and L0 fractions refer to it
+        initial = sae.encode(vector.float()).float()  # [d_sae]
     theta = theta0.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
 
     l0s: list[int] = []
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
-    last_good = initial.clone()
-    same, last_l0, stopped = 0, int((initial > 0).sum()), "max_steps"
+    last_good = start.clone()
+    same, last_l0, stopped = 0, int((start > 0).sum()), "max_steps"
 
     def result(weights: torch.Tensor, steps: int, why: str) -> CleaningResult:
         return CleaningResult(
             task=task, layer=layer, setting=cfg.setting, sae_spec=sae_spec, config=cfg.to_dict(),
             weights=weights.detach().clone(), initial_weights=initial.detach().clone(), vector=vector.detach().float().clone(),
+            start_weights=start.detach().clone(),
             l0_history=list(l0s), train_loss=list(losses), eval_loss=list(evals), steps=steps, stopped=why,
             seconds=time.perf_counter() - t0,
         )  # fmt: skip

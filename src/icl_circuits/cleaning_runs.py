@@ -22,11 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .cleaning import CleaningConfig, CleaningResult, clean_vector, frozen_decoder, load_cleaning, method_score
+from .distributed import gather_in_order, is_main, my_share, shared_run
 from .ito import ito_weights
 from .model import LM
 from .prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
 from .sae.dictionary import JumpReLUSAE
-from .storage import ResumeLog, RunDir, read_json, write_csv, write_json
+from .storage import ResumeLog, read_json, write_csv, write_json
 from .task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
 from .tasks import Task, check_unique_names, is_builtin, save_task
 
@@ -44,10 +45,14 @@ class CleaningSetup:
     evaluation: ZeroShotSteering  # the n_eval held-out prompts every method is scored on
     tokens: torch.Tensor  # [n_tokens, d_model] the residuals averaged into `vector`
 
-    def initial_latents(self, sae: JumpReLUSAE, init: str) -> torch.Tensor | None:
-        """TVC's starting point (App. D): None = encode the mean vector; 'mean_encode' = mean of the per-token encodings."""
-        if init == "encode_mean":
+    def initial_latents(self, sae: JumpReLUSAE, cfg: CleaningConfig) -> torch.Tensor | None:
+        """TVC's starting point (App. D): None = encode the vector (Alg. 1); 'mean_encode' = the mean of the
+        per-token encodings; 'ito' = gradient pursuit with cfg.ito_k latents (the authors' detection TVC)."""
+        start = cfg.start
+        if start == "encode_mean":
             return None
+        if start == "ito":
+            return ito_weights(sae, self.vector, cfg.ito_k)
         with torch.no_grad():
             return sae.encode(self.tokens).float().mean(0)  # [d_sae]
 
@@ -156,7 +161,7 @@ def clean_task(
     setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
     result = clean_vector(
         sae, setup.train, layer, setup.vector, cfg, setup.evaluation, task=task.name, sae_spec=sae_spec, progress=progress,
-        init=setup.initial_latents(sae, cfg.init),
+        init=setup.initial_latents(sae, cfg),
     )  # fmt: skip
     result.scores = {**baseline_scores(setup, sae, ito_l0s), **result.scores}
     if effects:
@@ -209,10 +214,10 @@ def run_cleaning(
     out = Path(out_dir)
     check_unique_names(list(tasks))
     header = dict(model=lm.name, layer=layer, sae=sae_spec, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
-    with RunDir(out, header, kind="cleaning") as run:
+    with shared_run(out, header, kind="cleaning") as run:  # under torchrun: tasks split over ranks (distributed.py)
         write_json(out / "cleaning_config.json", header)
         results = []
-        bar = tqdm(tasks, desc=f"cleaning ({cfg.setting}, layer {layer})", disable=not progress)
+        bar = tqdm(my_share(tasks), desc=f"cleaning ({cfg.setting}, layer {layer})", disable=not progress)
         for task in bar:
             bar.set_postfix(task=task.name)
             folder = out / task.name
@@ -229,7 +234,8 @@ def run_cleaning(
                 plot_cleaning_curves(done, folder / "curves")
                 write_json(folder / UNIT_FILE, dict(key=key, task=task.name, task_digest=task.digest))  # last: marks it done
             results.append(done)
-        return results, write_summary(results, out)
+        results = gather_in_order(tasks, results)  # every rank's tasks, once all are done
+        return results, write_summary(results, out) if is_main() else []
 
 
 UNIT_FILE = "unit.json"
@@ -296,7 +302,7 @@ def l1_sweep(
         for l1 in l1_coeffs:
             r = clean_vector(
                 sae, setup.train, layer, setup.vector, replace(cfg, l1_coeff=l1), setup.evaluation, task=task.name,
-                init=setup.initial_latents(sae, cfg.init),
+                init=setup.initial_latents(sae, cfg),
             )  # fmt: skip
             rows.append(_sweep_row(task.name, "tvc", l1, r.scores["tvc"], base, l0_tv, steps=r.steps))
         log.add(task.name, rows)

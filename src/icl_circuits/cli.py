@@ -4,7 +4,9 @@
     icl-circuits task-vectors --model gemma-3-270m --tasks all [--layers 0-17] [--out runs/tv]
     icl-circuits sae train --model gemma-3-270m --saes resid:12,attn:12,transcoder:12 --corpus generated:2048 --out runs/saes
     icl-circuits sae eval --model gemma-3-270m --sae runs/saes/saes/resid_12 --corpus generated:2048
-    torchrun --nproc_per_node 2 -m icl_circuits.cli sae train ...   (SAEs spread over ranks)
+    torchrun --nproc_per_node 2 -m icl_circuits.cli sae train ...   (several SAEs: spread over ranks)
+    torchrun --nproc_per_node 8 -m icl_circuits.cli sae train --cache runs/acts --saes resid:12 ...   (one SAE: data-parallel)
+    torchrun --nproc_per_node 8 -m icl_circuits.cli clean|circuit --tasks all ...   (tasks split over ranks)
     icl-circuits examples --model gemma-3-270m --saes resid:12 --corpus generated:512+python-docs --out runs/examples
     icl-circuits view runs/examples [--port 8000] [--host 127.0.0.1]
     icl-circuits circuit --model gemma-3-270m --tasks all --layers 11-12 --out runs/circuits
@@ -17,6 +19,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .distributed import init_from_env, is_main  # (no torch at import)
+
+N_SCORE_TOKENS = 2  # = prompts.N_SCORE_TOKENS (a literal: the CLI starts without importing torch; a test checks)
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -52,7 +57,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_task_vectors(args: argparse.Namespace) -> int:
     import torch
 
-    from .loading import load_model
     from .sweep import run_layer_sweep
     from .task_vectors import TaskVectorConfig
     from .tasks import load_tasks
@@ -60,7 +64,7 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_tasks(args.tasks, strict=getattr(args, "strict", False))  # fail on a bad task before the slow model load
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     layers = parse_layers(args.layers, lm.n_layers)
     cfg = TaskVectorConfig(
         n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, n_eval=args.n_eval,
@@ -135,7 +139,6 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     import torch
 
     from .corpus import from_spec
-    from .loading import load_model
     from .plots import plot_training_curves
     from .sae.evaluation import evaluate_saes
     from .sae.training import SAESpec, TrainConfig, init_distributed_from_env, train_from_cache, train_saes
@@ -150,7 +153,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     from .sae.cache import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
-    lm = load_model(run.model if run else args.model)
+    lm = _load_lm(args, run.model if run else None)
     docs = None if run else from_spec(args.corpus, lm, progress=not args.quiet)
     cfg = TrainConfig(
         specs=specs, arch=args.arch, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens,
@@ -160,9 +163,9 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         skip_docs=0 if run else args.eval_docs, seed=args.seed, trainer=_kv_trainer(args.trainer),
     )  # fmt: skip
     if run:
-        saes = train_from_cache(run.train, cfg, args.out, progress=not args.quiet)
+        saes = train_from_cache(run.train, cfg, args.out, progress=not args.quiet, device=lm.device, ddp=args.ddp)
     else:
-        saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet)
+        saes = train_saes(lm, docs, cfg, args.out, progress=not args.quiet, ddp=args.ddp)
     if distributed:
         import torch.distributed as dist
 
@@ -171,7 +174,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
             return 0
         from .sae.formats import load_sae
 
-        saes = {SAESpec.parse(s).name: load_sae(args.out / "saes" / SAESpec.parse(s).name) for s in specs}
+        saes = {SAESpec.parse(s).name: load_sae(args.out / "saes" / SAESpec.parse(s).name).to(lm.device) for s in specs}
     records = [json.loads(l) for l in (args.out / "metrics.jsonl").read_text().splitlines()] if (args.out / "metrics.jsonl").is_file() else []
     if records:
         plot_training_curves(records, args.out / "training_curves")
@@ -204,7 +207,7 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=getattr(torch, args.dtype))
+    lm = _load_lm(args)
     for s in specs:
         if s.layer >= lm.n_layers:
             raise ValueError(f"--saes {s.kind}:{s.layer}: {lm.name!r} has layers 0..{lm.n_layers - 1}")
@@ -213,7 +216,7 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
     write_json(args.out / "harvest.json", dict(model=lm.name, corpus=args.corpus, eval_docs=args.eval_docs, seed=args.seed,
                                                 sites=[str(s) for s in sites], dtype=args.dtype))  # fmt: skip
     # held-out rows always come from a float32 forward: they are the reference every SAE is scored on
-    exact = lm if args.dtype == "float32" else load_model(args.model)
+    exact = lm if args.dtype == "float32" else load_model(args.model, device=lm.device)
     for split, docs, n, model in (("eval", held, args.eval_tokens, exact), ("train", train, args.tokens, lm)):
         cache = harvest(model, sites, docs, args.out / split, n_tokens=n, seq_len=args.seq_len, provenance=prov,
                         progress=not args.quiet)  # fmt: skip
@@ -224,7 +227,6 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
 def cmd_sae_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from .loading import load_model
     from .sae.compare import CompareConfig, run_compare, winner
 
     if args.threads:
@@ -241,7 +243,7 @@ def cmd_sae_compare(args: argparse.Namespace) -> int:
         penalties=penalties, d_sae=args.d_sae, n_tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed,
     )  # fmt: skip
     cfg.runs()  # fail on a missing --penalty before the slow model load
-    lm = load_model(run.model)
+    lm = _load_lm(args, run.model)
     held = run.held_out_docs(lm)
     batches = _eval_batches(lm, held, min(args.eval_ce_docs, len(held)), 128)
     rows = run_compare(lm, cfg, run.train, run.eval, batches, args.out, progress=not args.quiet)
@@ -257,7 +259,6 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .corpus import from_spec
-    from .loading import load_model
     from .sae.evaluation import evaluate_saes
     from .sae.formats import load_any
     from .storage import write_json
@@ -267,8 +268,8 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     from .sae.cache import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
-    lm = load_model(run.model if run else args.model)
-    saes = [load_any(p) for p in args.sae or []]
+    lm = _load_lm(args, run.model if run else None)
+    saes = [load_any(p).to(lm.device) for p in args.sae or []]
     if args.starter:
         from .sae.suite import STARTER_SPECS, starter_sae
 
@@ -318,7 +319,6 @@ def cmd_examples(args: argparse.Namespace) -> int:
 
     from .corpus import from_spec
     from .examples import ExampleConfig, build_example_store, summarize_store
-    from .loading import load_model
     from .report import Section, write_report
 
     cfg = ExampleConfig(
@@ -328,7 +328,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     saes = _load_saes(lm, args.saes, progress=not args.quiet)
     docs = from_spec(args.corpus, lm, progress=not args.quiet)
     if args.max_docs:
@@ -354,7 +354,7 @@ def _load_saes(lm, specs: str, progress: bool) -> dict:  # type: ignore[no-untyp
     for item in [x for x in specs.split(",") if x]:
         if "=" in item:
             name, _, path = item.partition("=")
-            saes[name] = load_any(path).float()
+            saes[name] = load_any(path).float().to(lm.device)
         else:
             saes[SAESpec.parse(item).name] = starter_sae(lm, item, progress=progress)
     if not saes:
@@ -368,13 +368,12 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     import torch
 
     from .dashboards import DashboardConfig, build_dashboards
-    from .loading import load_model
     from .tasks import load_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_tasks(args.tasks)
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     saes = _load_saes(lm, args.saes, progress=not args.quiet)
     docs = None
     if args.corpus:
@@ -411,7 +410,6 @@ def _floats(spec: str, what: str) -> tuple[float, ...]:
 def cmd_heatmap(args: argparse.Namespace) -> int:
     import torch
 
-    from .loading import load_model
     from .steering import NegativeConfig, run_heatmap, specificity
 
     if args.threads:
@@ -419,10 +417,11 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     tasks = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=_floats(args.scale_grid, "--scale-grid"),
                      select_on=args.select_on, top_only=args.top_only, n_eval=args.n_eval, seed=args.seed)  # fmt: skip
-    negative = (NegativeConfig(scales=_floats(args.negative_scales, "--negative-scales"), n_prompts=args.negative_prompts,
+    neg_scales = None if args.negative_scales == "paper" else _floats(args.negative_scales, "--negative-scales")
+    negative = (NegativeConfig(scales=neg_scales, n_prompts=args.negative_prompts,
                                n_shots=args.negative_shots) if args.negative else None)  # layer: the results'  # fmt: skip
     neg_features = [int(f) for f in _floats(args.negative_features, "--negative-features")] if args.negative_features else None
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
                       floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,
                       negative_features=neg_features, progress=not args.quiet)  # fmt: skip
@@ -442,17 +441,18 @@ def cmd_detectors(args: argparse.Namespace) -> int:
     import torch
 
     from .detection import LinkConfig, MassConfig, run_detectors
-    from .loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     steps = [s for s in args.steps.split(",") if s]
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     layers = parse_layers(args.sweep_layers, lm.n_layers) if "sweep" in steps else []
     out = run_detectors(
         lm, steps, args.out, args.figures, args.executors, args.detectors, args.exec_heatmap, args.det_heatmap, tasks, layers,
-        MassConfig(n_prompts=args.n_prompts, n_shots=args.n_shots), LinkConfig(n_prompts=args.n_prompts, n_shots=args.n_shots),
+        MassConfig(n_prompts=args.n_prompts, n_shots=args.n_shots),
+        LinkConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, ablation=args.link_ablation, multiple=args.link_multiple,
+                   ablate_at=args.link_ablate_at, measure_at=args.link_measure_at),
         progress=not args.quiet,
     )  # fmt: skip
     if "mass_table" in out:
@@ -494,7 +494,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from .cleaning_runs import l1_sweep, layer_comparison, run_cleaning
     import math
 
-    from .loading import load_model, resolve_spec
+    from .loading import resolve_spec
     from .sae.formats import load_any
     from .sae.suite import starter_sae
     from .task_vectors import TaskVectorConfig
@@ -511,17 +511,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
     given = dict(l1_coeff=args.l1, lr=args.lr, patience=args.patience, max_steps=args.max_steps, n_train=args.n_train, n_eval=args.n_eval)
     cfg = CleaningConfig(
         **{k: v for k, v in given.items() if v is not None}, n_score_tokens=args.n_score_tokens, setting=args.setting, seed=args.seed,
-        init=args.init,
+        init=args.init, ito_k=args.ito_k,
     )
     tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
-    lm = load_model(args.model)
+    lm = _load_lm(args)
     layer = args.layer if args.layer is not None else default_layer(lm.name, args.setting)
     if not 0 <= layer < lm.n_layers:  # before any SAE is loaded or trained for it
         raise SystemExit(f"error: --layer {layer} outside 0..{lm.n_layers - 1} (the model has {lm.n_layers} layers)")
 
     def sae_for(layer: int):  # type: ignore[no-untyped-def]
         if args.sae and args.sae != "starter":
-            sae = load_any(args.sae).float()
+            sae = load_any(args.sae).float().to(lm.device)
             if sae.cfg.site != f"resid_pre.{layer}" and not args.compare_layers:
                 raise SystemExit(f"error: --sae {args.sae} reads {sae.cfg.site}, but --layer {layer} steers resid_pre.{layer}; "
                                  f"use a residual SAE trained on resid_pre.{layer}")  # fmt: skip
@@ -555,6 +555,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("\nwrote:", *[str(p) for p in files], sep="\n  ")
         return 0
     results, files = run_cleaning(lm, sae, tasks, layer, args.out, cfg, tv_cfg, sae_spec=spec, progress=not args.quiet)
+    if not is_main():  # under torchrun rank 0 reports for all (the tasks were split over ranks)
+        return 0
     from .cleaning_runs import summary_rows
     from .report import Section, write_report
 
@@ -593,7 +595,6 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
     from .ablation import CircuitRunConfig, run_circuits
     from .circuits import CircuitConfig
-    from .loading import load_model
     from .tasks import load_tasks
 
     if args.threads:
@@ -607,15 +608,17 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         from .sae.formats import load_any
 
         user_saes[key] = load_any(path).float()
-    lm = load_model(args.model)
+    lm = _load_lm(args)  # circuit_saes moves every SAE to the model's device and dtype
     layers = tuple(parse_layers(args.layers, lm.n_layers))
     cfg = CircuitRunConfig(
         circuit=CircuitConfig(layers=layers, kinds=tuple(k for k in args.kinds.split(",") if k), metric_pairs=args.metric),
         n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, rank_by=args.rank_by, edge_k=args.edge_k,
-        ie_quality_per_sae=args.ie_quality, faith_target=args.faith_target, cross_target=args.cross_target,
-        keep_errors_curve=args.keep_errors_curve,
+        ie_quality_per_sae=None if args.ie_quality == "all" else int(args.ie_quality), faith_target=args.faith_target,
+        cross_target=args.cross_target, ablate_errors=args.ablate_errors, other_errors_curve=args.other_errors_curve,
     )  # fmt: skip
     res = run_circuits(lm, tasks, cfg, args.out, saes=user_saes or None, cross_task=not args.no_cross_task, progress=not args.quiet)
+    if not is_main():  # under torchrun rank 0 reports for all (the tasks were split over ranks)
+        return 0
     print(f"\n{'task':30s} m(M)     m(empty)  non-zero nodes  nodes for faithfulness {cfg.faith_target}  edges")
     for s in res["summaries"]:
         print(f"{s['task']:30s} {s['metric_eval']:7.3f}  {s['metric_empty']:8.3f}  {s['n_nonzero_nodes']:14d}  "
@@ -625,11 +628,27 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(s: argparse.ArgumentParser) -> None:
-    """--seed, --threads, --quiet: the same on every command that runs a model."""
+def _run_options(s: argparse.ArgumentParser, dtype: str = "float32", dtype_help: str = "the model's dtype") -> None:
+    """--seed, --threads, --quiet, --device, --dtype: the same on every command that runs a model."""
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_options(s, dtype, dtype_help)
+
+
+def _device_options(s: argparse.ArgumentParser, dtype: str = "float32", dtype_help: str = "the model's dtype") -> None:
+    """--device and --dtype (part of _run_options; alone only where a command has no --seed)."""
+    from .loading import DTYPES
+
+    s.add_argument("--device", default="cpu", help="where the model, SAEs and prompt tensors live: cpu, cuda, cuda:1, mps")
+    s.add_argument("--dtype", choices=DTYPES, default=dtype, help=f"{dtype_help} (default {dtype})")
+
+
+def _load_lm(args: argparse.Namespace, spec: str | None = None):  # type: ignore[no-untyped-def]
+    """load_model(spec or --model) on --device in --dtype."""
+    from .loading import load_model, resolve_dtype
+
+    return load_model(spec if spec is not None else args.model, dtype=resolve_dtype(args.dtype), device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,10 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-shots", type=int, default=16)
     s.add_argument("--arrows", choices=["all", "demos", "last"], default="all", help="which arrows the TV averages")
     s.add_argument("--n-eval", type=int, default=32, help="zero-shot prompts scored per task")
-    s.add_argument("--n-score-tokens", type=int, default=1, help="first n output tokens scored")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--n-score-tokens", type=int, default=N_SCORE_TOKENS, help="first n output tokens scored (the authors: 2)")
+    _run_options(s)
     s.set_defaults(func=cmd_task_vectors)
 
     sae = sub.add_parser("sae", help="train and evaluate SAEs / transcoders").add_subparsers(dest="sae_command", required=True)
@@ -686,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--eval-docs", type=int, default=64, help="first N corpus documents: held out, evaluated after training")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training (run `sae eval` later)")
+    s.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: train every SAE data-parallel (rows of each batch split over ranks); "
+                        "--no-ddp: one SAE per rank. Default: data-parallel iff one SAE is given")  # fmt: skip
     _run_options(s)
     s.set_defaults(func=cmd_sae_train)
 
@@ -696,10 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, default=2_000_000, help="training rows to store")
     s.add_argument("--eval-docs", type=int, default=200, help="documents held out (by content hash) for evaluation")
     s.add_argument("--eval-tokens", type=int, default=100_000, help="rows of the held-out documents to store")
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model forward's dtype")
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--out", type=Path, default=Path("runs/activations"))
-    _run_options(s)
+    _run_options(s, dtype="bfloat16", dtype_help="the model forward's dtype (held-out rows always come from a float32 forward)")
     s.set_defaults(func=cmd_sae_harvest)
 
     s = sae.add_parser("compare", help="every SAE recipe on the same cached rows at matched L0: FVE, CE loss recovered, ICL-prompt FVE")
@@ -783,10 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", type=Path, required=True, help="folder of TVC results, <results>/<task>/cleaning.json")
     s.add_argument("--tasks", default="all", help="'all' (every task in --results) or comma-separated names")
     s.add_argument("--top-k", type=int, default=None, help="use only each task's k largest cleaned weights")
-    s.add_argument("--scale-mode", choices=["per_feature", "shared", "fixed"], default="per_feature",
-                   help="per_feature: best grid scale on any task (Gemma 2); shared: one calibrated scale (Gemma 1); fixed: --scale")
+    s.add_argument("--scale-mode", choices=["shared", "per_feature", "fixed"], default="shared",
+                   help="shared: one scale calibrated on the calibration split (the paper's Gemma 1 procedure); "
+                        "per_feature: best grid scale on any task (Gemma 2); fixed: --scale")
     s.add_argument("--scale", type=float, default=15.0, help="the scale for --scale-mode fixed (paper, Gemma 1: 15)")
-    s.add_argument("--scale-grid", default="4,8,16,32,64,128,256", help="comma-separated scales (log-spaced)")
+    s.add_argument("--scale-grid", default="128,256,512,1024,2048,4096,8192,16384",
+                   help="comma-separated scales of the unit-norm directions, tried on the calibration split")
     s.add_argument("--select-on", choices=["owner", "all"], default="owner",
                    help="grid scales tried on the feature's own tasks (cheap) or on every task (the paper)")
     s.add_argument("--top-only", action="store_true", help="only each task's strongest feature (Fig. 10)")
@@ -795,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--floor", type=float, default=0.2, help="normalised values below this become 0")
     s.add_argument("--min-effect", type=float, default=0.05, help="drop features whose best raw effect (relative loss decrease) is below this")
     s.add_argument("--negative", action="store_true", help="also negative steering on 16 x 32-shot ICL prompts (App. F.1; slow)")
-    s.add_argument("--negative-scales", default="1,2,4,8,16,30")
+    s.add_argument("--negative-scales", default="paper", help="'paper': the authors' 50 log-spaced scales 1..31.6 around their "
+                   "scale 15, carried over to the calibrated shared scale (x 1/15 .. x 2.1); or comma-separated scales")
     s.add_argument("--negative-prompts", type=int, default=16, help="ICL prompts per task for negative steering")
     s.add_argument("--negative-shots", type=int, default=32, help="shots per ICL prompt for negative steering")
     s.add_argument("--negative-features", default=None, help="comma-separated features for negative steering (default: all)")
@@ -814,12 +836,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--det-heatmap", type=Path, default=None, help="heatmap.json of `heatmap` on --detectors (top detector per task)")
     s.add_argument("--tasks", default="all")
     s.add_argument("--sweep-layers", default="4-16", help="layers of the detection-layer sweep")
+    s.add_argument("--link-ablation", choices=["direction", "zero"], default="direction",
+                   help="link: subtract --link-multiple x mean activation x unit direction (the authors') or zero the latent")
+    s.add_argument("--link-multiple", type=float, default=50.0, help="link: multiple of the detector's mean activation (the authors': 50)")
+    s.add_argument("--link-ablate-at", default="all", help="link: token type where the detector is ablated, or 'all' (the authors')")
+    s.add_argument("--link-measure-at", default="all", help="link: token type where executors are read, or 'all' (the authors')")
     s.add_argument("--n-prompts", type=int, default=16, help="ICL prompts per task for masses and the link")
     s.add_argument("--n-shots", type=int, default=16)
     s.add_argument("--out", type=Path, default=Path("runs/detectors"), help="run folder (resumes if present)")
     s.add_argument("--figures", type=Path, default=Path("docs/results/heatmaps"))
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
+    _device_options(s)
     s.set_defaults(func=cmd_detectors)
 
     s = sub.add_parser("clean", help="Task Vector Cleaning (Sec. 3.1): TV -> sparse SAE latents, with baselines, λ sweeps, layer comparison")
@@ -837,18 +865,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="default: CleaningConfig.max_steps")
     s.add_argument("--n-train", type=int, default=None, help="default: CleaningConfig.n_train")
     s.add_argument("--n-eval", type=int, default=None, help="default: CleaningConfig.n_eval")
-    s.add_argument("--n-score-tokens", type=int, default=1)
+    s.add_argument("--n-score-tokens", type=int, default=N_SCORE_TOKENS, help="first n output tokens scored (the authors: 2)")
     s.add_argument("--n-prompts", type=int, default=16, help="n-shot prompts averaged into the task vector")
     s.add_argument("--n-shots", type=int, default=16)
     s.add_argument("--arrows", choices=["all", "demos", "last"], default="all")
-    s.add_argument("--init", choices=["encode_mean", "mean_encode"], default="encode_mean",
-                   help="start from the encoding of the mean vector (Alg. 1) or the mean of per-token encodings (App. D)")
+    s.add_argument("--init", choices=["auto", "encode_mean", "mean_encode", "ito"], default="auto",
+                   help="TVC's start: 'auto' (the authors': encode_mean for execution, ito for detection), the encoding of the "
+                        "vector (Alg. 1), the mean of per-token encodings (App. D) or gradient pursuit with --ito-k latents")
+    s.add_argument("--ito-k", type=int, default=7, help="latents of the 'ito' start (the authors' detection TVC: 7)")
     s.add_argument("--sweep-l1", help="run a λ sweep instead: 'paper' (1e-5 ... 0.1) or comma-separated values")
     s.add_argument("--compare-layers", help="run every method at these layers instead (Fig. 2), e.g. 11,12")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("runs/clean"))
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _run_options(s)
     s.set_defaults(func=cmd_clean)
 
     s = sub.add_parser("circuit", help="sparse feature circuits: node/edge effects by token type, faithfulness, cross-task ablation (Sec. 4)")
@@ -862,14 +890,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", choices=["all_but_first", "last"], default="all_but_first",
                    help="log-prob of the outputs of all pairs but the first (paper) or of the query only (original SFC)")
     s.add_argument("--n-prompts", type=int, default=8, help="prompts in the IE batch and in the held-out batch")
-    s.add_argument("--n-shots", type=int, default=8)
-    s.add_argument("--rank-by", choices=["abs", "value"], default="abs", help="circuit = top-N nodes by |effect| or signed effect")
+    s.add_argument("--n-shots", type=int, default=12, help="shots per prompt (the authors: 12)")
+    s.add_argument("--rank-by", choices=["signed", "abs"], default="signed",
+                   help="circuit = top-N nodes by signed effect (the authors') or by |effect|")
     s.add_argument("--edge-k", type=int, default=3, help="edge targets per (layer, token type)")
-    s.add_argument("--ie-quality", type=int, default=16, help="single-node ablations per (SAE, token type) for Fig. 20/21; 0 = skip")
+    s.add_argument("--ie-quality", default="all", help="Fig. 20/21 single-node ablations: 'all' non-zero feature nodes (the authors'), "
+                                                       "N = a seeded sample of N per (SAE, token type), 0 = skip")
     s.add_argument("--faith-target", type=float, default=0.6)
     s.add_argument("--cross-target", type=float, default=0.3, help="cross-task: ablate until the task's faithfulness is this")
     s.add_argument("--no-cross-task", action="store_true")
-    s.add_argument("--keep-errors-curve", action="store_true", help="also faithfulness with error nodes never ablated (weak-SAE diagnostic)")
+    s.add_argument("--ablate-errors", action="store_true", help="rank and zero-ablate SAE error nodes too (the authors always keep them)")
+    s.add_argument("--other-errors-curve", action="store_true", help="also the curves and cross-task ablation with the other error-node choice")
     s.add_argument("--out", type=Path, default=Path("runs/circuits"), help="run folder (finished tasks are skipped)")
     _run_options(s)
     s.set_defaults(func=cmd_circuit)
@@ -913,6 +944,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_strict(parser)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:  # e.g. --device cuda without CUDA: rc 2 before any slow step
+            from .loading import resolve_device
+
+            resolve_device(args.device)
+        init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank
         return args.func(args)
     except SystemExit as e:  # commands raise SystemExit("error: ...") for bad options
         if isinstance(e.code, str):

@@ -180,7 +180,7 @@ def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 0) -> tuple[tor
     vals, idx = [], []
     for s in range(0, d_sae, step):
         sims = W[s : s + step] @ W.T  # [chunk, d_sae]
-        rows = torch.arange(s, min(s + step, d_sae))
+        rows = torch.arange(s, min(s + step, d_sae), device=W.device)  # [chunk]
         sims[rows - s, rows] = -float("inf")
         t = sims.topk(n, dim=1)
         vals.append(t.values.cpu())

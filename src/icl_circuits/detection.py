@@ -5,10 +5,10 @@
   (layer-12 cleaning) should sit on arrows, detectors (fake-pair cleaning) on outputs.
 - Detection-layer sweep (App. G): steer the fake pair's output token with the mean residual over
   demo outputs, layer by layer.
-- Detector -> executor link (Fig. 11): on ICL prompts, zero each task's top detector latent at
-  every output token with attention patterns frozen at their clean values, and measure the
-  relative drop of every task's top executor at arrow tokens, averaged over the positions where
-  the executor was active on the clean run, pooled over the prompts of all tasks.
+- Detector -> executor link (Fig. 11), the authors' method: on ICL prompts, subtract 50 x each task's
+  top detector's mean activation x its unit direction at every position, with attention patterns
+  frozen at their clean values, and measure the drop of every task's top executor (clipped to [0, 1]
+  per position) at every position where it was active on the clean run, pooled over all tasks.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from .distributed import is_main, main_first, merge_across_ranks, my_share, open_shared, shared_run
 from .frozen_attention import FrozenAttention
 from .model import LM
 from .prompts import TYPE_ID, PromptBatch
 from .sae.dictionary import JumpReLUSAE
 from .sites import Intervention, Site
-from .storage import RunDir, canonical, diff_keys, fingerprint, read_json, write_json
+from .storage import canonical, diff_keys, fingerprint, read_json, write_json
 
 # BOS is left out: its residual is an attention sink with a huge norm, dropped from SAE training too.
 MASS_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
@@ -47,6 +48,7 @@ def token_type_masses(latents: torch.Tensor, token_types: torch.Tensor, types: S
         raise ValueError(f"unknown token types {unknown}; choose from {sorted(TYPE_ID)}")
     if (latents < 0).any():
         raise ValueError("activation masses need non-negative latents (SAE feature activations)")
+    token_types = token_types.to(latents.device)  # prompt tensors are built on the CPU, latents are on the model's device
     return torch.stack([latents[token_types == TYPE_ID[t]].sum(0) for t in types], dim=1).float()  # [F, n_types]
 
 
@@ -158,7 +160,7 @@ def plot_detection_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
 
 def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.Tensor) -> Intervention:
     """Zero the SAE latents `features` at `positions`: x - sum_f f(x) * decoder_f (the SAE error stays)."""
-    feats = torch.tensor(list(features), dtype=torch.long)
+    feats = torch.tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
     dirs = sae.W_dec.detach()[feats].float() / sae.cfg.output_scale  # [k, d_model]
 
     def fn(x: torch.Tensor, value_of: Any) -> torch.Tensor:
@@ -168,13 +170,35 @@ def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.
     return Intervention(Site.parse(sae.cfg.site), positions, mode="fn", fn=fn)
 
 
+def direction_ablation(sae: JumpReLUSAE, feature: int, amount: float, positions: torch.Tensor) -> Intervention:
+    """Subtract `amount` x the feature's unit-norm decoder direction at `positions` (the authors' link ablation)."""
+    from .steering import feature_directions
+
+    return Intervention(Site.parse(sae.cfg.site), positions, -amount * feature_directions(sae, [feature])[0])
+
+
+LINK_ABLATIONS: tuple[str, ...] = ("direction", "zero")
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     n_prompts: int = 16
     n_shots: int = 16
     seed: int = 0
-    ablate_at: str = "output"  # token type whose detector activations are zeroed
-    measure_at: str = "arrow"  # token type where executor activations are read
+    # 'direction' (the authors'): subtract multiple x the detector's mean activation x its unit direction at
+    # `ablate_at` tokens; 'zero': zero the detector latent there (x - f(x) * decoder row)
+    ablation: str = "direction"
+    multiple: float = 50.0
+    ablate_at: str = "all"  # a token type, or 'all' (every token but BOS and padding)
+    measure_at: str = "all"  # token type where executor activations are read, or 'all'
+    clip: bool = True  # drop = clip(1 - ablated / clean, 0, 1) per position (the authors'); False: unclipped
+
+    def __post_init__(self) -> None:
+        if self.ablation not in LINK_ABLATIONS:
+            raise ValueError(f"ablation must be one of {LINK_ABLATIONS}, got {self.ablation!r}")
+        for what in (self.ablate_at, self.measure_at):
+            if what != "all" and (what not in TYPE_ID or what == "bos"):
+                raise ValueError(f"token type {what!r}: use 'all' or one of {[t for t in TYPE_ID if t != 'bos']}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +211,7 @@ class LinkResult:
     detectors: dict[str, int]  # task -> its top detector feature
     executors: dict[str, int]  # task -> its top executor feature
     drop: torch.Tensor  # [n_detector_tasks, n_executor_tasks] mean relative drop (1 = executor silenced)
-    n_active: torch.Tensor  # [n_executor_tasks] clean active positions the mean is over
+    n_active: torch.Tensor  # [n_detector_tasks, n_executor_tasks] clean active positions each mean is over
     config: dict
 
     def to_dict(self) -> dict:
@@ -206,11 +230,13 @@ def detector_executor_link(
 ) -> LinkResult:  # fmt: skip
     """Fig. 11: ablate each task's top detector (frozen attention), measure each task's top executor.
 
-    For every task's ICL prompts: one clean pass records the attention patterns of the layers
-    between the two SAEs; then, per detector, a pass from the detector layer with the detector
-    latent zeroed at `ablate_at` tokens and those patterns frozen. Drop = (clean - ablated) / clean
-    at `measure_at` tokens where the executor was active, averaged over all such positions.
-    Resumes from out_dir/link_progress.json (one entry per prompt task).
+    The paper links a detector SAE at layer L to an executor SAE at layer L + 1; the user picks L (any
+    detector layer before the executor's is accepted). For every task's ICL prompts: one clean pass
+    records the attention patterns of the layers between the two SAEs; then, per detector, a pass from
+    the detector layer with the detector ablated (see LinkConfig) and those patterns frozen. Drop =
+    clip(1 - ablated / clean, 0, 1) at `measure_at` positions where the executor was active on the clean
+    run, averaged over all such positions of all prompt tasks. A detector that never fires on a batch
+    (mean activation < 1e-6) is skipped there, as the authors did. Resumes from out_dir/link_progress.json.
     """
     from .task_vectors import TaskVectorConfig
 
@@ -237,7 +263,7 @@ def detector_executor_link(
         from .ablation import sae_digest
 
         ident = dict(**key, model=lm.name, saes=[sae_digest(det_sae), sae_digest(exec_sae)])
-        run = RunDir(path.parent, ident, kind="detector-executor link", name="link_run")
+        run = open_shared(path.parent, ident, kind="detector-executor link", name="link_run")  # (torchrun: all ranks)
     if path and path.is_file():
         saved = read_json(path)
         diffs = diff_keys({k: saved.get(k) for k in key}, key)
@@ -254,7 +280,7 @@ def detector_executor_link(
     done = [state["done"][unit[t.name]] for t in tasks]
     sums = sum(torch.tensor(v["sums"]) for v in done)
     counts = sum(torch.tensor(v["counts"]) for v in done)
-    drop = sums / counts.clamp_min(1)[None, :]  # [D, E]
+    drop = sums / counts.clamp_min(1)  # [D, E]
     return LinkResult(d_tasks, e_tasks, {t: int(v) for t, v in detectors.items()}, {t: int(v) for t, v in executors.items()},
                       drop, counts, cfg.to_dict())  # fmt: skip
 
@@ -267,15 +293,23 @@ def _link_tasks(
 
     from .task_vectors import task_batches
 
-    for task in tqdm([t for t in tasks if unit[t.name] not in state["done"]], desc="detector->executor", disable=not progress):
+    # under torchrun: this rank's share of *all* tasks (the same on every rank, whatever each read from disk)
+    for task in tqdm([t for t in my_share(tasks) if unit[t.name] not in state["done"]], desc="detector->executor", disable=not progress):
         icl, _ = task_batches(lm, task, tv_cfg)
         d_feats = [int(detectors[t]) for t in d_tasks]
         unique = list(dict.fromkeys(d_feats))  # tasks often share a detector: ablate each feature once
         sums, counts = link_on_batch(lm, icl, unique, e_feats, det_sae, exec_sae, cfg)
-        sums = sums[[unique.index(f) for f in d_feats]]
-        state["done"][unit[task.name]] = {"task": task.name, "sums": sums.tolist(), "counts": counts.tolist()}
-        if path:
+        rows = [unique.index(f) for f in d_feats]
+        state["done"][unit[task.name]] = {"task": task.name, "sums": sums[rows].tolist(), "counts": counts[rows].tolist()}
+        if path and is_main():  # under torchrun rank 0 saves its progress; the rest after the merge
             write_json(path, state)
+    if merge_across_ranks(state["done"]) and path and is_main():  # every rank's tasks
+        write_json(path, state)
+
+
+def _positions(batch: PromptBatch, where: str) -> torch.Tensor:
+    """[batch, seq] bool: one token type, or 'all' real tokens (BOS and padding left out)."""
+    return batch.token_types >= 1 if where == "all" else batch.type_mask(where)
 
 
 @torch.no_grad()
@@ -283,11 +317,14 @@ def link_on_batch(
     lm: LM, batch: PromptBatch, det_feats: list[int], exec_feats: list[int], det_sae: JumpReLUSAE, exec_sae: JumpReLUSAE,
     cfg: LinkConfig = LinkConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(sum of relative drops [D, E], active clean positions [E]) on one batch; see detector_executor_link."""
+    """(sum of per-position drops [D, E], active clean positions counted [D, E]) on one batch; see detector_executor_link."""
     s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
-    ablate = batch.type_mask(cfg.ablate_at)
-    measure = batch.type_mask(cfg.measure_at)
+    ablate = _positions(batch, cfg.ablate_at)
+    measure = _positions(batch, cfg.measure_at).to(lm.device)  # [batch, seq], indexes activations on the model's device
     start = lm.run(batch.input_ids, batch.attention_mask, read=[s_det]).acts[s_det]  # [batch, seq, d_model]
+    real = (batch.token_types >= 1).to(start.device)  # [batch, seq]
+    det_acts = det_sae.encode(start)[..., det_feats].float()[real]  # [n_real, D]
+    mean_act = det_acts.mean(0)  # [D] each detector's mean activation over the batch's tokens
     run = dict(start_layer=s_det.layer, start_resid=start, read=[s_exec])
     with FrozenAttention(lm, range(s_det.layer, s_exec.layer)) as fa:
         fa.record()
@@ -295,13 +332,29 @@ def link_on_batch(
         fa.freeze()
         active = clean > 0  # [n, E]
         sums = torch.zeros(len(det_feats), len(exec_feats))
+        counts = torch.zeros(len(det_feats), len(exec_feats))
         for i, d in enumerate(det_feats):
-            iv = latent_ablation(det_sae, [d], ablate)
+            if cfg.ablation == "direction":
+                if float(mean_act[i]) < 1e-6:
+                    continue  # the detector is silent on this batch: nothing to ablate (the authors skip it)
+                iv = direction_ablation(det_sae, d, cfg.multiple * float(mean_act[i]), ablate)
+            else:
+                iv = latent_ablation(det_sae, [d], ablate)
             out = lm.run(batch.input_ids, batch.attention_mask, interventions=[iv], **run).acts[s_exec]
             abl = _executor_acts(exec_sae, out, exec_feats)[measure]  # [n, E]
-            rel = torch.where(active, (clean - abl) / clean.clamp_min(1e-12), torch.zeros_like(clean))
-            sums[i] = rel.sum(0)
-    return sums, active.sum(0).float()
+            rel = 1 - abl / clean.clamp_min(1e-12)  # [n, E]
+            if cfg.clip:
+                rel = rel.clamp(0.0, 1.0)
+            sums[i] = torch.where(active, rel, torch.zeros_like(rel)).sum(0).cpu()
+            counts[i] = active.sum(0).float().cpu()
+    return sums, counts
+
+
+def _link_title(cfg: dict) -> str:
+    how = (f"subtracting {cfg.get('multiple', 50):g} x mean activation x unit direction" if cfg.get("ablation", "direction") == "direction"
+           else "zeroing the latent")
+    return (f"Ablating each task's top detector ({how}, at {cfg.get('ablate_at', 'all')} tokens, attention frozen):\n"
+            f"drop of top executors at {cfg.get('measure_at', 'all')} tokens where active")
 
 
 def plot_link(result: LinkResult, stem: str | Path, order: Sequence[str] | None = None) -> list[Path]:
@@ -317,7 +370,7 @@ def plot_link(result: LinkResult, stem: str | Path, order: Sequence[str] | None 
         [f"{result.executor_tasks[c]} ({result.executors[result.executor_tasks[c]]})" for c in cols], stem,
         vmin=min(0.0, float(m.min())), vmax=max(1e-3, float(m.max())), cbar="Relative drop of executor activation",
         xlabel="Executor (task, feature)", ylabel="Detector (task, feature)",
-        title="Ablating each task's top detector at output tokens (attention frozen): drop of top executors at arrows",
+        title=_link_title(result.config),
     )  # fmt: skip
 
 
@@ -325,23 +378,30 @@ def plot_link(result: LinkResult, stem: str | Path, order: Sequence[str] | None 
 
 
 def top_features(results_dir: str | Path, heatmap_json: str | Path | None, tasks: Sequence[str] | None = None) -> tuple[dict[str, int], str]:
-    """Each task's strongest feature: by its steering effect on its own task (a `heatmap` run's
-    heatmap.json), or, without one, the largest cleaned weight. Returns ({task: feature}, source)."""
+    """Each task's strongest feature by its steering effect on its own task: from a `heatmap` run's
+    heatmap.json, or, without one, from the TVC run's own single-feature effects. Only a feature with
+    a positive effect on its own task qualifies (the authors'); a task with none has no top feature.
+    Returns ({task: feature}, source)."""
+    from .cleaning import load_cleaning
     from .steering import HeatmapResult, load_feature_sets
 
     sets, _ = load_feature_sets(results_dir, tasks)
+    out = {}
     if heatmap_json and Path(heatmap_json).is_file():
         hm = HeatmapResult.from_dict(read_json(heatmap_json))
-        out = {}
         for t, fs in sets.items():
-            if not fs.features:
-                continue
-            try:
-                out[t] = hm.top_feature(t)
-            except ValueError:
-                out[t] = fs.features[0]
+            if fs.features and t in hm.tasks:
+                try:
+                    out[t] = hm.top_feature(t)
+                except ValueError:
+                    continue  # no own feature helps its task
         return out, f"steering effect ({heatmap_json})"
-    return {t: fs.features[0] for t, fs in sets.items() if fs.features}, "largest cleaned weight"
+    for t in sets:
+        effects = load_cleaning(Path(results_dir) / t).feature_effects
+        best = max(effects, key=lambda r: r["alone"], default=None)
+        if best is not None and best["alone"] > 0:
+            out[t] = int(best["index"])
+    return out, "single-feature steering effect of the TVC run (feature_effects 'alone')"
 
 
 def run_detectors(
@@ -371,11 +431,12 @@ def run_detectors(
         sweep_tasks = [load_task(n) for n in names]
         header = dict(step="detection_sweep", model=lm.name, layers=list(sweep_layers), config=cfg.to_dict())
         # resume keyed by task content + settings; another config in the same --out is refused
-        with RunDir(out, header, kind="detection sweep", name="detection_sweep_run") as run:
-            log = run.log("detection_sweep.jsonl")
+        with shared_run(out, header, kind="detection sweep", name="detection_sweep_run") as run:  # torchrun: every rank
+            log = main_first(lambda: run.log("detection_sweep.jsonl"))  # rank 0 creates or repairs it first
             keys = {t.name: run.key(t.digest) for t in sweep_tasks}
-            for t in tqdm([t for t in sweep_tasks if keys[t.name] not in log.done], desc="detection sweep", disable=not progress):
+            for t in tqdm([t for t in my_share(sweep_tasks) if keys[t.name] not in log.done], desc="detection sweep", disable=not progress):
                 log.add(keys[t.name], detection_sweep_task(lm, t, list(sweep_layers), cfg))
+            merge_across_ranks(log.done)  # (every rank appended whole lines to the same log)
             rows = [r for t in sweep_tasks for r in log.done[keys[t.name]]]
             write_json(out / "detection_sweep.json", rows)
         summary["files"] += plot_detection_sweep(rows, figs / "detection_layer_sweep")

@@ -30,12 +30,14 @@ def gradient_pursuit(
         raise ValueError(f"need signal [d] and dictionary [n_atoms, d]; got {tuple(signal.shape)} and {tuple(dictionary.shape)}")
     if target_l0 < 1:
         raise ValueError(f"target_l0 must be >= 1, got {target_l0}")
-    D = dictionary.double()
+    # float64 where the device has it (MPS does not); everything on the dictionary's device
+    work = torch.float32 if dictionary.device.type == "mps" else torch.float64
+    D = dictionary.to(work)
     norms = D.norm(dim=1).clamp_min(1e-12)  # [n_atoms]
     atoms = D / norms[:, None]  # [n_atoms, d]
-    y = signal.double()
-    w = torch.zeros(D.shape[0], dtype=torch.float64)  # weights of the unit atoms
-    support = torch.zeros(D.shape[0], dtype=torch.bool)
+    y = signal.to(device=D.device, dtype=work)  # [d]
+    w = torch.zeros(D.shape[0], dtype=work, device=D.device)  # [n_atoms] weights of the unit atoms
+    support = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)  # [n_atoms]
     for _ in range(target_l0):
         residual = y - w @ atoms  # [d]
         corr = atoms @ residual  # [n_atoms]
@@ -57,5 +59,5 @@ def ito_weights(sae: JumpReLUSAE, vector: torch.Tensor, target_l0: int) -> torch
     if vector.shape != (sae.cfg.d_out,):
         raise ValueError(f"vector must be [{sae.cfg.d_out}], got {tuple(vector.shape)}")
     W = sae.W_dec.detach().float()  # [d_sae, d_out]
-    target = vector.float() * sae.cfg.output_scale - sae.b_dec.detach().float()  # [d_out]
+    target = vector.to(W.device).float() * sae.cfg.output_scale - sae.b_dec.detach().float()  # [d_out]
     return gradient_pursuit(target, W, target_l0).float()

@@ -32,9 +32,45 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model(spec: str | os.PathLike = BUNDLED, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LM:
-    """Load a causal LM wrapped with hook sites. Memoised per (spec, dtype, device) in a process."""
-    return _load(str(spec), dtype, device)
+def load_model(spec: str | os.PathLike = BUNDLED, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LM:
+    """Load a causal LM wrapped with hook sites. Memoised per (spec, dtype, device) in a process.
+
+    device: 'cpu', 'cuda', 'cuda:1', 'mps'; an unavailable one is a ValueError (resolve_device).
+    """
+    return _load(str(spec), dtype, str(resolve_device(device)))
+
+
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # what --dtype accepts
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu' / 'cuda' / 'cuda:1' / 'mps' -> torch.device, checked now: a ValueError that says why a device
+    cannot be used, instead of a CUDA error deep inside the first forward pass."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available on this machine ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {device}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"--device {device}: unsupported device type {d.type!r}; use cpu, cuda, cuda:N or mps")
+    return d
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / torch.bfloat16 -> torch.bfloat16; only the float dtypes of DTYPES."""
+    d = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(d, torch.dtype) or str(d).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return d
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,6 +22,9 @@ from .tasks import Task
 TOKEN_TYPES: tuple[str, ...] = ("bos", "prompt", "input", "arrow", "output", "newline", "extra")
 TYPE_ID = {t: i for i, t in enumerate(TOKEN_TYPES)}
 PAD_TYPE = -1
+# Every steering and circuit metric scores the first N_SCORE_TOKENS tokens of each scored output (fewer
+# when an output is shorter): the authors score 2 in TVC, the layer sweep and the heatmaps (n_first=2).
+N_SCORE_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class PromptBatch:
                 mask[b, s.outputs[-1]] = True
         return mask
 
-    def scoring(self, pairs: str = "last", n_tokens: int = 1) -> "Scoring":
+    def scoring(self, pairs: str = "last", n_tokens: int = N_SCORE_TOKENS) -> "Scoring":
         """Positions whose next-token log-probs score the first n_tokens of chosen outputs.
 
         pairs: 'last' (the query), 'all', or 'all_but_first' (the paper's SFC metric, Sec. 4.1.2).

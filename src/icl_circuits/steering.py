@@ -1,16 +1,18 @@
 """Steering with single SAE features: heatmaps of which feature helps which task (Sec. 3.2, App. F).
 
 Positive steering (Fig. 6, 22, 24, 25): for every task t and every feature f of the cleaned task
-vectors, add scale x f's decoder direction at the arrow of zero-shot prompts (or at a fake pair's
-output, for detectors, App. G) and record the relative loss decrease M(t, f). The scale is one
-shared value calibrated on a grid (the paper's Gemma 1 procedure, 15) or one per feature, the grid
-value with the largest loss decrease on any task, then used for that feature on every task (the
-Gemma 2 procedure). The paper's normalisation: clip at 1, per-task min-max, zero below 0.2, drop
-features with a low maximum effect.
+vectors, add scale x f's *unit-norm* decoder direction at the arrow of zero-shot prompts (or at a
+fake pair's output, for detectors, App. G) and record the relative loss decrease M(t, f). By default
+the scale is one value shared by every feature and task, calibrated once on a calibration split
+(zero-shot prompts from the tasks' training pairs, disjoint from the evaluation prompts): the paper's
+Gemma 1 procedure, which found 15 there. One scale per feature (the grid value with the largest loss
+decrease on any task, the Gemma 2 procedure) and a fixed scale are options. The paper's
+normalisation: clip at 1, per-task min-max, zero below 0.2, drop features with a low maximum effect.
 
-Negative steering (App. F.1, Fig. 23): subtract scale x direction at every arrow of full ICL
-prompts (16 prompts x 32 shots); accuracy over all pairs; per feature the smallest scale in 1..30
-that lowers accuracy by >= 0.1 on some task.
+Negative steering (App. F.1, Fig. 23): subtract scale x the same unit direction at every arrow of
+full ICL prompts (16 prompts x 32 shots); accuracy over all pairs; per feature the smallest scale that
+lowers accuracy by >= 0.1 on some task. The paper tries 50 log-spaced scales from 1 to 31.6 around its
+shared scale 15; by default we try the same range relative to our calibrated scale (x 1/15 .. x 2.1).
 
 `PromptSteering` evaluates many steering vectors on one prompt batch, several per forward pass,
 resuming from the cached resid_pre of the steered layer.
@@ -27,8 +29,9 @@ from typing import Any
 
 import torch
 
+from .distributed import is_main, merge_across_ranks, my_share
 from .model import LM
-from .prompts import PromptBatch
+from .prompts import N_SCORE_TOKENS, PromptBatch
 from .sae.dictionary import JumpReLUSAE
 from .sites import Intervention, Site
 from .storage import read_json, write_json
@@ -36,21 +39,23 @@ from .storage import read_json, write_json
 # -- one feature as a steering vector ----------------------------------------------------------
 
 
-def feature_directions(sae: JumpReLUSAE, features: Sequence[int]) -> torch.Tensor:
-    """Decoder rows of `features` in the model's units (what a latent of 1 adds): [n, d_out]."""
+def feature_directions(sae: JumpReLUSAE, features: Sequence[int], unit: bool = True) -> torch.Tensor:
+    """Steering directions of `features` [n, d_out]: unit-norm decoder rows (the paper's), or with
+    unit=False the decoder rows in the model's units (what a latent of 1 adds)."""
     feats = list(features)
     if not feats:
         raise ValueError("no features given")
     bad = [f for f in feats if not 0 <= int(f) < sae.d_sae]
     if bad:
         raise ValueError(f"features {bad[:5]} outside 0..{sae.d_sae - 1} of the SAE at {sae.cfg.site}")
-    return sae.W_dec.detach()[torch.tensor(feats, dtype=torch.long)].float() / sae.cfg.output_scale
+    rows = sae.W_dec.detach()[torch.tensor(feats, dtype=torch.long, device=sae.device)].float() / sae.cfg.output_scale
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) if unit else rows
 
 
 def feature_intervention(
     sae: JumpReLUSAE, feature: int, scale: float, positions: torch.Tensor, site: str | Site | None = None
 ) -> Intervention:
-    """Add scale x the feature's decoder row at `positions` [batch, seq] of the SAE's output site."""
+    """Add scale x the feature's unit-norm decoder direction at `positions` [batch, seq] of the SAE's output site."""
     site = Site.parse(site or sae.cfg.out_site or sae.cfg.site)
     return Intervention(site, positions, scale * feature_directions(sae, [feature])[0])
 
@@ -75,7 +80,7 @@ class PromptSteering:
 
     def __init__(
         self, lm: LM, batch: PromptBatch, layer: int, steer_at: torch.Tensor, scoring: str = "last",
-        n_score_tokens: int = 1, vectors_per_pass: int = 8, prompts_per_pass: int | None = None,
+        n_score_tokens: int = N_SCORE_TOKENS, vectors_per_pass: int = 8, prompts_per_pass: int | None = None,
     ) -> None:  # fmt: skip
         if steer_at.dtype != torch.bool or steer_at.shape != batch.input_ids.shape:
             raise ValueError(f"steer_at must be a bool mask {tuple(batch.input_ids.shape)}, got {steer_at.dtype} {tuple(steer_at.shape)}")
@@ -83,7 +88,7 @@ class PromptSteering:
             raise ValueError(f"layer {layer} outside 0..{lm.n_layers - 1}")
         if vectors_per_pass < 1:
             raise ValueError(f"vectors_per_pass must be >= 1, got {vectors_per_pass}")
-        self.lm, self.layer = lm, layer
+        self.lm, self.layer, self.batch = lm, layer, batch
         sc = batch.scoring(scoring, n_score_tokens)
         seq = int(sc.positions.nonzero()[:, 1].max()) + 1  # positions after the last scored one never matter
         self.ids, self.mask = batch.input_ids[:, :seq], batch.attention_mask[:, :seq]
@@ -99,7 +104,7 @@ class PromptSteering:
                 lm.run(self.ids[i : i + self.prompts_per_pass], self.mask[i : i + self.prompts_per_pass], read=[site]).acts[site]
                 for i in range(0, len(batch), self.prompts_per_pass)
             ])  # [batch, seq, d_model]  # fmt: skip
-        self.baseline = self._score(torch.zeros(1, lm.d_model), need_accuracy=True)
+        self.baseline = self._score(torch.zeros(1, lm.d_model, device=lm.device), need_accuracy=True)
         self.baseline_nll = float(self.baseline.nll[0])
         self.baseline_accuracy = float(self.baseline.accuracy[0])  # type: ignore[index]
 
@@ -191,9 +196,12 @@ def log_grid(lo: float, hi: float, n: int) -> tuple[float, ...]:
 class HeatmapConfig:
     setting: str = "execution"  # 'execution': query arrow of zero-shot prompts; 'detection': fake pair's output
     layer: int = 12
-    scale_mode: str = "per_feature"  # 'per_feature' (Gemma 2), 'shared' (one calibrated scale, Gemma 1), 'fixed'
-    scale: float = 15.0  # used when scale_mode == 'fixed'
-    scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)  # single features of the bundled model peak at 32-256
+    scale_mode: str = "shared"  # 'shared' (one scale calibrated on the calibration split, the paper's Gemma 1
+    #                             procedure), 'per_feature' (Gemma 2), 'fixed' (`scale`, e.g. a scale calibrated before)
+    scale: float = 15.0  # used when scale_mode == 'fixed' (the paper's Gemma 1 scale)
+    # unit directions: the bundled model's residual norm is ~3,500 at layer 12, so useful scales are in the thousands
+    scale_grid: tuple[float, ...] = (128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
+    n_score_tokens: int = N_SCORE_TOKENS  # first n tokens of the query's output scored (the authors': 2)
     select_on: str = "owner"  # scales chosen on the tasks the feature came from ('owner') or on every task ('all')
     top_only: bool = False  # heatmap of each task's strongest feature only (Fig. 10)
     n_eval: int = 32  # zero-shot prompts (32 random pairs)
@@ -215,18 +223,25 @@ class HeatmapConfig:
         return asdict(self)
 
 
-def steering_batch(lm: LM, task: Any, cfg: HeatmapConfig) -> PromptSteering:
-    """Zero-shot (execution) or fake-pair (detection) prompts of the task's held-out pairs."""
-    from .task_vectors import TaskVectorConfig, detection_batches, task_batches
+SPLITS: tuple[str, ...] = ("eval", "calibration")
 
-    tv_cfg = TaskVectorConfig(n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed, n_shots=1, n_prompts=1)
+
+def steering_batch(lm: LM, task: Any, cfg: HeatmapConfig, split: str = "eval") -> PromptSteering:
+    """Zero-shot (execution) or fake-pair (detection) prompts: of the task's held-out pairs ('eval',
+    what the heatmap reports), or of its training pairs ('calibration', where scales are chosen)."""
+    from .prompts import fake_pair_prompts, zero_shot_prompts
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    train, held_out = task.split(cfg.eval_share, cfg.seed)
+    pairs, seed = (held_out, cfg.seed + 1) if split == "eval" else (train, cfg.seed + 2)
     if cfg.setting == "execution":
-        _, batch = task_batches(lm, task, tv_cfg)
+        batch = zero_shot_prompts(lm.tokenizer, pairs, cfg.n_eval, seed=seed)
         steer_at = batch.arrow_mask("last")
     else:
-        _, batch = detection_batches(lm, task, tv_cfg)
+        batch = fake_pair_prompts(lm.tokenizer, pairs, cfg.n_eval, seed=seed)
         steer_at = batch.output_mask("first")
-    return PromptSteering(lm, batch, cfg.layer, steer_at, "last", vectors_per_pass=cfg.vectors_per_pass)
+    return PromptSteering(lm, batch, cfg.layer, steer_at, "last", n_score_tokens=cfg.n_score_tokens, vectors_per_pass=cfg.vectors_per_pass)
 
 
 @dataclass
@@ -238,16 +253,21 @@ class HeatmapResult:
     owners: dict[int, list[str]]  # feature -> tasks whose cleaned vector holds it
     in_task_vector: dict[int, list[str]]  # feature -> tasks whose raw TV holds it
     baselines: dict[str, float]  # task -> zero-shot NLL
-    grid: dict[str, dict[int, list[float]]]  # task -> feature -> effect at each grid scale
+    grid: dict[str, dict[int, list[float]]]  # task -> feature -> effect at each grid scale (calibration split)
     config: dict
+    shared_scale: float | None = None  # the one calibrated scale (scale_mode 'shared' or 'fixed')
 
     def top_feature(self, task: str) -> int:
-        """The task's own feature with the largest effect on it (raises if it has none)."""
+        """The task's own feature with the largest effect on it. Only a feature with a positive effect on
+        its own task can be its top executor / detector (the authors'); raises if the task has none."""
         t = self.tasks.index(task)
         own = [i for i, f in enumerate(self.features) if task in self.owners.get(f, [])]
         if not own:
             raise ValueError(f"task {task!r} contributes no feature to this heatmap")
-        return self.features[max(own, key=lambda i: float(self.raw[t, i]))]
+        best = max(own, key=lambda i: float(self.raw[t, i]))
+        if not float(self.raw[t, best]) > 0:
+            raise ValueError(f"none of task {task!r}'s features has a positive effect on it")
+        return self.features[best]
 
     def marks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([n_tasks, n_features] bool in raw TV, [n_tasks, n_features] bool kept by cleaning)."""
@@ -261,7 +281,7 @@ class HeatmapResult:
             owners={str(k): v for k, v in self.owners.items()},
             in_task_vector={str(k): v for k, v in self.in_task_vector.items()},
             baselines=self.baselines, grid={t: {str(f): v for f, v in g.items()} for t, g in self.grid.items()},
-            config=self.config,
+            config=self.config, shared_scale=self.shared_scale,
         )  # fmt: skip
 
     @classmethod
@@ -270,7 +290,7 @@ class HeatmapResult:
             d["tasks"], [int(f) for f in d["features"]], torch.tensor(d["raw"]).reshape(len(d["tasks"]), len(d["features"])),
             [float(s) for s in d["scales"]], {int(k): v for k, v in d["owners"].items()},
             {int(k): v for k, v in d["in_task_vector"].items()}, d["baselines"],
-            {t: {int(f): v for f, v in g.items()} for t, g in d["grid"].items()}, d["config"],
+            {t: {int(f): v for f, v in g.items()} for t, g in d["grid"].items()}, d["config"], d.get("shared_scale"),
         )  # fmt: skip
 
 
@@ -332,44 +352,53 @@ def positive_heatmap(
 
     # cells depend only on the prompts and the SAE; anything else may change between runs
     key = _jsonable(dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
+                         n_score_tokens=cfg.n_score_tokens, directions="unit",
                          sae=sae.cfg.site, sae_model=sae.cfg.model, d_sae=sae.d_sae))  # fmt: skip
     path = Path(out_dir) / "heatmap_cells.json" if out_dir else None
-    state: dict[str, Any] = {"key": key, "cells": {}, "baselines": {}}
+    state: dict[str, Any] = {"key": key, "cells": {}, "calibration": {}, "baselines": {}}
     if path and path.is_file():
         saved = read_json(path)
         if saved.get("key") != key:
             raise ValueError(f"{path} was written for other prompts or another SAE ({saved.get('key')}); use a new --out or delete it")
         state = saved
+    state.setdefault("calibration", {})
     cells: dict[str, dict[str, float]] = state["cells"]
 
-    def fill(todo: dict[str, list[tuple[int, float]]], desc: str) -> None:
-        """Evaluate the missing (feature, scale) cells of each task, one steering batch per task."""
-        for task in tqdm([t for t in tasks if todo.get(t.name)], desc=desc, disable=not progress):
-            need = [(f, s) for f, s in dict.fromkeys(todo[task.name]) if f"{f}@{s:g}" not in cells.get(task.name, {})]
+    def fill(todo: dict[str, list[tuple[int, float]]], desc: str, split: str = "eval") -> None:
+        """Evaluate the missing (feature, scale) cells of each task on one split, one steering batch per task."""
+        store = cells if split == "eval" else state["calibration"]
+        for task in tqdm(my_share([t for t in tasks if todo.get(t.name)]), desc=desc, disable=not progress):
+            need = [(f, s) for f, s in dict.fromkeys(todo[task.name]) if f"{f}@{s:g}" not in store.get(task.name, {})]
             if not need:
                 continue
-            st = steering_batch(lm, task, cfg)
-            state["baselines"][task.name] = st.baseline_nll
+            st = steering_batch(lm, task, cfg, split)
+            if split == "eval":
+                state["baselines"][task.name] = st.baseline_nll
             eff = st.relative_loss_decrease(torch.stack([s * directions[f] for f, s in need]))
-            cells.setdefault(task.name, {}).update({f"{f}@{s:g}": float(e) for (f, s), e in zip(need, eff)})
-            if path:
+            store.setdefault(task.name, {}).update({f"{f}@{s:g}": float(e) for (f, s), e in zip(need, eff)})
+            if path and is_main():  # under torchrun rank 0 saves its progress; the rest after the merge
                 write_json(path, state)
+        if merge_across_ranks(store, state["baselines"]) and path and is_main():  # every rank's tasks' cells
+            write_json(path, state)
 
-    # 1. scale selection on a grid (skipped for a fixed scale)
+    # 1. scale selection on a grid of the calibration split (skipped for a fixed scale)
     grid: dict[str, dict[int, list[float]]] = {}
+    shared: float | None = cfg.scale if cfg.scale_mode == "fixed" else None
     if cfg.scale_mode == "fixed":
         scales = {f: cfg.scale for f in features}
     else:
         tried = {n: (feature_sets[n].features if cfg.select_on == "owner" else features) for n in names}
-        fill({n: [(int(f), s) for f in fs for s in cfg.scale_grid] for n, fs in tried.items()}, "scale grid")
-        grid = {n: {int(f): [cells[n][f"{f}@{s:g}"] for s in cfg.scale_grid] for f in fs} for n, fs in tried.items()}
-        chosen, _ = choose_scales(grid, features, cfg.scale_grid, cfg.scale_mode)
+        fill({n: [(int(f), s) for f in fs for s in cfg.scale_grid] for n, fs in tried.items()}, "scale grid (calibration)", "calibration")
+        cal = state["calibration"]
+        grid = {n: {int(f): [cal[n][f"{f}@{s:g}"] for s in cfg.scale_grid] for f in fs} for n, fs in tried.items() if fs}
+        chosen, shared = choose_scales(grid, features, cfg.scale_grid, cfg.scale_mode)
         scales = dict(zip(features, chosen))
 
     # 2. which features go in the heatmap: all, or each task's strongest on itself (Fig. 10)
     if cfg.top_only:
         fill({n: [(int(f), scales[int(f)]) for f in feature_sets[n].features] for n in names}, "own effects")
         top = [max(feature_sets[n].features, key=lambda f: cells[n][f"{f}@{scales[int(f)]:g}"]) for n in names if feature_sets[n].features]
+        top = [f for n, f in zip([n for n in names if feature_sets[n].features], top) if cells[n][f"{f}@{scales[int(f)]:g}"] > 0]
         keep = [int(f) for f in dict.fromkeys(top)]
     else:
         keep = features
@@ -379,7 +408,7 @@ def positive_heatmap(
     raw = torch.tensor([[cells[n][f"{f}@{scales[f]:g}"] for f in keep] for n in names]).reshape(len(names), len(keep))
     return HeatmapResult(
         names, keep, raw, [scales[f] for f in keep], {f: owners[f] for f in keep},
-        {f: in_tv.get(f, []) for f in keep}, {n: state["baselines"][n] for n in names}, grid, cfg.to_dict(),
+        {f: in_tv.get(f, []) for f in keep}, {n: state["baselines"][n] for n in names}, grid, cfg.to_dict(), shared,
     )  # fmt: skip
 
 
@@ -440,18 +469,30 @@ def column_order(matrix: torch.Tensor, row_order: Sequence[int]) -> list[int]:
 # -- negative steering -----------------------------------------------------------------------------
 
 
+PAPER_SCALE = 15.0  # the paper's shared steering scale (Gemma 1 2B)
+PAPER_NEGATIVE_SCALES = log_grid(1.0, 10**1.5, 50)  # the authors' negative-steering scales, np.logspace(0, 1.5, 50)
+
+
+def paper_negative_scales(shared_scale: float, n: int = 50) -> tuple[float, ...]:
+    """The authors' negative-steering range (1 .. 31.6 around their scale 15), carried over to a model whose
+    calibrated shared scale is `shared_scale`: shared_scale x (1/15 .. 2.1), n log-spaced values."""
+    if not shared_scale > 0:
+        raise ValueError(f"shared_scale must be positive, got {shared_scale}")
+    return log_grid(shared_scale / PAPER_SCALE, shared_scale * 10**1.5 / PAPER_SCALE, n)
+
+
 @dataclass(frozen=True)
 class NegativeConfig:
     layer: int = 12
     n_prompts: int = 16
     n_shots: int = 32
-    scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    scales: tuple[float, ...] | None = None  # None: paper_negative_scales of the heatmap's calibrated shared scale
     min_drop: float = 0.1  # a feature's scale: the smallest lowering accuracy by this much on some task
     seed: int = 0
     prompts_per_pass: int = 2  # full-vocab log-probs at every pair: keep passes small
 
     def __post_init__(self) -> None:
-        if not self.scales or any(s <= 0 for s in self.scales) or list(self.scales) != sorted(self.scales):
+        if self.scales is not None and (not self.scales or any(s <= 0 for s in self.scales) or list(self.scales) != sorted(self.scales)):
             raise ValueError(f"scales must be positive and ascending, got {self.scales}")
 
     def to_dict(self) -> dict:
@@ -496,6 +537,8 @@ def negative_steering(
     features = sorted(owners)
     if not features:
         raise ValueError("the feature sets hold no features")
+    if cfg.scales is None:
+        raise ValueError("NegativeConfig.scales is None: give scales, e.g. paper_negative_scales(shared_scale)")
     directions = feature_directions(sae, features)
     path = Path(out_dir) / "negative_progress.json" if out_dir else None
     state: dict[str, Any] = {"config": _jsonable(cfg.to_dict()), "features": features, "done": {}}
@@ -654,7 +697,7 @@ def sae_from_spec(lm: LM, spec: str) -> JumpReLUSAE:
         return starter_sae(lm, spec, train_if_missing=False)
     sae = load_any(spec)
     sae.check_compatible(lm)
-    return sae
+    return sae.to(lm.device)  # starter_sae already is there
 
 
 def run_heatmap(
@@ -692,6 +735,9 @@ def run_heatmap(
     if negative is not None:
         if negative_features:  # the slow part: often run on a chosen subset (e.g. each task's top executor)
             sets = {n: replace(fs, features=[f for f in fs.features if f in chosen]) for n, fs in sets.items()}
+        if negative.scales is None:  # the paper's range around the shared scale (per-feature scales: their median)
+            shared = res.shared_scale or sorted(res.scales)[len(res.scales) // 2]
+            negative = replace(negative, scales=paper_negative_scales(shared))
         neg = negative_steering(lm, task_objs, sets, sae, replace(negative, layer=cfg.layer), out_dir=out, progress=progress)
         write_json(out / "negative.json", neg.to_dict())
         summary["files"] += plot_negative(neg, figs / f"{name}_negative")

@@ -238,9 +238,13 @@ class RunDir:
       ConfigMismatch naming the differing keys; nothing in the folder is touched.
     - Keys of finished units hash everything that determines them, so a task that shares a name
       with an earlier one but not its pairs is computed afresh, never served the old result.
+    - lock=False: another process of the *same* run joins while its rank 0 holds the lock (the flock is
+      per open file, so the ranks cannot all take it; see `icl_circuits.distributed.shared_run`).
     """
 
-    def __init__(self, path: str | os.PathLike, cfg: dict[str, Any], *, kind: str = "run", name: str = "run") -> None:
+    def __init__(
+        self, path: str | os.PathLike, cfg: dict[str, Any], *, kind: str = "run", name: str = "run", lock: bool = True
+    ) -> None:
         self._lock_fd: int | None = None
         self.path = Path(path)
         self.kind = kind
@@ -250,7 +254,8 @@ class RunDir:
         self.name = name
         self.config = canonical(cfg)
         self.fingerprint = fingerprint(kind, self.config)
-        self._lock()
+        if lock:
+            self._lock()
         try:
             self._check_config()
         except BaseException:

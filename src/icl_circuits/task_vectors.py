@@ -17,7 +17,7 @@ import torch
 
 from .model import LM
 from .prefix_cache import PrefixCache
-from .prompts import FAKE_PAIR, PromptBatch, PromptFormat, fake_pair_prompts, icl_prompts, zero_shot_prompts
+from .prompts import FAKE_PAIR, N_SCORE_TOKENS, PromptBatch, PromptFormat, fake_pair_prompts, icl_prompts, zero_shot_prompts
 from .sites import Intervention, Site
 from .tasks import Task
 
@@ -28,7 +28,7 @@ class TaskVectorConfig:
     n_shots: int = 16  # demonstrations per prompt (paper: 16)
     arrows: str = "all"  # arrows averaged: 'all', 'demos', or 'last' (the query's, as in Hendel et al.)
     n_eval: int = 32  # zero-shot prompts the steering is scored on
-    n_score_tokens: int = 1  # first n tokens of each output are scored
+    n_score_tokens: int = N_SCORE_TOKENS  # first n tokens of each scored output (the authors': 2)
     eval_share: float = 0.5  # share of a task's pairs held out for evaluation
     batch_size: int = 16
     seed: int = 0
@@ -112,7 +112,7 @@ class ZeroShotSteering:
     """
 
     def __init__(
-        self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = 1,
+        self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = N_SCORE_TOKENS,
         steer_at: torch.Tensor | None = None, prefix_cache: bool = True, unembed_dtype: torch.dtype | None = None,
     ) -> None:
         self.lm, self.batch = lm, batch

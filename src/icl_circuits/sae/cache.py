@@ -395,6 +395,7 @@ class ActivationCache:
         drop_last: bool = False,
         extras: bool = False,
         device: torch.device | str = "cpu",
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[dict[Site | str, Tensor]]:
         """{site: float32 [batch_rows, d_model]} batches of one epoch; row i of every site is one token.
 
@@ -402,7 +403,8 @@ class ActivationCache:
         the last batch is shorter unless drop_last. start_batch resumes mid-epoch: the batches
         from there are exactly those an uninterrupted epoch yields. extras adds 'token_ids' and
         'positions' ([batch_rows] each). About buffer_shards (up to twice that at group edges)
-        shards are held in memory at a time.
+        shards are held in memory at a time. part = (rank, world): only rows rank, rank + world, ...
+        of each batch are read and yielded (data-parallel training, `sae/distributed.py`).
         """
         site_list = self.sites if sites is None else [Site.parse(s) for s in sites]
         self.check(self.manifest["model"], self.d_model, site_list)
@@ -418,8 +420,8 @@ class ActivationCache:
         last_use.scatter_reduce_(0, shard_of, torch.arange(n) // batch_rows, reduce="amax")
         loaded: dict[int, dict[str, Tensor]] = {}
         for b in range(start_batch, n_b):
-            idx = order[b * batch_rows : (b + 1) * batch_rows]  # [batch_rows]
-            sh = shard_of[b * batch_rows : (b + 1) * batch_rows]
+            idx = order[b * batch_rows : (b + 1) * batch_rows][part[0] :: part[1]]  # [batch_rows] (this rank's share)
+            sh = shard_of[b * batch_rows : (b + 1) * batch_rows][part[0] :: part[1]]
             local = idx - self.offsets[sh]
             out: dict[Site | str, Tensor] = {}
             for s, name in zip(site_list, names):

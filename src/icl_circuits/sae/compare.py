@@ -111,7 +111,7 @@ def run_compare(
     spec = SAESpec.parse(cfg.spec)
     icl_path = out / "icl_rows.pt"
     if icl_path.is_file():
-        icl = torch.load(icl_path, weights_only=True)
+        icl = torch.load(icl_path, weights_only=True, map_location="cpu")  # icl_stats moves rows to the SAE's device
     else:
         icl = icl_rows(lm, spec.in_site, spec.out_site)
         from ..storage import atomic_write_bytes
@@ -126,7 +126,7 @@ def run_compare(
         if (out / "runs" / name / "result.json").is_file() or not _claim(out / "runs" / name):
             continue  # done, or another `sae compare` process on this folder trains it
         tcfg = train_config(cfg, arch, dict(overrides))
-        sae = train_from_cache(train_cache, tcfg, out / "runs" / name, progress=progress)[spec.name]
+        sae = train_from_cache(train_cache, tcfg, out / "runs" / name, progress=progress, device=lm.device)[spec.name].to(lm.device)
         tok_s = read_json(out / "runs" / name / "timing-rank0.json")["tokens_per_s"]  # summed over resumes
         mine.append((arch, name, overrides, sae, tok_s))
     if mine:  # evaluated together: one clean and one zero-ablated pass serve every run

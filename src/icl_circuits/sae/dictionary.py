@@ -151,8 +151,9 @@ class JumpReLUSAE(nn.Module):
         floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if dtype is None:  # one dtype for all; mixed files (bf16 weights, fp32 biases) compute in fp32
             dtype = floats.pop() if len(floats) == 1 else torch.float32
+        device = next((t.device for t in tensors.values()), torch.device("cpu"))  # missing tensors join the given ones
         for name in TENSOR_NAMES:
-            tensors.setdefault(name, torch.zeros(shapes[name], dtype=dtype))
+            tensors.setdefault(name, torch.zeros(shapes[name], dtype=dtype, device=device))
         unknown = sorted(set(tensors) - set(TENSOR_NAMES) - set(OPTIONAL_TENSOR_NAMES))
         if unknown:
             raise ValueError(

@@ -62,7 +62,7 @@ def splice(sae: JumpReLUSAE, positions: torch.Tensor) -> Intervention:
 
 def zero_ablate(sae: JumpReLUSAE, positions: torch.Tensor) -> Intervention:
     _, dst = in_out_sites(sae)
-    return Intervention(dst, positions, torch.zeros(sae.cfg.d_out or sae.cfg.d_in), "replace")
+    return Intervention(dst, positions, torch.zeros(sae.cfg.d_out or sae.cfg.d_in, device=sae.device), "replace")
 
 
 @torch.no_grad()
@@ -152,8 +152,9 @@ def held_out_stats(sae: JumpReLUSAE, cache: ActivationCache, max_rows: int = 200
     """FVE, L0 and dead fraction of `sae` on the rows of a held-out cache."""
     src, dst = Site.parse(sae.cfg.site), Site.parse(sae.cfg.out_site or sae.cfg.site)
     n, l0, sq, y_sum, y_sq = 0, 0.0, 0.0, None, 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for batch in cache.batches(sorted({src, dst}, key=lambda s: s.order), 4096, seed=0, epoch=0):
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)  # [d_sae]
+    # cached rows come off disk on the CPU; the SAE may be on a GPU
+    for batch in cache.batches(sorted({src, dst}, key=lambda s: s.order), 4096, seed=0, epoch=0, device=sae.device):
         x, y = batch[src], batch[dst]
         f = sae.encode(x)  # [rows, d_sae]
         err = sae.decode(f, x).float() - y  # [rows, d_out] (a skip transcoder adds x @ W_skip)
@@ -180,9 +181,10 @@ def icl_rows(lm: LM, site: Site, out_site: Site, n_prompts: int = 2, n_shots: in
         batch = icl_prompts(lm.tokenizer, load_task(name), n_prompts, n_shots, seed=seed)
         acts = lm.activations(batch.input_ids, [site, out_site], attention_mask=batch.attention_mask)
         keep = batch.attention_mask.bool() & (batch.token_types != TOKEN_TYPES.index("bos"))  # [batch, seq]
-        xs.append(acts[site][keep].float())
-        ys.append(acts[out_site][keep].float())
-        ts.append(batch.token_types[keep])
+        keep_dev = keep.to(acts[site].device)
+        xs.append(acts[site][keep_dev].float())
+        ys.append(acts[out_site][keep_dev].float())
+        ts.append(batch.token_types[keep].to(lm.device))
     return {"x": torch.cat(xs), "y": torch.cat(ys), "types": torch.cat(ts)}
 
 
@@ -191,6 +193,7 @@ def icl_stats(sae: JumpReLUSAE, rows: dict[str, torch.Tensor]) -> tuple[dict[str
     """(FVE, L0) per token type on ICL prompts; FVE against each type's own mean."""
     from ..prompts import TYPE_ID
 
+    rows = {k: v.to(sae.device) for k, v in rows.items()}  # rows saved by `sae compare` load on the CPU
     f = sae.encode(rows["x"])  # [rows, d_sae]
     err = (sae.decode(f, rows["x"]).float() - rows["y"]).pow(2).sum(-1)  # [rows]
     fve, l0 = {}, {}

@@ -49,7 +49,7 @@ def suite_cache_dir(model: str) -> Path:
 
 
 def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool = True) -> JumpReLUSAE:
-    """The starter SAE `spec` ('resid:12', 'attn:11', 'transcoder:12', ...) for `lm`, as float32."""
+    """The starter SAE `spec` ('resid:12', 'attn:11', 'transcoder:12', ...) for `lm`, as float32 on lm's device."""
     name = SAESpec.parse(spec).name
     for folder in (shipped_dir(lm.name) / name, suite_cache_dir(lm.name) / name / "saes" / name):
         if (folder / "config.json").is_file():
@@ -58,7 +58,7 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
             if version != SUITE_VERSION:
                 raise ValueError(f"{folder} holds a starter SAE of suite v{version}, not v{SUITE_VERSION}; delete it")
             sae.check_compatible(lm)
-            return sae
+            return sae.to(lm.device)
     if not train_if_missing:
         raise FileNotFoundError(f"no starter SAE {name!r} (suite v{SUITE_VERSION}) for {lm.name!r} (shipped or cached)")
     from ..corpus import from_spec
@@ -68,7 +68,7 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
     cfg = TrainConfig(specs=[spec], **STARTER_RECIPE)
     print(f"training the missing starter SAE {name} for {lm.name} into {run} (resumes if interrupted)")
     sae = train_saes(lm, from_spec(STARTER_CORPUS, lm, progress=progress), cfg, run, progress=progress)[name].float()
-    return _stamp(sae, run / "saes" / name)
+    return _stamp(sae, run / "saes" / name).to(lm.device)
 
 
 def _stamp(sae: JumpReLUSAE, folder: Path) -> JumpReLUSAE:

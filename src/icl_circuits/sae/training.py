@@ -1,14 +1,23 @@
 """Train a set of SAEs / transcoders from one activation stream, with checkpoints and resume.
 
 One model forward per token batch feeds every SAE (several sites and layers at once). Under
-`torch.distributed` (e.g. `torchrun --nproc_per_node 2 -m icl_circuits.cli sae train ...`),
-rank 0 reads the activations and broadcasts each batch; SAE i trains on rank i % world_size.
-Every SAE's result is the same as in a single-process run with the same seed.
+`torch.distributed` (`torchrun --nproc_per_node N -m icl_circuits.cli sae train ...`) there are two
+ways to use the ranks. The rule: `ddp=None` (the CLI's default) trains data-parallel when exactly one
+SAE spec is given and spreads the SAEs over the ranks when several are; `--ddp` / `--no-ddp` force either.
+
+  * spread (several SAEs): rank 0 reads the activations and broadcasts each batch; SAE i trains on
+    rank i % world_size. Every SAE's result is the same as in a single-process run with the same seed.
+  * data-parallel (one wide SAE on many GPUs): every rank trains every SAE on its share of the rows
+    of each global batch (cfg.batch_tokens rows, split over ranks); gradients, batch statistics and
+    dead-latent counters are reduced so each step equals the single-process step over the global
+    batch, up to float rounding (`sae/distributed.py` says what is sharded and what is reduced).
+    Only rank 0 writes checkpoints, metrics and SAEs; every rank resumes from rank 0's checkpoint.
 
 Run directory:
     train_config.json            what was asked for (a resume must match it)
     checkpoint-rank{r}.pt        trainers (+ the activation store on rank 0), written atomically
-    metrics.jsonl                one line per logged step
+                                 (data-parallel: checkpoint-rank0.pt only, read by every rank)
+    metrics.jsonl                one line per logged step (spread over ranks: metrics-rank{r}.jsonl)
     saes/<name>/                 final SAEs in our format (sae.safetensors + config.json)
     saelens/<name>/              the same SAEs in SAELens format
 """
@@ -17,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,11 +36,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..distributed import init_from_env, rank_world
 from ..model import LM
 from ..sites import Site
 from ..storage import atomic_write_bytes, write_json
 from .activations import ActivationStore
 from .dictionary import JumpReLUSAE, SAEConfig
+from .distributed import DistRowComm, my_rows
 from .formats import save_sae, save_saelens
 from .trainers import SAETrainer, TrainerConfig
 
@@ -117,15 +127,21 @@ class TrainConfig:
 
 
 def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_world()
+
+
+def use_ddp(ddp: bool | None, n_specs: int, world: int) -> bool:
+    """The rule (module docstring): data-parallel if asked, or by default when one SAE meets several ranks."""
+    if world == 1:
+        return False
+    return n_specs == 1 if ddp is None else ddp
 
 
 def train_saes(
-    lm: LM, docs: Sequence[str], cfg: TrainConfig, out_dir: str | Path, progress: bool = True
+    lm: LM, docs: Sequence[str], cfg: TrainConfig, out_dir: str | Path, progress: bool = True, ddp: bool | None = None
 ) -> dict[str, JumpReLUSAE]:
-    """Train every SAE in cfg.specs on a live activation stream (this rank's share under torch.distributed)."""
+    """Train every SAE in cfg.specs on a live activation stream (this rank's share under torch.distributed;
+    `ddp`: data-parallel, see `use_ddp`)."""
     rank, world = _rank_world()
     specs = _parse_specs(cfg, lm.n_layers, lm.name)
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
@@ -136,27 +152,34 @@ def train_saes(
             buffer_batches=cfg.buffer_batches, seed=cfg.seed + epoch, skip_docs=cfg.skip_docs,
         )  # fmt: skip
 
-    feed = _StoreFeed(new_store, sites, lm.d_model, rank, world)
-    header = dict(model=lm.name, world_size=world, config=asdict(cfg))
-    return _train(specs, lm.name, lm.d_model, feed, cfg, header, Path(out_dir), rank, world, progress)
+    ddp = use_ddp(ddp, len(specs), world)
+    feed = _StoreFeed(new_store, sites, lm.d_model, rank, world, ddp)
+    header = dict(model=lm.name, world_size=world, config=asdict(cfg), **({"data_parallel": True} if ddp else {}))
+    return _train(specs, lm.name, lm.d_model, feed, cfg, header, Path(out_dir), rank, world, progress, lm.device, ddp)
 
 
 def train_from_cache(
-    cache: "ActivationCache", cfg: TrainConfig, out_dir: str | Path, progress: bool = True
+    cache: "ActivationCache", cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
+    device: torch.device | str = "cpu", ddp: bool | None = None,
 ) -> dict[str, JumpReLUSAE]:
-    """Train every SAE in cfg.specs on the training rows of an on-disk activation cache (`sae/cache.py`).
+    """Train every SAE in cfg.specs on the training rows of an on-disk activation cache (`sae/cache.py`),
+    the SAEs' parameters and optimiser on `device` (rows are moved there batch by batch).
 
     Epochs re-read the cache in a new shuffled order until cfg.n_tokens rows are seen; a killed run
     resumes exactly (the order is a function of (seed, epoch), so the checkpoint holds only a position).
+    Data-parallel (`ddp`, see `use_ddp`): each rank reads only its rows of each global batch.
     """
     rank, world = _rank_world()
     m = cache.manifest
     specs = _parse_specs(cfg, int(m["n_layers"]), str(m["model"]))
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
     cache.check(str(m["model"]), int(m["d_model"]), sites)
-    feed = _CacheFeed(cache, sites, cfg.batch_tokens, cfg.seed)
-    header = dict(model=m["model"], world_size=world, cache=cache_fingerprint(cache), config=asdict(cfg))
-    return _train(specs, str(m["model"]), int(m["d_model"]), feed, cfg, header, Path(out_dir), rank, world, progress)
+    ddp = use_ddp(ddp, len(specs), world)
+    feed = _CacheFeed(cache, sites, cfg.batch_tokens, cfg.seed, (rank, world) if ddp else (0, 1))
+    header = dict(model=m["model"], world_size=world, cache=cache_fingerprint(cache), config=asdict(cfg),
+                  **({"data_parallel": True} if ddp else {}))  # fmt: skip
+    return _train(specs, str(m["model"]), int(m["d_model"]), feed, cfg, header, Path(out_dir), rank, world, progress,
+                  device, ddp)  # fmt: skip
 
 
 def cache_fingerprint(cache: "ActivationCache") -> str:
@@ -180,14 +203,22 @@ def _parse_specs(cfg: TrainConfig, n_layers: int, model: str) -> list[SAESpec]:
 
 
 class _StoreFeed:
-    """Rows from a live ActivationStore; rank 0 reads and broadcasts."""
+    """Rows from a live ActivationStore; rank 0 reads and broadcasts (data-parallel: each rank keeps its rows).
 
-    def __init__(self, new_store, sites: list[Site], d_model: int, rank: int, world: int) -> None:  # type: ignore[no-untyped-def]
+    `rows`: the global batch's rows of the last `next`."""
+
+    def __init__(self, new_store, sites: list[Site], d_model: int, rank: int, world: int, ddp: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.new_store, self.sites, self.d_model, self.rank, self.world = new_store, sites, d_model, rank, world
+        self.ddp, self.rows = ddp, 0
         self.store: ActivationStore | None = new_store(0) if rank == 0 else None
 
     def next(self, n: int) -> dict[Site, torch.Tensor] | None:
-        return _next_batch(self.store, self.sites, self.d_model, n, self.rank, self.world)
+        batch = _next_batch(self.store, self.sites, self.d_model, n, self.rank, self.world)
+        if batch is not None:
+            self.rows = next(iter(batch.values())).shape[0]
+            if self.ddp:
+                batch = {s: t[my_rows(self.rows, self.rank, self.world)] for s, t in batch.items()}  # [my rows, d_model]
+        return batch
 
     def new_epoch(self, epoch: int) -> None:
         self.store = self.new_store(epoch) if self.rank == 0 else None
@@ -202,22 +233,30 @@ class _StoreFeed:
 
 
 class _CacheFeed:
-    """Rows from an on-disk cache: every rank reads it itself, so nothing is broadcast."""
+    """Rows from an on-disk cache: every rank reads it itself, so nothing is broadcast.
 
-    def __init__(self, cache: "ActivationCache", sites: list[Site], batch_rows: int, seed: int) -> None:
-        self.cache, self.sites, self.batch_rows, self.seed = cache, sites, batch_rows, seed
-        self.epoch, self.index = 0, 0
+    part = (rank, world): data-parallel, this rank reads only its rows (`my_rows`) of each global
+    batch. `rows`: the global batch's rows of the last `next`."""
+
+    def __init__(self, cache: "ActivationCache", sites: list[Site], batch_rows: int, seed: int,
+                 part: tuple[int, int] = (0, 1)) -> None:  # fmt: skip
+        self.cache, self.sites, self.batch_rows, self.seed, self.part = cache, sites, batch_rows, seed, part
+        self.epoch, self.index, self.rows = 0, 0, 0
         self._it = None
 
     def next(self, n: int) -> dict[Site, torch.Tensor] | None:
         if self._it is None:
-            self._it = iter(self.cache.batches(self.sites, self.batch_rows, seed=self.seed, epoch=self.epoch, start_batch=self.index))
+            self._it = iter(self.cache.batches(self.sites, self.batch_rows, seed=self.seed, epoch=self.epoch,
+                                               start_batch=self.index, part=self.part))  # fmt: skip
         batch = next(self._it, None)
         if batch is None:
             return None
         self.index += 1
-        if n < self.batch_rows:  # the last step of a run may want fewer rows
-            batch = {s: t[:n] for s, t in batch.items()}
+        rank, world = self.part
+        left = self.cache.split_rows("train") - (self.index - 1) * self.batch_rows  # rows from this batch on
+        self.rows = min(n, self.batch_rows, left)  # the global batch's rows (the epoch's last may be short)
+        if n < self.batch_rows:  # the last step of a run may want fewer rows (a stride split: cut my share)
+            batch = {s: t[: len(range(rank, n, world))] for s, t in batch.items()}
         return batch
 
     def new_epoch(self, epoch: int) -> None:
@@ -234,15 +273,21 @@ class _CacheFeed:
 
 def _train(
     specs: list[SAESpec], model: str, d_model: int, feed, cfg: TrainConfig, header: dict,  # type: ignore[no-untyped-def]
-    out: Path, rank: int, world: int, progress: bool,
+    out: Path, rank: int, world: int, progress: bool, device: torch.device | str = "cpu", ddp: bool = False,
 ) -> dict[str, JumpReLUSAE]:
-    """The one training loop: steps, logs, checkpoints and resume, whatever feeds the rows."""
-    mine = [s for i, s in enumerate(specs) if i % world == rank]
+    """The one training loop: steps, logs, checkpoints and resume, whatever feeds the rows.
+    Trainers live on `device` (initialised on the CPU first, so a seed gives the same SAE anywhere)."""
+    # ddp: every rank trains every SAE on its rows (the replicas stay equal) and only rank 0 writes
+    mine = specs if ddp else [s for i, s in enumerate(specs) if i % world == rank]
+    writes = rank == 0 or not ddp
     k = cfg.k if cfg.arch in K_ARCHS else None
     trainers = {
-        s.name: SAETrainer(cfg.trainer_config(d_model, s.kind), s.sae_config_for(model, d_model, cfg.d_sae, k))
+        s.name: SAETrainer(cfg.trainer_config(d_model, s.kind), s.sae_config_for(model, d_model, cfg.d_sae, k)).to(device)
         for s in mine
     }
+    comm = DistRowComm() if ddp else None
+    for tr in trainers.values():
+        tr.comm = comm or tr.comm
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _check_or_write_header(out / "train_config.json", header)
@@ -250,8 +295,8 @@ def _train(
         dist.barrier()
 
     state = dict(step=0, tokens=0, epoch=0, seconds=0.0)  # seconds: training wall time, summed over resumes
-    ckpt = out / f"checkpoint-rank{rank}.pt"
-    for stale in out.glob(f"{ckpt.name}.*.tmp"):  # a kill during a checkpoint write leaves its temp file
+    ckpt = out / f"checkpoint-rank{0 if ddp else rank}.pt"
+    for stale in out.glob(f"{ckpt.name}.*.tmp") if writes else ():  # a kill during a checkpoint write leaves its temp file
         stale.unlink(missing_ok=True)
     if ckpt.is_file():
         saved = _load_checkpoint(ckpt)
@@ -261,8 +306,9 @@ def _train(
         feed.load_state_dict(state["epoch"], saved["store"])
 
     bar = tqdm(total=cfg.n_tokens, initial=state["tokens"], unit="tok", desc="SAE training", disable=not progress or rank != 0)
-    metrics_file = out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl")
-    _truncate_metrics(metrics_file, state["step"])  # steps logged after the last checkpoint are redone
+    metrics_file = out / (f"metrics-rank{rank}.jsonl" if world > 1 and not ddp else "metrics.jsonl")
+    if writes:
+        _truncate_metrics(metrics_file, state["step"])  # steps logged after the last checkpoint are redone
     empty_epoch = False  # an epoch that ended before its first batch: the corpus has no tokens
     t_last = time.perf_counter()
     while state["tokens"] < cfg.n_tokens:
@@ -278,7 +324,7 @@ def _train(
             empty_epoch = True
             continue
         empty_epoch = False
-        n = next(iter(batch.values())).shape[0]
+        n = feed.rows  # the global batch's rows (data-parallel: this rank trains on its share)
         logs = {s.name: trainers[s.name].step(batch[s.in_site], batch[s.out_site]) for s in mine}
         state["step"] += 1
         state["tokens"] += n
@@ -289,13 +335,18 @@ def _train(
         if logs:
             first = next(iter(logs.values()))
             bar.set_postfix(loss=f"{first['loss']:.3g}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.2f}", fve=f"{first['fve']:.2f}")
-        if state["step"] % cfg.log_every == 0 or state["tokens"] >= cfg.n_tokens:
+        if writes and (state["step"] % cfg.log_every == 0 or state["tokens"] >= cfg.n_tokens):
             with open(metrics_file, "a") as f:
                 for name, m in logs.items():
                     f.write(json.dumps({"step": state["step"], "tokens": state["tokens"], "sae": name, **m}) + "\n")
-        if state["step"] % cfg.checkpoint_every == 0:
+        if writes and state["step"] % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, state, trainers, feed.state_dict())
     bar.close()
+    if comm is not None:
+        for tr in trainers.values():
+            comm.check_replicas(tr.params)
+    if not writes:
+        return {name: tr.to_jumprelu() for name, tr in trainers.items()}
     _save_checkpoint(ckpt, state, trainers, feed.state_dict())
     write_json(out / f"timing-rank{rank}.json", {"tokens": state["tokens"], "seconds": state["seconds"],
                                                  "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)})  # fmt: skip
@@ -340,16 +391,17 @@ def _next_batch(
             batch = None
     if world == 1:
         return batch
-    size = torch.tensor([0 if batch is None else next(iter(batch.values())).shape[0]])
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl moves only CUDA tensors
+    size = torch.tensor([0 if batch is None else next(iter(batch.values())).shape[0]], device=dev)
     dist.broadcast(size, 0)
     if int(size) == 0:
         return None
     if batch is None:
         batch = {s: torch.empty(int(size), d_model) for s in sites}
     for s in sites:
-        t = batch[s].contiguous()
+        t = batch[s].to(dev).contiguous()
         dist.broadcast(t, 0)
-        batch[s] = t
+        batch[s] = t.to(batch[s].device)
     return batch
 
 
@@ -382,8 +434,6 @@ def _check_or_write_header(path: Path, header: dict) -> None:
 
 
 def init_distributed_from_env() -> bool:
-    """Join the process group torchrun describes in the environment (gloo on CPU). True if distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    """Join the process group torchrun describes in the environment (nccl with GPU LOCAL_RANK, else gloo).
+    True if distributed."""
+    return init_from_env()

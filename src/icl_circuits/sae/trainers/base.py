@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dictionary import JumpReLUSAE, SAEConfig, fold_b_dec_into_b_enc
+from ..distributed import LOCAL, RowComm
 
 ARCHS: tuple[str, ...] = ("gated", "relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 TOPK_FAMILY: tuple[str, ...] = ("topk", "batchtopk", "matryoshka")  # archs that use k and AuxK
@@ -253,6 +254,28 @@ class SAETrainer:
         self.norm_frozen = not cfg.normalize
         self.s_in = 1.0
         self.s_out = 1.0
+        # batch statistics over the rows of a global batch; data-parallel training (sae/distributed.py)
+        # sets a DistRowComm, whose rows are split over ranks
+        self.comm: RowComm = LOCAL
+
+    # -- device ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.params["W_enc"].device
+
+    def to(self, device: torch.device | str) -> "SAETrainer":
+        """Move parameters, optimiser state and per-latent counters to `device`; returns self."""
+        device = torch.device(device)
+        if self.device != device:
+            saved = self.opt.state_dict()
+            self.params = {k: torch.nn.Parameter(p.detach().to(device)) for k, p in self.params.items()}
+            # a new optimiser over the moved parameters (same order); load_state_dict moves Adam's moments to them
+            self.opt = type(self.opt)(list(self.params.values()), **self.opt.defaults)
+            self.opt.load_state_dict(saved)
+        for k, v in vars(self).items():  # steps_since_fire, fire_buf, token_buf, BatchTopK's threshold, ...
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device))
+        return self
 
     # -- per-architecture hooks --------------------------------------------------------------
     def _arch_params(self) -> dict[str, torch.Tensor]:
@@ -308,11 +331,11 @@ class SAETrainer:
         """Scales to use for this batch (running estimate incl. this batch) and the state to commit."""
         if self.norm_frozen:
             return self.s_in, self.s_out, {}
-        rows = self.norm_rows + x.shape[0]
+        rows = self.norm_rows + self.comm.rows(x.shape[0])
         if self.cfg.norm_centered:  # norms of the part that varies (see TrainerConfig.norm_centered)
-            x, y = x - x.mean(0), y - y.mean(0)
-        in_sum = self.in_norm_sum + x.norm(dim=-1).sum().item()
-        out_sum = self.out_norm_sum + y.norm(dim=-1).sum().item()
+            x, y = x - self.comm.col_mean(x), y - self.comm.col_mean(y)
+        in_sum = self.in_norm_sum + self.comm.all_sum(x.norm(dim=-1).sum()).item()
+        out_sum = self.out_norm_sum + self.comm.all_sum(y.norm(dim=-1).sum()).item()
         s_in = math.sqrt(self.cfg.d_in) / (in_sum / rows)
         s_out = math.sqrt(self.cfg.d_out) / (out_sum / rows)  # type: ignore[operator]
         count = self.norm_count + 1
@@ -387,7 +410,8 @@ class SAETrainer:
         scale = 0.5 * residual.norm(dim=-1) / (ghost_out.norm(dim=-1) + 1e-6)  # [batch]
         ghost_out = ghost_out * scale.detach()[:, None]
         ghost_mse = (ghost_out - residual).pow(2).sum(-1).mean()
-        return ghost_mse * (recon / ghost_mse.clamp(min=1e-12)).detach()  # ghost loss sized like recon
+        g, r = self.comm.means(torch.stack([ghost_mse, recon]).detach(), residual.shape[0])  # global batch's
+        return ghost_mse * (r / g.clamp(min=1e-12)).detach()  # ghost loss sized like recon
 
     # -- training ----------------------------------------------------------------------------
     def _check_batch(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +424,7 @@ class SAETrainer:
             y = x
         if y.dim() != 2 or y.shape != (x.shape[0], d_out):
             raise ValueError(f"y must have shape [batch={x.shape[0]}, d_out={d_out}], got {tuple(y.shape)}")
-        return x.float(), y.float()
+        return x.to(self.device).float(), y.to(self.device).float()  # rows may come off disk on the CPU
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step on x: [batch, d_in] (targets y: [batch, d_out], default x).
@@ -409,6 +433,7 @@ class SAETrainer:
         is not finite.
         """
         x, y = self._check_batch(x, y)
+        n_local, n = x.shape[0], self.comm.rows(x.shape[0])  # this rank's rows, the global batch's
         s_in, s_out, norm_update = self._scales_with(x, y)
         x_n, y_n = x * s_in, y * s_out  # [batch, d_in], [batch, d_out]
         dead = self.dead_mask()  # [d_sae] from the steps before this one
@@ -416,9 +441,11 @@ class SAETrainer:
 
         self.opt.zero_grad(set_to_none=True)
         L = self.losses(x_n, y_n, dead)
-        bad = [] if torch.isfinite(L["loss"]) else ["loss"]
+        # every rank must take the same branch (an empty shard's loss is NaN and does not count)
+        bad = [] if self.comm.all_true(n_local == 0 or bool(torch.isfinite(L["loss"]))) else ["loss"]
         if not bad:
             L["loss"].backward()
+            self.comm.reduce_grads(self.params.values(), n_local, n)
             bad = [n for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             self.opt.zero_grad(set_to_none=True)
@@ -435,24 +462,27 @@ class SAETrainer:
         for k, v in norm_update.items():
             setattr(self, k, v)
         self._commit(L["out"])
-        fires = L["fires"]  # [d_sae] rows each latent fired on
+        fires = self.comm.all_sum(L["fires"])  # [d_sae] rows of the global batch each latent fired on
         slot = self.n_steps % self.cfg.dead_window
         self.fire_buf[slot] = fires.to(torch.int32)
-        self.token_buf[slot] = x.shape[0]
+        self.token_buf[slot] = n
         self.steps_since_fire = torch.where(fires > 0, 0, self.steps_since_fire + 1)
         self.n_steps += 1
 
         with torch.no_grad():
-            err = (y_n - L["y_hat"]).pow(2).sum()
-            var = (y_n - y_n.mean(0)).pow(2).sum()
+            err = self.comm.all_sum((y_n - L["y_hat"]).pow(2).sum())
+            var = self.comm.all_sum((y_n - self.comm.col_mean(y_n)).pow(2).sum())
+            names = ("loss", "recon", "sparsity", "aux", "ghost")
+            local = torch.stack([L[k].detach().float() for k in names] + [L["l0"].float().mean()])  # [6] this rank's means
+            loss, recon, sparsity, aux, ghost, l0 = self.comm.means(local, n_local).tolist()  # the global batch's
         return {
-            "loss": L["loss"].item(),
-            "recon": L["recon"].item(),  # squared error summed over d_out, mean over rows (normalised units)
-            "mse": L["recon"].item() / self.cfg.d_out,  # type: ignore[operator]
-            "sparsity": L["sparsity"].item(),
-            "aux": L["aux"].item(),
-            "ghost": L["ghost"].item(),
-            "l0": L["l0"].float().mean().item(),
+            "loss": loss,
+            "recon": recon,  # squared error summed over d_out, mean over rows (normalised units)
+            "mse": recon / self.cfg.d_out,  # type: ignore[operator]
+            "sparsity": sparsity,
+            "aux": aux,
+            "ghost": ghost,
+            "l0": l0,
             "dead_fraction": L["dead_fraction"].item(),
             "fve": (1 - err / var.clamp(min=1e-12)).item(),
         }
@@ -462,11 +492,11 @@ class SAETrainer:
         """b_dec_init='mean': on the first step set b_dec (and b_in) to the batch means. Returns the old values."""
         if self.n_steps > 0 or self.cfg.b_dec_init != "mean":
             return {}
-        if not (torch.isfinite(x_n).all() and torch.isfinite(y_n).all()):
+        if not self.comm.all_true(bool(torch.isfinite(x_n).all() and torch.isfinite(y_n).all())):
             return {}  # the step will fail on its own; leave the parameters alone
-        new = {"b_dec": y_n.mean(0)}  # [d_out]
+        new = {"b_dec": self.comm.col_mean(y_n)}  # [d_out] over the global batch
         if "b_in" in self.params:
-            new["b_in"] = x_n.mean(0)  # [d_in]
+            new["b_in"] = self.comm.col_mean(x_n)  # [d_in]
         old = {k: self.params[k].detach().clone() for k in new}
         for k, v in new.items():
             self.params[k].copy_(v)
@@ -477,7 +507,7 @@ class SAETrainer:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, d_in] model units -> inference latents [batch, d_sae] (BatchTopK: threshold mode)."""
         P = self._fp32_params()
-        x_n = x.float() * self.s_in
+        x_n = x.to(self.device).float() * self.s_in
         c = self._centre(P)
         return self._encode_inference(self._pre(x_n if c is None else x_n - c, P), P)
 
@@ -485,16 +515,17 @@ class SAETrainer:
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Latents [batch, d_sae] -> reconstruction [batch, d_out] in model units."""
         P = self._fp32_params()
-        return (f.float() @ P["W_dec"] + P["b_dec"]) / self.s_out
+        return (f.to(self.device).float() @ P["W_dec"] + P["b_dec"]) / self.s_out
 
     # -- export ------------------------------------------------------------------------------
     @torch.no_grad()
     def to_jumprelu(self) -> JumpReLUSAE:
-        """The trained SAE as an exactly equivalent fp32 JumpReLUSAE in model units."""
-        P = {k: v.detach().float().clone() for k, v in self.params.items()}
+        """The trained SAE as an exactly equivalent fp32 JumpReLUSAE in model units, on the CPU
+        (saved as is; users move it to their model's device)."""
+        P = {k: v.detach().float().cpu().clone() for k, v in self.params.items()}
         cfg = replace(self.sae_cfg, input_scale=self.s_in, output_scale=self.s_out, k=self._export_k(),
                       extra=dict(self.sae_cfg.extra))  # fmt: skip
-        tensors = self._export_tensors(P)
+        tensors = {k: v.cpu() for k, v in self._export_tensors(P).items()}  # some read trainer state (thresholds)
         c = self._centre(P)
         if c is not None:
             # (x_n - c) @ W + b = x_n @ W + (b - c @ W); thresholds compare the same pre-activations
@@ -545,3 +576,4 @@ class SAETrainer:
             if k not in d:
                 raise ValueError(f"checkpoint lacks {k!r}, which a {self.cfg.arch} trainer needs to resume")
             setattr(self, k, d[k].clone() if isinstance(d[k], torch.Tensor) else d[k])
+        self.to(self.device)  # checkpoints load on the CPU; counters follow the parameters

@@ -56,7 +56,10 @@ class BatchTopKTrainer(TopKTrainer):
 
     def _select(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, d_sae = a.shape
-        flat = batch_topk_indices(a.detach(), self.cfg.k)  # [n_keep] flat indices into a, sorted
+        if self.comm.world == 1:
+            flat = batch_topk_indices(a.detach(), self.cfg.k)  # [n_keep] flat indices into a, sorted
+        else:  # rows split over ranks: the top k * (global rows) of the global batch (sae/distributed.py)
+            flat = self.comm.global_topk_flat(a, self.cfg.k * self.comm.rows(batch))  # [<= n_keep] this rank's
         vals = a.reshape(-1)[flat]  # [n_keep] (gradient flows to the kept pre-activations)
         pos = vals.detach() > 0  # drop kept zeros (fewer positive activations than k * batch)
         flat, vals = flat[pos], vals[pos]
@@ -65,7 +68,7 @@ class BatchTopKTrainer(TopKTrainer):
     def _forward(self, x_c: torch.Tensor, P: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = super()._forward(x_c, P)
         vals = out["vals"].detach()  # [nnz]
-        out["min_kept"] = vals.min() if vals.numel() else None  # [] the batch's effective threshold
+        out["min_kept"] = self.comm.min_or_none(vals)  # [] the (global) batch's effective threshold
         return out
 
     def _commit(self, out: dict[str, Any]) -> None:

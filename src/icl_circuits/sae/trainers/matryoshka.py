@@ -28,7 +28,7 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         a = torch.relu(self._pre(x_c, P))  # [batch, d_sae]; the encoder stays dense
         batch = a.shape[0]
         rows, idx, vals = self._select(a)  # [nnz] each, rows sorted
-        bounds = torch.tensor(self.cfg.matryoshka_groups)  # [G] prefix ends
+        bounds = torch.tensor(self.cfg.matryoshka_groups, device=idx.device)  # [G] prefix ends
         group = torch.searchsorted(bounds, idx, right=True)  # [nnz] latent j is in group g iff m_{g-1} <= j < m_g
         prefix = P["b_dec"].expand(batch, -1)  # [batch, d_out] the empty prefix reconstructs b_dec
         prefixes = []
@@ -40,7 +40,7 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         return {"rows": rows, "idx": idx, "vals": vals, "y_hat": prefixes[-1], "prefixes": prefixes,
                 "fires": torch.bincount(idx[on], minlength=self.cfg.d_sae),
                 "l0": torch.bincount(rows[on], minlength=batch).float(),
-                "min_kept": vals.detach().min() if vals.numel() else None}  # fmt: skip
+                "min_kept": self.comm.min_or_none(vals.detach())}  # fmt: skip
 
     def _recon_terms(self, out: dict[str, Any], y_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         errs = [(p - y_n).pow(2).sum(-1).mean() for p in out["prefixes"]]  # one per nested prefix

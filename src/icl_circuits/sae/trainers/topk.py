@@ -18,12 +18,17 @@ from typing import Any
 
 import torch
 
+from ..distributed import LOCAL, RowComm
 from ..sparse import sparse_decode, sparse_decode_topk
 from .base import SAETrainer
 
 
-def auxk_loss(out: dict[str, Any], y_n: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coeff: float) -> torch.Tensor:
-    """AuxK term (see the module docstring); 0 when there are no dead latents or aux_coeff is 0."""
+def auxk_loss(
+    out: dict[str, Any], y_n: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coeff: float, comm: RowComm = LOCAL
+) -> torch.Tensor:
+    """AuxK term (see the module docstring); 0 when there are no dead latents or aux_coeff is 0.
+
+    The variances are the global batch's when its rows are split over ranks (`comm`)."""
     y_hat = out["y_hat"]  # [batch, d_out]
     if aux_coeff == 0 or not dead.any():
         return y_hat.new_zeros(())
@@ -34,8 +39,8 @@ def auxk_loss(out: dict[str, Any], y_n: torch.Tensor, dead: torch.Tensor, aux_k:
     e = (y_n - y_hat).detach()  # [batch, d_out] what the live latents failed to reconstruct
     sse = (e_hat - e).pow(2).sum(-1).mean()
     with torch.no_grad():  # Gao et al.'s normalisation, expressed in our (unnormalised) units
-        var_y = (y_n - y_n.mean(0)).pow(2).sum(-1).mean()
-        var_e = (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+        var_y = comm.row_mean((y_n - comm.col_mean(y_n)).pow(2).sum(-1))
+        var_e = comm.row_mean((e - comm.col_mean(e)).pow(2).sum(-1)).clamp(min=1e-12)
     return aux_coeff * sse * (var_y / var_e)
 
 
@@ -48,7 +53,7 @@ class TopKTrainer(SAETrainer):
     def _select(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """a = relu(pre) [batch, d_sae] -> kept entries as COO rows, idx, vals [nnz] (rows sorted)."""
         top = a.topk(self.cfg.k, dim=-1)  # [batch, k]
-        rows = torch.arange(a.shape[0]).repeat_interleave(self.cfg.k)  # [batch * k]
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(self.cfg.k)  # [batch * k]
         return rows, top.indices.reshape(-1), top.values.reshape(-1)
 
     def _forward(self, x_c: torch.Tensor, P: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -67,4 +72,4 @@ class TopKTrainer(SAETrainer):
 
     def _aux(self, out: dict[str, Any], y_n: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         assert self.cfg.aux_k is not None
-        return auxk_loss(out, y_n, dead, self.cfg.aux_k, self.cfg.aux_coeff)
+        return auxk_loss(out, y_n, dead, self.cfg.aux_k, self.cfg.aux_coeff, self.comm)
