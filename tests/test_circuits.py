@@ -99,17 +99,17 @@ def _autograd_reference(lm, batch, saes, cfg):
     store, ivs = {}, []
     everywhere = torch.ones_like(batch.input_ids, dtype=torch.bool)
     for key, sae in saes.saes.items():
-        kind, layer = parse_key(key)
-        in_site, out_site = (Site(layer, s) for s in KIND_SITES[kind])
+        # the sites the SAE's own config names (resid_post.L written as resid_pre.L+1)
+        in_site, out_site = (Site.parse(s).canonical() for s in (sae.cfg.site, sae.cfg.out_site or sae.cfg.site))
 
         def fn(y, value_of, key=key, sae=sae, in_site=in_site, out_site=out_site):
             x = value_of(in_site) if in_site != out_site else y
             f = sae.encode(x)
             pf = torch.zeros_like(f, requires_grad=True)
             pe = torch.zeros_like(y, requires_grad=True)
-            err = y - sae.decode(f)
+            err = y - sae(x)  # the SAE's full output: a skip transcoder's x @ W_skip is not error
             store[key] = (f.detach(), err.detach(), pf, pe)
-            return sae.decode(f + pf) + err + pe  # == y; d/dy = identity, d/dpf = W_dec / scale
+            return sae.decode(f + pf, x) + err + pe  # == y; d/dy = identity, d/dpf = W_dec / scale
 
         ivs.append(Intervention(out_site, everywhere, mode="fn", fn=fn))
     out = lm.run(batch.input_ids, batch.attention_mask, interventions=ivs, logprob_positions=scoring.positions, targets=scoring.targets)
@@ -275,3 +275,72 @@ def test_user_saes_in_another_dtype_are_converted():
     assert all(s.dtype == lm.dtype for s in saes.saes.values())
     batch, _ = toy_batch()
     assert torch.isfinite(node_effects(lm, batch, saes, cfg).flat()).all()
+
+
+def _gemma_scope_2_style_saes(lm, seed: int = 0) -> dict:
+    """resid as resid_post.L-1, attn at attn_z (width heads x head_dim), transcoders mlp_in -> mlp_out with W_skip."""
+    g = torch.Generator().manual_seed(seed)
+    d, dz, n = lm.d_model, lm.d_z, 12
+
+    def t(d_in, d_out, skip=False):
+        out = {"W_enc": torch.randn(d_in, n, generator=g) / d_in**0.5 * 2, "b_enc": torch.randn(n, generator=g) * 0.2,
+               "W_dec": torch.randn(n, d_out, generator=g) * 0.5, "b_dec": torch.randn(d_out, generator=g) * 0.1,
+               "threshold": torch.full((n,), 0.05)}  # fmt: skip
+        if skip:
+            out["W_skip"] = torch.randn(d_in, d_out, generator=g) * 0.3
+        return out
+
+    saes = {}
+    for layer in (1,):
+        saes[f"resid.{layer}"] = JumpReLUSAE(SAEConfig(d_in=d, d_sae=n, site=f"resid_post.{layer - 1}", layer=layer - 1, model=lm.name), t(d, d))
+        saes[f"attn.{layer}"] = JumpReLUSAE(SAEConfig(d_in=dz, d_sae=n, kind="attn", site=f"attn_z.{layer}", layer=layer, model=lm.name), t(dz, dz))
+        saes[f"transcoder.{layer}"] = JumpReLUSAE(SAEConfig(d_in=d, d_sae=n, d_out=d, kind="transcoder", site=f"mlp_in.{layer}",
+                                                            out_site=f"mlp_out.{layer}", layer=layer, model=lm.name), t(d, d, True))  # fmt: skip
+    return saes
+
+
+def test_circuits_take_attn_z_saes_skip_transcoders_and_resid_post_saes():
+    """Gemma Scope 2 layouts: node effects equal autograd through the spliced SAEs, and the spliced model's
+    full ablation equals the SAEs' outputs at zero latents and zero error (b_dec, plus x @ W_skip)."""
+    import transformers as tf
+
+    from icl_circuits import LM
+    from icl_circuits.ablation import SplicedModel
+
+    from .conftest import D, VOCAB
+
+    # heads x head_dim (4 x 12) != d_model, as in real Gemma 3, so attn_z has its own width
+    config = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=12, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm = LM(tf.AutoModelForCausalLM.from_config(config).eval(), None, name="tiny-gemma3-dz")
+    assert lm.d_z == 48 != lm.d_model
+    cfg = CircuitConfig(layers=(1,))
+    saes = circuit_saes(lm, cfg, _gemma_scope_2_style_saes(lm))
+    assert saes.in_site("resid.1") == saes.out_site("resid.1") == Site(1, "resid_pre")
+    assert (saes.in_site("attn.1"), saes.out_site("attn.1")) == (Site(1, "attn_z"), Site(1, "attn_z"))
+    assert (saes.in_site("transcoder.1"), saes.out_site("transcoder.1")) == (Site(1, "mlp_in"), Site(1, "mlp_out"))
+    batch, _ = toy_batch()
+    eff = node_effects(lm, batch, saes, cfg)
+    m, ref = _autograd_reference(lm, batch, saes, cfg)
+    assert eff.metric == pytest.approx(m, abs=1e-5)
+    for key in saes.keys:
+        want = ref[key]
+        assert torch.allclose(eff.effects[key].double(), want, atol=1e-5 * max(1.0, float(want.abs().max()))), key
+        assert (want[:, :-1] != 0).any(), f"{key}: no active latent, the test would be vacuous"
+    sp = SplicedModel(lm, batch, saes, cfg)
+    nodes = batch.token_types >= 1
+    ivs = []
+    for key in saes.keys:
+        sae, src, dst = saes.saes[key], saes.in_site(key), saes.out_site(key)
+        fn = lambda y, value_of, sae=sae, src=src, dst=dst: (sae.b_dec / sae.cfg.output_scale).expand_as(y) + (  # noqa: E731
+            sae.skip(value_of(src)) if src != dst else 0)
+        ivs.append(Intervention(dst, nodes, mode="fn", fn=fn))
+    sc = batch.scoring(cfg.metric_pairs)
+    with torch.no_grad():
+        out = lm.run(batch.input_ids, batch.attention_mask, interventions=ivs, logprob_positions=sc.positions, targets=sc.targets)
+    assert sp.empty == pytest.approx(float(out.target_logprobs.mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="must read attn_out.1 and write attn_out.1, or read attn_z.1"):
+        circuit_saes(lm, CircuitConfig(layers=(1,), kinds=("attn",)), {"attn.1": saes.saes["transcoder.1"]})

@@ -400,3 +400,19 @@ def test_detection_tvc_starts_from_the_ito_support(tmp_path):
     torch.testing.assert_close(r.initial_weights, sae.encode(setup.vector).float())
     back = load_cleaning(r.save(tmp_path / "r"))
     torch.testing.assert_close(back.start_weights, r.start_weights)
+
+
+def test_a_resid_post_sae_of_the_layer_before_cleans_resid_pre():
+    """Gemma Scope 2 names the residual after block L-1 resid_post.L-1: the same tensor as resid_pre.L."""
+    from icl_circuits.cleaning import check_steering_sae
+
+    lm = _lm()
+    base = _sae(lm)
+    post = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_post.0", layer=0, model=lm.name), base.tensors())
+    steering = _steering(lm)
+    check_steering_sae(post, steering, 1)  # accepted
+    r = clean_vector(post, steering, 1, torch.randn(lm.d_model), CleaningConfig(max_steps=2))
+    assert r.steps == 2
+    wrong = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_post.1", layer=1, model=lm.name), base.tensors())
+    with pytest.raises(ValueError, match="resid_pre.1"):
+        check_steering_sae(wrong, steering, 1)

@@ -156,7 +156,9 @@ class SplicedModel:
             removed = sparse_matmul(f * a_f, sae.W_dec) / scale  # decode without the bias
             out = y - removed.to(y.dtype)
             if a_e.any():
-                x_hat = (sparse_matmul(f, sae.W_dec) + sae.b_dec) / scale  # = sae.decode(f)
+                x_hat = (sparse_matmul(f, sae.W_dec) + sae.b_dec) / scale  # = sae.decode(f) ...
+                if sae.W_skip is not None:  # ... + x @ W_skip for a skip transcoder
+                    x_hat = x_hat + sae.skip(x)
                 out = out - a_e * (y - x_hat.to(y.dtype))
             return out
 

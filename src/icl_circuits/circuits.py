@@ -47,12 +47,26 @@ from .storage import read_json, save_figure, write_json
 
 NODE_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
 SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")  # forward order within a layer
-# kind -> (site it reads, site its output replaces)
+# kind -> (site it reads, site its output replaces), as the starter suite has them
 KIND_SITES: dict[str, tuple[str, str]] = {
     "resid": ("resid_pre", "resid_pre"),
     "attn": ("attn_out", "attn_out"),
     "transcoder": ("resid_mid", "mlp_out"),
 }
+# every (read, replaced) pair a circuit accepts per kind: Gemma Scope 2 SAEs read attn_z (the heads'
+# outputs before o_proj) and transcoders read mlp_in (the normalised MLP input); resid_post.L-1 is
+# resid_pre.L (Site.canonical)
+KIND_SITE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "resid": (("resid_pre", "resid_pre"),),
+    "attn": (("attn_out", "attn_out"), ("attn_z", "attn_z")),
+    "transcoder": (("resid_mid", "mlp_out"), ("mlp_in", "mlp_out")),
+}
+
+
+def sae_sites(sae: JumpReLUSAE) -> tuple[Site, Site]:
+    """(site the SAE reads, site its output replaces), resid_post.L written as resid_pre.L+1."""
+    c = sae.cfg
+    return Site.parse(c.site).canonical(), Site.parse(c.out_site or c.site).canonical()
 ERROR = "error"  # the feature name of an error node
 
 
@@ -104,12 +118,10 @@ class CircuitSAEs:
         return sorted(self.saes, key=lambda k: (parse_key(k)[1], SAE_KINDS.index(parse_key(k)[0])))
 
     def in_site(self, key: str) -> Site:
-        kind, layer = parse_key(key)
-        return Site(layer, KIND_SITES[kind][0])
+        return sae_sites(self.saes[key])[0]
 
     def out_site(self, key: str) -> Site:
-        kind, layer = parse_key(key)
-        return Site(layer, KIND_SITES[kind][1])
+        return sae_sites(self.saes[key])[1]
 
     @property
     def start_layer(self) -> int:
@@ -152,12 +164,11 @@ def circuit_saes(
 def check_sae(lm: LM, key: str, sae: JumpReLUSAE) -> None:
     kind, layer = parse_key(key)
     c = sae.cfg
-    if c.d_in != lm.d_model or (c.d_out or c.d_in) != lm.d_model:
-        raise ValueError(f"SAE {key!r} has d_in={c.d_in}, d_out={c.d_out} but {lm.name!r} has d_model={lm.d_model}")
-    want_in, want_out = (str(Site(layer, s)) for s in KIND_SITES[kind])
-    got_out = c.out_site or c.site
-    if c.site != want_in or got_out != want_out:
-        raise ValueError(f"SAE {key!r} must read {want_in} and write {want_out}; it reads {c.site} and writes {got_out}")
+    got_in, got_out = sae_sites(sae)
+    allowed = [(Site(layer, i), Site(layer, o)) for i, o in KIND_SITE_OPTIONS[kind]]
+    if (got_in, got_out) not in allowed:
+        want = ", or ".join(f"read {i} and write {o}" for i, o in allowed)
+        raise ValueError(f"SAE {key!r} must {want}; it reads {c.site} and writes {c.out_site or c.site}")
     sae.check_compatible(lm)
 
 
@@ -282,7 +293,7 @@ def node_effects(lm: LM, batch: PromptBatch, saes: CircuitSAEs, cfg: CircuitConf
             sae = saes.saes[key]
             x, y, g = acts[saes.in_site(key)], acts[saes.out_site(key)], grads[saes.out_site(key)]
             f = sae.encode(x)  # [b, s, d_sae]
-            err = y - sae.decode(f)  # [b, s, d]
+            err = y - sae.decode(f, x)  # [b, s, d]; a skip transcoder's x @ W_skip counts as reconstruction
             g_lat = (g @ sae.W_dec.T) / sae.cfg.output_scale  # [b, s, d_sae]: dm/df
             per_pos = torch.cat([g_lat * f, (g * err).sum(-1, keepdim=True)], -1)  # [b, s, d_sae + 1]
             effects[key] = aggregate_by_type(per_pos, tix, len(cfg.node_types)).float().cpu()
@@ -353,13 +364,13 @@ def edge_effects_from(
 
     def make_fn(key: str):  # noqa: ANN202
         sae = saes.saes[key]
-        reads_mid = key.startswith("transcoder")
         in_site = saes.in_site(key)
+        reads_other = in_site != saes.out_site(key)  # transcoders read resid_mid / mlp_in, replace mlp_out
 
         def fn(y: torch.Tensor, value_of) -> torch.Tensor:  # noqa: ANN001
-            x = value_of(in_site) if reads_mid else y
+            x = value_of(in_site) if reads_other else y
             f = sae.encode(x)  # [b, s, d_sae]
-            err = y - sae.decode(f)  # [b, s, d]
+            err = y - sae.decode(f, x)  # [b, s, d]
             if key == source_key:  # leaves: the source's node values
                 pf = torch.zeros_like(f, requires_grad=True)
                 pe = torch.zeros_like(err, requires_grad=True)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .prompts import N_SCORE_TOKENS
 from .sae.dictionary import JumpReLUSAE
+from .sites import Site, same_site
 from .storage import atomic_write_bytes, read_json, write_json
 from .task_vectors import Score, ZeroShotSteering
 
@@ -201,7 +202,7 @@ def frozen_decoder(sae: JumpReLUSAE) -> Callable[[torch.Tensor], torch.Tensor]:
 def check_steering_sae(sae: JumpReLUSAE, steering: ZeroShotSteering, layer: int) -> None:
     """The SAE must read the residual stream the vector is added to."""
     sae.check_compatible(steering.lm)
-    if sae.cfg.kind != "resid" or sae.cfg.site != f"resid_pre.{layer}":
+    if sae.cfg.kind != "resid" or not same_site(sae.cfg.site, Site(layer, "resid_pre")):  # resid_post.L-1 counts
         raise ValueError(
             f"cleaning steers resid_pre.{layer}, but the SAE reads {sae.cfg.site} ({sae.cfg.kind}); "
             f"use a residual SAE trained on resid_pre.{layer}"

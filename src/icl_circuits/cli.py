@@ -522,7 +522,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     def sae_for(layer: int):  # type: ignore[no-untyped-def]
         if args.sae and args.sae != "starter":
             sae = load_any(args.sae).float().to(lm.device)
-            if sae.cfg.site != f"resid_pre.{layer}" and not args.compare_layers:
+            from .sites import Site, same_site
+
+            if not same_site(sae.cfg.site, Site(layer, "resid_pre")) and not args.compare_layers:
                 raise SystemExit(f"error: --sae {args.sae} reads {sae.cfg.site}, but --layer {layer} steers resid_pre.{layer}; "
                                  f"use a residual SAE trained on resid_pre.{layer}")  # fmt: skip
             return args.sae, sae

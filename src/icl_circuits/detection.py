@@ -84,9 +84,9 @@ def activation_masses(
     from .task_vectors import TaskVectorConfig, collect_resid, task_batches
 
     for role, (sae, _) in roles.items():
-        if Site.parse(sae.cfg.site).kind != "resid_pre":
+        if Site.parse(sae.cfg.site).canonical().kind != "resid_pre":
             raise ValueError(f"role {role}: activation masses read resid_pre SAEs, got {sae.cfg.site}")
-    layers = sorted({Site.parse(sae.cfg.site).layer for sae, _ in roles.values()})
+    layers = sorted({Site.parse(sae.cfg.site).canonical().layer for sae, _ in roles.values()})
     rows = []
     for task in tqdm(tasks, desc="activation masses", disable=not progress):
         icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed))
@@ -96,7 +96,7 @@ def activation_masses(
             if not feats:
                 continue
             with torch.no_grad():
-                lat = sae.encode(resid[Site.parse(sae.cfg.site).layer])[..., feats]  # [batch, seq, F]
+                lat = sae.encode(resid[Site.parse(sae.cfg.site).canonical().layer])[..., feats]  # [batch, seq, F]
             masses = token_type_masses(lat, icl.token_types).sum(0, keepdim=True)  # pooled over the task's features
             shares = mass_shares(masses)[0]
             rows.append(dict(task=task.name, role=role, n_features=len(feats), total_mass=float(masses.sum()),
@@ -240,7 +240,7 @@ def detector_executor_link(
     """
     from .task_vectors import TaskVectorConfig
 
-    s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
+    s_det, s_exec = Site.parse(det_sae.cfg.site).canonical(), Site.parse(exec_sae.cfg.site).canonical()  # resid_post.L = resid_pre.L+1
     if s_det.kind != "resid_pre" or s_exec.kind != "resid_pre":
         raise ValueError(f"the link needs resid_pre SAEs, got {s_det} and {s_exec}")
     if s_det.layer >= s_exec.layer:
@@ -318,7 +318,7 @@ def link_on_batch(
     cfg: LinkConfig = LinkConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(sum of per-position drops [D, E], active clean positions counted [D, E]) on one batch; see detector_executor_link."""
-    s_det, s_exec = Site.parse(det_sae.cfg.site), Site.parse(exec_sae.cfg.site)
+    s_det, s_exec = Site.parse(det_sae.cfg.site).canonical(), Site.parse(exec_sae.cfg.site).canonical()  # resid_post.L = resid_pre.L+1
     ablate = _positions(batch, cfg.ablate_at)
     measure = _positions(batch, cfg.measure_at).to(lm.device)  # [batch, seq], indexes activations on the model's device
     start = lm.run(batch.input_ids, batch.attention_mask, read=[s_det]).acts[s_det]  # [batch, seq, d_model]

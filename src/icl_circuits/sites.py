@@ -57,6 +57,10 @@ class Site:
         """Position in the forward pass (layer, index within the block)."""
         return (self.layer, SITE_KINDS.index(self.kind))
 
+    def canonical(self) -> "Site":
+        """resid_post.L is the same tensor as resid_pre.L+1: one name for both (resid_pre)."""
+        return Site(self.layer + 1, "resid_pre") if self.kind == "resid_post" else self
+
     def __str__(self) -> str:
         return f"{self.kind}.{self.layer}"
 
@@ -138,6 +142,11 @@ class Intervention:
         if self.mode == "add":
             return x + mask.to(x.dtype) * value
         return torch.where(mask, value.expand_as(x), x)
+
+
+def same_site(a: SiteLike, b: SiteLike) -> bool:
+    """a and b hold the same tensor: equal, or resid_post.L vs resid_pre.L+1."""
+    return Site.parse(a).canonical() == Site.parse(b).canonical()
 
 
 def add_at(site: SiteLike, positions: torch.Tensor, vector: torch.Tensor) -> Intervention:

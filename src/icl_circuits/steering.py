@@ -332,7 +332,7 @@ def positive_heatmap(
     """
     from tqdm.auto import tqdm
 
-    if Site.parse(sae.cfg.site) != Site(cfg.layer, "resid_pre"):
+    if Site.parse(sae.cfg.site).canonical() != Site(cfg.layer, "resid_pre"):  # resid_post.L-1 is the same tensor
         raise ValueError(f"SAE reads {sae.cfg.site} but the heatmap steers resid_pre.{cfg.layer}")
     names = [t.name for t in tasks]
     missing = [n for n in names if n not in feature_sets]

@@ -34,7 +34,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from ..sites import Site
+from ..sites import Site, same_site
 from ..storage import atomic_write_bytes, read_json
 from .dictionary import JumpReLUSAE, SAEConfig, check_shapes, fold_b_dec_into_b_enc, gated_to_jumprelu
 
@@ -67,15 +67,6 @@ def _site_or_none(spec: Any) -> Site | None:
         return Site.parse(spec)
     except (ValueError, TypeError):
         return None
-
-
-def same_site(a: Site, b: Site) -> bool:
-    """a and b hold the same tensor: equal, or resid_post.L vs resid_pre.L+1."""
-    if a == b:
-        return True
-    pair = {(a.kind, a.layer), (b.kind, b.layer)}
-    lo = min(a.layer, b.layer)
-    return pair == {("resid_post", lo), ("resid_pre", lo + 1)}
 
 
 def _check_forced_sites(base: dict[str, Any], overrides: dict[str, Any], where: Path | str) -> None:
