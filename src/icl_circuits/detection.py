@@ -405,7 +405,7 @@ def top_features(results_dir: str | Path, heatmap_json: str | Path | None, tasks
 
 
 def run_detectors(
-    lm: LM, steps: Sequence[str], out_dir: str | Path, figures_dir: str | Path, executor_dir: str | Path | None = None,
+    lm: LM, steps: Sequence[str], out_dir: str | Path, figures_dir: str | Path | None, executor_dir: str | Path | None = None,
     detector_dir: str | Path | None = None, exec_heatmap: str | Path | None = None, det_heatmap: str | Path | None = None,
     tasks: Sequence[str] | None = None, sweep_layers: Sequence[int] = (), mass_cfg: MassConfig = MassConfig(),
     link_cfg: LinkConfig = LinkConfig(), progress: bool = True,
@@ -421,7 +421,8 @@ def run_detectors(
     bad = sorted(set(steps) - {"sweep", "masses", "link"})
     if bad:
         raise ValueError(f"unknown steps {bad}; choose from sweep, masses, link")
-    out, figs = Path(out_dir), Path(figures_dir)
+    out = Path(out_dir)
+    figs = Path(figures_dir) if figures_dir is not None else out
     summary: dict[str, Any] = {"files": []}
     if "sweep" in steps:
         if not sweep_layers:
