@@ -11,6 +11,7 @@ import torch
 
 from icl_circuits.ablation import (
     CircuitRunConfig,
+    circuit_order,
     SplicedModel,
     cross_task_ablation,
     faithfulness,
@@ -170,8 +171,11 @@ def test_cross_task_shapes():
         ct = cross_task_ablation(sp, eff, target=0.3, keep_errors=keep)
         assert ct.tasks == ["a", "b"] and len(ct.change) == 2 and all(len(r) == 2 for r in ct.change)
         for i, t in enumerate(ct.tasks):
-            if ct.n_ablated[t] is not None:
+            if ct.reached[t]:
                 assert ct.change[i][i] <= 0.3 - 1.0 + 1e-6  # A itself fell to the target
+            else:  # never reached: A's whole circuit (every candidate node) is ablated
+                order, _ = circuit_order(eff[t], "signed", keep)
+                assert ct.n_ablated[t] == int((eff[t].flat()[order] > 0).sum())
 
 
 def test_run_circuits_end_to_end_with_resume(tmp_path, monkeypatch):
@@ -205,6 +209,9 @@ def test_default_keeps_error_nodes_mM_is_the_model_and_m_empty_ablates_features_
     curve = faithfulness_curve(sp, eff, sizes=(0, 3, 10))
     assert curve.keep_errors and curve.rank_by == "signed" and curve.n_error_nodes == [0] * len(curve.sizes)
     assert curve.m_full == pytest.approx(_hf_metric(lm, batch), abs=1e-5)
+    # the curve ends with every feature node of positive effect in C (zero and negative ones come after)
+    order, _ = circuit_order(eff)
+    assert curve.sizes[-1] == curve.n_nonzero == int((eff.flat()[order] > 0).sum()) < len(order)
     assert curve.faith_C[0] == pytest.approx(0.0) and curve.faith_M[0] == pytest.approx(1.0)
     # m(empty) here = every latent zeroed, every error node kept: out = y - (f @ W_dec) / scale, by hand
     nodes = batch.token_types >= 1

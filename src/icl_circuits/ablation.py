@@ -183,7 +183,7 @@ class FaithfulnessCurve:
     m_full: float
     m_empty: float
     n_error_nodes: list[int]  # error nodes among the top N (0 when error nodes are kept)
-    n_nonzero: int  # ranked nodes with a non-zero effect on the IE batch
+    n_nonzero: int  # nodes that can enter a circuit: positive effect on the IE batch (signed), non-zero (abs)
     keep_errors: bool = True  # error nodes never ablated nor counted (the authors' method)
     rank_by: str = "signed"
 
@@ -211,13 +211,20 @@ def faithfulness_curve(
     """
     _check_same_nodes(spliced, effects)
     order, errs = circuit_order(effects, by, keep_errors)
-    n_nonzero = int((effects.flat()[order] != 0).sum())
+    n_nonzero = n_candidates(effects, order, by)
     sizes = sorted({min(int(n), n_nonzero) for n in sizes} | {n_nonzero})
     pats = [circuit_pattern(spliced, order[:n], c, errs) for n in sizes for c in (True, False)]
     m = spliced.metrics(torch.stack(pats), chunk).tolist()
     n_err = [sum(effects.node(i)[1] == ERROR for i in order[:n].tolist()) for n in sizes]
     m_empty = spliced.empty if errs is None else spliced.metric(~errs)
     return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors, by)
+
+
+def n_candidates(effects: NodeEffects, order: torch.Tensor, by: str = "signed") -> int:
+    """How many nodes of `order` can enter a circuit: those with a positive effect (signed ranking; the
+    zero and negative ones come after them) or a non-zero one (abs ranking)."""
+    e = effects.flat()[order]
+    return int((e > 0).sum()) if by in ("signed", "value") else int((e != 0).sum())
 
 
 def circuit_order(effects: NodeEffects, by: str = "signed", keep_errors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -278,6 +285,8 @@ class CrossTask:
     n_ablated: dict[str, int | None]  # nodes of task A ablated to bring A's faithfulness to target
     change: list[list[float]]  # [ablated task A][tested task B]: faithfulness(B) - 1
     target: float
+    reached: dict[str, bool] = field(default_factory=dict)  # False: the target was never reached, so A's whole
+    #                                                         circuit (every candidate node) was ablated instead
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,23 +299,25 @@ def cross_task_ablation(
     """For each task A ablate its top-IE nodes until faithfulness(A) <= target; measure every task B.
 
     keep_errors=True (the authors' method): only feature nodes are ranked and ablated, error nodes always
-    stay, and each task's faithfulness is measured against its all-features-ablated baseline.
+    stay, and each task's faithfulness is measured against its all-features-ablated baseline. When no
+    number of A's nodes brings A down to the target, all of A's candidate nodes are ablated and
+    `reached[A]` is False.
     """
     from tqdm.auto import tqdm
 
     tasks = list(spliced)
-    n_abl, change = {}, []
+    n_abl, change, reached = {}, [], {}
     empty: dict[str, float] = {}
     for a in tqdm(tasks, desc="cross-task", disable=not progress):
         curve = (curves or {}).get(a)
         if curve is None or curve.keep_errors != keep_errors or curve.rank_by != by:  # a curve of another method
             curve = faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors)
         n = nodes_needed(spliced[a], effects[a], target, complement=True, by=by, curve=curve)
-        n_abl[a] = n
-        if n is None:
-            change.append([float("nan")] * len(tasks))
-            continue
         order, errs = circuit_order(effects[a], by, keep_errors)
+        reached[a] = n is not None
+        if n is None:
+            n = n_candidates(effects[a], order, by)
+        n_abl[a] = n
         row = []
         for b in tasks:
             sp = spliced[b]
@@ -314,7 +325,7 @@ def cross_task_ablation(
                 empty[b] = sp.empty if errs is None else sp.metric(~errs)
             row.append(faithfulness(sp.metric(circuit_pattern(sp, order[:n], False, errs)), sp.full, empty[b]) - 1.0)
         change.append(row)
-    return CrossTask(tasks, n_abl, change, target)
+    return CrossTask(tasks, n_abl, change, target, reached)
 
 
 # -- IE quality (Fig. 20, 21) -----------------------------------------------------------------
@@ -714,7 +725,8 @@ def plot_cross_task(ct: CrossTask, stem: str | Path, note: str = "") -> list[Pat
     vmax = float(torch.nan_to_num(m).abs().max()) or 1.0
     im = ax.imshow(m.numpy(), cmap="RdBu", vmin=-vmax, vmax=vmax)
     ax.set_xticks(range(n), ct.tasks, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), [f"{t} ({ct.n_ablated[t]})" for t in ct.tasks], fontsize=7)
+    ax.set_yticks(range(n), [f"{t} ({ct.n_ablated[t]}{'' if ct.reached.get(t, True) else ', all: target not reached'})" for t in ct.tasks],
+                  fontsize=7)  # fmt: skip
     for i in range(n):
         for j in range(n):
             if not math.isnan(ct.change[i][j]):
