@@ -99,3 +99,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def run_ranks(worker: object, world: int, root: object, out: object) -> None:
+    """Run worker(rank, world, init_method, str(out)) in `world` spawned processes (a gloo group through a
+    file in `root`) and check that every one exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    init = f"file://{root}/pg"
+    procs = [ctx.Process(target=worker, args=(r, world, init, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"

@@ -158,15 +158,21 @@ def test_ie_quality_rows_and_correlations():
     assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
 
 
-def test_cross_task_shapes():
-    lm, cfg, saes, batch = setup()
-    tasks = {"a": toy_task("a", PAIRS[:6] * 1), "b": toy_task("b", PAIRS[6:])}
+def _two_tasks():
+    """(spliced models on held-out batches, node effects on IE batches) of two toy tasks."""
+    lm, cfg, saes, _ = setup()
+    tasks = {"a": toy_task("a", PAIRS[:6]), "b": toy_task("b", PAIRS[6:])}
     sp, eff = {}, {}
     for name, task in tasks.items():
         est, _ = toy_batch(task=task, n_shots=2, seed=1)
         held, _ = toy_batch(task=task, n_shots=2, seed=2)
         eff[name] = node_effects(lm, est, saes, cfg)
         sp[name] = SplicedModel(lm, held, saes, cfg)
+    return sp, eff
+
+
+def test_cross_task_shapes():
+    sp, eff = _two_tasks()
     for keep in (False, True):
         ct = cross_task_ablation(sp, eff, target=0.3, keep_errors=keep)
         assert ct.tasks == ["a", "b"] and len(ct.change) == 2 and all(len(r) == 2 for r in ct.change)
@@ -245,14 +251,7 @@ def test_signed_ranking_puts_a_harmful_node_last():
 
 def test_cross_task_default_ablates_features_only(monkeypatch):
     """Cross-task ablation keeps every error node by default: each pattern it runs leaves error nodes alone."""
-    lm, cfg, saes, batch = setup()
-    tasks = {"a": toy_task("a", PAIRS[:6]), "b": toy_task("b", PAIRS[6:])}
-    sp, eff = {}, {}
-    for name, task in tasks.items():
-        est, _ = toy_batch(task=task, n_shots=2, seed=1)
-        held, _ = toy_batch(task=task, n_shots=2, seed=2)
-        eff[name] = node_effects(lm, est, saes, cfg)
-        sp[name] = SplicedModel(lm, held, saes, cfg)
+    sp, eff = _two_tasks()
     errs = torch.zeros(sp["a"].n_nodes, dtype=torch.bool)
     for k, o in eff["a"].offsets().items():
         n_types, width = eff["a"].effects[k].shape

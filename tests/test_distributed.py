@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from icl_circuits import Task
 from icl_circuits.cleaning import CleaningConfig
@@ -17,6 +16,7 @@ from icl_circuits.distributed import gather_in_order, my_share, shared_run
 from icl_circuits.storage import RunBusy
 from icl_circuits.task_vectors import TaskVectorConfig
 
+from .conftest import run_ranks
 from .test_cleaning import MANY, _lm, _sae
 
 TASKS = [Task("many", tuple(MANY)), Task("many2", tuple((y, x) for x, y in MANY))]
@@ -73,14 +73,7 @@ def one_thread():
 
 def test_two_ranks_split_tasks_into_one_run_dir(tmp_path, monkeypatch, one_thread):
     _clean(tmp_path / "single")
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [ctx.Process(target=_worker, args=(r, 2, init, str(tmp_path / "dist"))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    run_ranks(_worker, 2, tmp_path, tmp_path / "dist")
     ran = [json.loads((tmp_path / f"rank{r}.json").read_text())["ran"] for r in range(2)]
     assert ran == [["many", "many2"]] * 2  # every task's folder is there (each rank wrote its own)
     want = json.loads((tmp_path / "single" / "summary.json").read_text())

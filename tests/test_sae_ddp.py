@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from icl_circuits.sae.dictionary import SAEConfig
 from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
 
-from .conftest import make_tiny, word_tokenizer
+from .conftest import make_tiny, run_ranks, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
 D_IN, D_SAE = 16, 48
@@ -128,13 +127,7 @@ def ran(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     harvest(_lm(), ["resid_pre.1"], _docs(), root / "cache", n_tokens=600, seq_len=16, batch_size=4, shard_rows=64,
             progress=False)  # fmt: skip
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, f"file://{root / 'pg'}", str(root))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    run_ranks(_worker, 2, root, root)
     return root
 
 

@@ -6,12 +6,11 @@ import random
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from icl_circuits.sae.formats import load_saelens, load_sae
 from icl_circuits.sae.training import SAESpec, TrainConfig, train_saes
 
-from .conftest import make_tiny, word_tokenizer
+from .conftest import make_tiny, run_ranks, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
 SPECS = ["resid:1", "attn:0", "transcoder:1"]
@@ -112,14 +111,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     single = _weights(train_saes(_lm(), _docs(), _cfg(), tmp_path / "single", progress=False))
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [ctx.Process(target=_worker, args=(r, 2, init, str(tmp_path / "dist"))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    run_ranks(_worker, 2, tmp_path, tmp_path / "dist")
     # SAE i trains on rank i % 2: rank 0 has resid_1 and transcoder_1, rank 1 has attn_0
     assert (tmp_path / "dist" / "checkpoint-rank1.pt").is_file()
     for name in single:
