@@ -57,7 +57,7 @@ def tvc(new_dir: str, old_dir: str) -> None:
 def circuits(new_dir: str, old_dir: str) -> None:
     new = Path(new_dir)
     old = _csv(Path(old_dir) / "summary.csv")
-    print("| task | m(M) | m(∅), features ablated | non-zero nodes | feature nodes for 0.6 | F(C) at 10 / 100 / 1000 | F(M∖C) at 10 / 100 | F(C), all non-zero positive | v1: nodes for 0.6 (error nodes ranked) |")
+    print("| task | m(M) | m(∅), features ablated | non-zero nodes | feature nodes for 0.6 | F(C) at 10 / 100 / 1000 | F(M∖C) at 10 / 100 | F(C) with every positive-effect node (N) | v1: nodes for 0.6 (error nodes ranked) |")
     print("|---|---:|---:|---:|---:|---|---|---:|---:|")
     for s in sorted(new.glob("*/summary.json")):
         d = json.loads(s.read_text())
@@ -67,7 +67,7 @@ def circuits(new_dir: str, old_dir: str) -> None:
         o = old.get(d["task"], {})
         print(f"| {d['task']} | {d['metric_eval']:.2f} | {d['metric_empty']:.2f} | {d['n_nonzero_nodes']:,} | {d['nodes_for_target'] or 'never'} | "
               f"{at(c['faith_C'], 10)} / {at(c['faith_C'], 100)} / {at(c['faith_C'], 1000)} | {at(c['faith_M'], 10)} / {at(c['faith_M'], 100)} | "
-              f"{pos:.2f} | {o.get('nodes_for_faith', '–')} |")
+              f"{pos:.2f} ({c['sizes'][-1]:,}) | {o.get('nodes_for_faith', '–')} |")
 
 
 def heatmap(spec_csv: str) -> None:
