@@ -38,7 +38,7 @@ def tvc(new_dir: str, old_dir: str) -> None:
     rows = [r for t, r in sorted(new.items()) if t != "mean"]
     for r in rows:
         o = old.get(r["task"], {})
-        l0 = _pair(f"{o['l0_tv']} → {o['l0_tvc']}" if o else "", f"{r['l0_tv']} → {r['l0_tvc']}")
+        l0 = _pair(f"({o['l0_tv']} → {o['l0_tvc']})" if o else "", f"{r['l0_tv']} → {r['l0_tvc']}")
         vals = [_pair(_f(o.get(c)) if o else "", _f(r[c])) for c in cols]
         ratio = _pair(_f(float(o["tvc"]) / float(o["tv"]), 2) if o else "", _f(float(r["tvc"]) / float(r["tv"]), 2))
         print(f"| {r['task']} | {l0} | " + " | ".join(vals) + f" | {ratio} |")
