@@ -4,6 +4,7 @@
 # resumes from its --out folder, so the script can be re-run after an interruption.
 #   bash scripts/regenerate_results.sh            # both chains
 #   bash scripts/regenerate_results.sh circuits   # one chain: circuits | steering
+# then scripts/regenerate_tvc_extra.sh (TVC layer comparison and λ sweep)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IC=.venv/bin/icl-circuits
@@ -16,10 +17,16 @@ circuits() {
   $IC circuit --tasks "$T12" --layers 11-12 --ie-quality 0 --other-errors-curve --threads 1 --quiet --out $R/circuits
   $IC circuit --tasks location_continent,antonyms,country_capital --layers 11-12 --ie-quality 8 --no-cross-task \
     --threads 1 --quiet --out $R/circuits_ieq
+  mkdir -p $D/circuits/ie_quality
+  cp $R/circuits/{faithfulness.png,faithfulness.svg,faithfulness_errors_ablated.png,cross_task.png,cross_task.json,summary.csv} $D/circuits/
+  cp $R/circuits/cross_task_errors_ablated.{png,json} $D/circuits/
+  cp $R/circuits_ieq/{ie_quality.png,ie_quality.svg,ie_correlations.json} $D/circuits/ie_quality/
 }
 
 steering() {
   $IC task-vectors --tasks all --threads 1 --quiet --out $R/task_vectors
+  mkdir -p $D/task_vectors && cp $R/task_vectors/{best_layers.csv,sweep.csv,sweep.json,layer_sweep.png,layer_sweep.svg} $D/task_vectors/
+  $IC detectors --steps sweep --tasks "$T12" --sweep-layers 4-16 --out $R/detectors_sweep --figures $D/heatmaps --threads 1 --quiet
   $IC clean --tasks "$T12" --layer 12 --threads 1 --quiet --out $D/tvc/execution                   # executors, SAE resid_12
   $IC clean --tasks "$T12" --layer 11 --setting detection --threads 1 --quiet --out $D/tvc/detection_l11  # detectors (ITO start)
   $IC heatmap --results $D/tvc/execution --name execution_cleaned --out $R/heatmap/execution --figures $D/heatmaps --threads 1 --quiet
@@ -36,6 +43,7 @@ steering() {
   $IC detectors --steps masses,link --executors $D/tvc/execution --detectors $D/tvc/detection_l11 \
     --exec-heatmap $R/heatmap/execution/heatmap.json --det-heatmap $R/heatmap/detection_top/heatmap.json \
     --out $R/detectors --figures $D/heatmaps --threads 1 --quiet
+  cp $R/detectors/{link.json,masses.json} $D/heatmaps/
 }
 
 case "${1:-all}" in
