@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                   open(Path(out).parent / f"rank{rank}.json", "w"))  # fmt: skip
         res = _heatmap(Path(out).parent / "heat")
         torch.save(res.to_dict(), Path(out).parent / f"heat-rank{rank}.pt")
+        dist.barrier()  # every rank done with the group before teardown: gloo can abort otherwise
     finally:
         dist.destroy_process_group()
 

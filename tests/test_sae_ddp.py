@@ -116,6 +116,7 @@ def _worker(rank: int, world: int, init: str, root: str) -> None:
         from icl_circuits.sae.training import train_saes
 
         train_saes(_lm(), _docs(), _live_cfg(), out / "live", progress=False)  # one spec: data-parallel by default
+        dist.barrier()  # every rank done with the group before teardown: gloo can abort otherwise
     finally:
         dist.destroy_process_group()
 

@@ -105,6 +105,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         train_saes(_lm(), _docs(), _cfg(), out, progress=False)  # each rank saves its own SAEs
+        dist.barrier()  # every rank done with the group before teardown: gloo can abort otherwise
     finally:
         dist.destroy_process_group()
 
