@@ -100,7 +100,7 @@ def test_two_ranks_split_tasks_into_one_run_dir(tmp_path, monkeypatch, one_threa
     # the heatmap: every rank ends with all cells; rank 0's state file holds them all
     heat = _heatmap(tmp_path / "heat1")
     for r in range(2):
-        got = torch.load(tmp_path / f"heat-rank{r}.pt")
+        got = torch.load(tmp_path / f"heat-rank{r}.pt", weights_only=True)
         assert got["features"] == heat.features and got["scales"] == heat.scales
         torch.testing.assert_close(torch.tensor(got["raw"]), heat.raw, rtol=1e-6, atol=1e-9)
     cells = lambda d: json.loads((d / "heatmap_cells.json").read_text())  # noqa: E731

@@ -136,7 +136,7 @@ def ran(tmp_path_factory) -> Path:
 def test_two_ranks_equal_one_process(ran, arch):
     want, want_logs = _train_trainer(arch)
     for rank in range(2):
-        got = torch.load(ran / f"{arch}-rank{rank}.pt")
+        got = torch.load(ran / f"{arch}-rank{rank}.pt", weights_only=True)
         for key, w in want.items():
             if w.dtype.is_floating_point:
                 torch.testing.assert_close(got["state"][key], w, **TOL, msg=lambda m: f"{arch} {key}: {m}")

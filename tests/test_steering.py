@@ -312,7 +312,7 @@ def test_shared_scale_is_calibrated_on_the_training_pairs_and_used_for_every_fea
     for task in tasks:
         cal, ev = steering_batch(lm, task, cfg, "calibration"), steering_batch(lm, task, cfg, "eval")
         train, held = task.split(cfg.eval_share, cfg.seed)
-        q = lambda st: {lm.tokenizer.decode(p.ids[p.pairs[-1].input]).strip() for p in st_batch(st)}  # noqa: E731
+        q = lambda st: {lm.tokenizer.decode(p.ids[p.pairs[-1].input]).strip() for p in st.batch.prompts}  # noqa: E731
         assert q(cal) <= {x for x, _ in train.pairs} and q(ev) <= {x for x, _ in held.pairs}
     from icl_circuits.steering import PAPER_NEGATIVE_SCALES, paper_negative_scales
 
@@ -321,6 +321,3 @@ def test_shared_scale_is_calibrated_on_the_training_pairs_and_used_for_every_fea
     sc = paper_negative_scales(300.0)
     assert sc[0] == pytest.approx(20.0) and sc[-1] == pytest.approx(632.0, rel=2e-3)
 
-
-def st_batch(st):
-    return st.batch.prompts

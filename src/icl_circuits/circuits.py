@@ -47,20 +47,15 @@ from .storage import read_json, save_figure, write_json
 
 NODE_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
 SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")  # forward order within a layer
-# kind -> (site it reads, site its output replaces), as the starter suite has them
-KIND_SITES: dict[str, tuple[str, str]] = {
-    "resid": ("resid_pre", "resid_pre"),
-    "attn": ("attn_out", "attn_out"),
-    "transcoder": ("resid_mid", "mlp_out"),
-}
-# every (read, replaced) pair a circuit accepts per kind: Gemma Scope 2 SAEs read attn_z (the heads'
-# outputs before o_proj) and transcoders read mlp_in (the normalised MLP input); resid_post.L-1 is
-# resid_pre.L (Site.canonical)
+# every (site read, site replaced) pair a circuit accepts per kind, the starter suite's first: Gemma Scope 2
+# SAEs read attn_z (the heads' outputs before o_proj) and transcoders read mlp_in (the normalised MLP
+# input); resid_post.L-1 is resid_pre.L (Site.canonical)
 KIND_SITE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "resid": (("resid_pre", "resid_pre"),),
     "attn": (("attn_out", "attn_out"), ("attn_z", "attn_z")),
     "transcoder": (("resid_mid", "mlp_out"), ("mlp_in", "mlp_out")),
 }
+KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in KIND_SITE_OPTIONS.items()}  # the starter suite's
 
 
 def sae_sites(sae: JumpReLUSAE) -> tuple[Site, Site]:

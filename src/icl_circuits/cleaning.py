@@ -247,10 +247,12 @@ def clean_vector(
         return jumprelu_at(u, threshold)
 
     with torch.no_grad():
+        # SAE(vector), kept apart from the start: the "in raw task vector" marks and L0 fractions refer to it
+        initial = sae.encode(vector.float()).float()  # [d_sae]
         if init is None and sae.cfg.k is not None:
             # Alg. 1 starts from the SAE's actual encoding; for a TopK SAE that is the top k latents,
             # not every latent with a positive pre-activation (hundreds of them)
-            init = sae.encode(vector.float()).float()  # [d_sae]
+            init = initial
         if init is None:
             theta0 = sae.pre_acts(vector.float()).float() * unit  # [d_sae]
         else:
@@ -260,9 +262,6 @@ def clean_vector(
             # active latents start just above their threshold at least; inactive ones below it (they stay off)
             theta0 = torch.where(u0 > 0, torch.maximum(u0, threshold + 1e-4), torch.full_like(u0, -1.0))
     start = act(theta0) / unit  # [d_sae], SAE units: where the optimisation starts
-    with torch.no_grad():
-        # SAE(vector), kept apart from the start: the "in raw task vector" marks and L0 fractions refer to it
-        initial = sae.encode(vector.float()).float()  # [d_sae]
     theta = theta0.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
 

@@ -322,7 +322,7 @@ def link_on_batch(
     ablate = _positions(batch, cfg.ablate_at)
     measure = _positions(batch, cfg.measure_at).to(lm.device)  # [batch, seq], indexes activations on the model's device
     start = lm.run(batch.input_ids, batch.attention_mask, read=[s_det]).acts[s_det]  # [batch, seq, d_model]
-    real = (batch.token_types >= 1).to(start.device)  # [batch, seq]
+    real = _positions(batch, "all").to(start.device)  # [batch, seq]
     det_acts = det_sae.encode(start)[..., det_feats].float()[real]  # [n_real, D]
     mean_act = det_acts.mean(0)  # [D] each detector's mean activation over the batch's tokens
     run = dict(start_layer=s_det.layer, start_resid=start, read=[s_exec])
