@@ -10,9 +10,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: demo test bench saes sae-eval
-demo: $(STAMP)  ## task-vector layer sweep on the bundled Gemma 3 270M, all 23 tasks
-	$(VENV)/bin/icl-circuits task-vectors --model gemma-3-270m --tasks all --out runs/task_vectors
+.PHONY: demo paper test bench saes sae-eval
+demo: $(STAMP)  ## the headline in <= 15 min on 2 cores: TV sweep, TVC + baselines on 6 tasks, a heatmap; prints the claims
+	$(VENV)/bin/icl-circuits reproduce --recipe demo --model gemma-3-270m --out runs/demo
+
+# Every experiment of the paper on the bundled model (hours on 2 cores; resumes after any interruption).
+# Two stages run side by side, one core each; the report and figures land in docs/results/gemma-3-270m.
+paper: $(STAMP)  ## icl-circuits reproduce --recipe paper: the claims table, figures and tables of every section
+	$(VENV)/bin/icl-circuits reproduce --recipe paper --model gemma-3-270m --out runs/paper --docs docs/results/gemma-3-270m --jobs 2
 
 test: $(STAMP) chromium  ## the whole test suite (CI runs exactly this)
 	$(VENV)/bin/python -m pytest -q

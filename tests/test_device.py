@@ -69,7 +69,7 @@ MODEL_COMMANDS = [c for c in _commands() if c not in NO_MODEL]
 def test_every_model_command_is_covered():
     assert set(MODEL_COMMANDS) == {
         ("task-vectors",), ("sae", "train"), ("sae", "harvest"), ("sae", "compare"), ("sae", "eval"), ("examples",),
-        ("dashboards",), ("heatmap",), ("detectors",), ("clean",), ("circuit",),
+        ("dashboards",), ("heatmap",), ("detectors",), ("clean",), ("circuit",), ("reproduce",),
     }  # a new command that loads a model must take --device / --dtype too (the test below)
 
 

@@ -50,7 +50,8 @@ from .circuits import (
 from .distributed import gather_in_order, is_main, my_share, shared_run
 from .model import LM
 from .prompts import PromptBatch, icl_prompts
-from .sites import Intervention, Site
+from .sites import Site
+from .splice import splice
 from .storage import RunDir, atomic_write_bytes, read_json, save_figure, tensor_digest, write_csv, write_json
 from .tasks import Task, check_unique_names
 
@@ -133,44 +134,16 @@ class SplicedModel:
             if not a.any():
                 continue  # nothing ablated here: the site is untouched (exactly the original)
             per_pos = (a[:, self.tix.clamp(min=0)] & node_pos).flatten(0, 1)  # [k*b, s, d_sae+1]
-            ivs.append(Intervention(self.saes.out_site(key), torch.ones(per_pos.shape[:2], dtype=torch.bool, device=per_pos.device),
-                                    mode="fn", fn=self._splice_fn(key, per_pos)))  # fmt: skip
+            # the SAE spliced with its error kept: only the ablated latents and error nodes change the site
+            everywhere = torch.ones(per_pos.shape[:2], dtype=torch.bool, device=per_pos.device)  # [k*b, s]
+            ivs.append(splice(self.saes.saes[key], everywhere, keep_error=True, ablate=per_pos[..., :-1],
+                              ablate_error=per_pos[..., -1:], sites=(self.saes.in_site(key), self.saes.out_site(key))))  # fmt: skip
         out = self.lm.run(
             b.input_ids.repeat(k, 1), b.attention_mask.repeat(k, 1), interventions=ivs,
             start_layer=self.start, start_resid=None if self.start_resid is None else self.start_resid.repeat(k, 1, 1),
             logprob_positions=self.scoring.positions.repeat(k, 1), targets=self.scoring.targets.repeat(k),
         )  # fmt: skip
         return metric_of(out, k).float().cpu()
-
-    def _splice_fn(self, key: str, per_pos: torch.Tensor):  # noqa: ANN202
-        sae = self.saes.saes[key]
-        in_site = self.saes.in_site(key)
-        reads_other = in_site != self.saes.out_site(key)
-
-        def fn(y: torch.Tensor, value_of) -> torch.Tensor:  # noqa: ANN001
-            x = value_of(in_site) if reads_other else y  # [k*b, s, d]
-            f = sae.encode(x)  # [k*b, s, d_sae]
-            a_f = per_pos[..., :-1].to(f.dtype)
-            a_e = per_pos[..., -1:].to(y.dtype)
-            scale = sae.cfg.output_scale
-            removed = sparse_matmul(f * a_f, sae.W_dec) / scale  # decode without the bias
-            out = y - removed.to(y.dtype)
-            if a_e.any():
-                x_hat = (sparse_matmul(f, sae.W_dec) + sae.b_dec) / scale  # = sae.decode(f) ...
-                if sae.W_skip is not None:  # ... + x @ W_skip for a skip transcoder
-                    x_hat = x_hat + sae.skip(x)
-                out = out - a_e * (y - x_hat.to(y.dtype))
-            return out
-
-        return fn
-
-
-def sparse_matmul(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """f [..., d_sae] (mostly zeros: SAE latents) @ w [d_sae, d] -> [..., d]; ~4x faster than dense on CPU."""
-    if f.device.type not in ("cpu", "cuda"):  # MPS has no sparse matmul; the dense product is the same
-        return f @ w
-    flat = f.reshape(-1, f.shape[-1])
-    return torch.sparse.mm(flat.to_sparse(), w).reshape(*f.shape[:-1], w.shape[-1])
 
 
 # -- faithfulness curves (Fig. 7) -------------------------------------------------------------
@@ -493,13 +466,14 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
 
 def run_circuits(
     lm: LM, tasks: Sequence[Task], cfg: CircuitRunConfig, out: str | Path, saes: Mapping | None = None,
-    cross_task: bool = True, progress: bool = True,
+    cross_task: bool = True, progress: bool = True, train_missing: bool = False,
 ) -> dict:  # fmt: skip
     """Every task (resuming those finished with the same content and settings), then the figures over
-    tasks and the cross-task ablation. Returns {'summaries', 'files'}. `out` is a RunDir."""
+    tasks and the cross-task ablation. Returns {'summaries', 'files'}. `out` is a RunDir.
+    train_missing: train and cache the starter SAEs the shipped suite lacks (e.g. layers 10-17)."""
     out = Path(out)
     check_unique_names(list(tasks))
-    circ = circuit_saes(lm, cfg.circuit, saes)
+    circ = circuit_saes(lm, cfg.circuit, saes, train_if_missing=train_missing)
     header = dict(model=lm.name, config=cfg.to_dict(), saes={k: sae_digest(circ.saes[k]) for k in circ.keys})
     # one writer (under torchrun: the ranks of one run, tasks split over them, see distributed.py); a resume
     # under another config / other SAEs is refused

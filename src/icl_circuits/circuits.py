@@ -42,7 +42,8 @@ import torch
 from .model import LM, RunOutput
 from .prompts import N_SCORE_TOKENS, TYPE_ID, PromptBatch, Scoring
 from .sae.dictionary import JumpReLUSAE
-from .sites import Intervention, Site
+from .sites import Site
+from .splice import in_out_sites, splice
 from .storage import read_json, save_figure, write_json
 
 NODE_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
@@ -60,8 +61,7 @@ KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in 
 
 def sae_sites(sae: JumpReLUSAE) -> tuple[Site, Site]:
     """(site the SAE reads, site its output replaces), resid_post.L written as resid_pre.L+1."""
-    c = sae.cfg
-    return Site.parse(c.site).canonical(), Site.parse(c.out_site or c.site).canonical()
+    return in_out_sites(sae, canonical=True)
 ERROR = "error"  # the feature name of an error node
 
 
@@ -355,52 +355,37 @@ def edge_effects_from(
     n_types = len(effects.node_types)
     tix = type_index(batch, effects.node_types).to(lm.device)  # [b, s]
     node_pos = tix >= 0
-    store: dict[str, dict[str, torch.Tensor]] = {}
-
-    def make_fn(key: str):  # noqa: ANN202
-        sae = saes.saes[key]
-        in_site = saes.in_site(key)
-        reads_other = in_site != saes.out_site(key)  # transcoders read resid_mid / mlp_in, replace mlp_out
-
-        def fn(y: torch.Tensor, value_of) -> torch.Tensor:  # noqa: ANN001
-            x = value_of(in_site) if reads_other else y
-            f = sae.encode(x)  # [b, s, d_sae]
-            err = y - sae.decode(f, x)  # [b, s, d]
-            if key == source_key:  # leaves: the source's node values
-                pf = torch.zeros_like(f, requires_grad=True)
-                pe = torch.zeros_like(err, requires_grad=True)
-                store[key] = dict(f=f.detach(), err=err.detach(), pf=pf, pe=pe)
-                return y + (pf @ sae.W_dec) / sae.cfg.output_scale + pe
-            store[key] = dict(f=f, err=err)
-            return y.detach()  # frozen: only direct edges from the source
-
-        return fn
-
     target_keys = {effects.node(t)[0] for t in targets}
     last = max((saes.out_site(k) for k in target_keys), key=lambda s: s.order)
     src_layer = parse_key(source_key)[1]
     everywhere = torch.ones_like(node_pos, dtype=torch.bool)
-    ivs = [Intervention(saes.out_site(k), everywhere, mode="fn", fn=make_fn(k)) for k in saes.keys if parse_key(k)[1] >= src_layer]
+    # the source's latents and error as leaves; every other SAE site frozen (its output detached): direct edges only
+    spliced = {
+        k: splice(saes.saes[k], everywhere, keep_error=True, grad="leaves" if k == source_key else "stop",
+                  sites=(saes.in_site(k), saes.out_site(k)))
+        for k in saes.keys if parse_key(k)[1] >= src_layer
+    }  # fmt: skip
     start = effects.resid.get(src_layer) if src_layer > 0 else None  # start the pass at the source's layer
     if src_layer > 0 and start is None:
         raise ValueError(f"NodeEffects holds no resid_pre.{src_layer}: compute it with keep_grads=True")
     with torch.enable_grad():
-        lm.run(batch.input_ids, batch.attention_mask, read=[last], interventions=ivs, start_layer=src_layer, start_resid=start)
-        src = store[source_key]
+        lm.run(batch.input_ids, batch.attention_mask, read=[last], interventions=list(spliced.values()),
+               start_layer=src_layer, start_resid=start)  # fmt: skip
+        src = spliced[source_key]
         out: dict[int, torch.Tensor] = {}
         for t in targets:
             key, feat, tt = effects.node(t)
             sae, g = saes.saes[key], effects.grads[key]  # g: [b, s, d]
             in_type = (tix == effects.node_types.index(tt)).unsqueeze(-1)  # [b, s, 1]
             if feat == ERROR:
-                s_t = (g * store[key]["err"] * in_type).sum()
+                s_t = (g * spliced[key].error * in_type).sum()
             else:
                 g_lat = (g @ sae.W_dec[feat]) / sae.cfg.output_scale  # [b, s]
-                s_t = (g_lat * store[key]["f"][..., feat] * in_type[..., 0]).sum()
-            gf, ge = torch.autograd.grad(s_t, [src["pf"], src["pe"]], retain_graph=True, allow_unused=True)
-            gf = torch.zeros_like(src["f"]) if gf is None else gf
-            ge = torch.zeros_like(src["err"]) if ge is None else ge
-            per_pos = torch.cat([gf * src["f"], (ge * src["err"]).sum(-1, keepdim=True)], -1)  # [b, s, d_sae+1]
+                s_t = (g_lat * spliced[key].latents[..., feat] * in_type[..., 0]).sum()
+            gf, ge = torch.autograd.grad(s_t, [src.latent_leaf, src.error_leaf], retain_graph=True, allow_unused=True)
+            gf = torch.zeros_like(src.latents) if gf is None else gf
+            ge = torch.zeros_like(src.error) if ge is None else ge
+            per_pos = torch.cat([gf * src.latents, (ge * src.error).sum(-1, keepdim=True)], -1)  # [b, s, d_sae+1]
             out[t] = aggregate_by_type(per_pos.detach(), tix, n_types).float().cpu()
     return out
 

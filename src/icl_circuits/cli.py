@@ -10,6 +10,7 @@
     icl-circuits examples --model gemma-3-270m --saes resid:12 --corpus generated:512+python-docs --out runs/examples
     icl-circuits view runs/examples [--port 8000] [--host 127.0.0.1]
     icl-circuits circuit --model gemma-3-270m --tasks all --layers 11-12 --out runs/circuits
+    icl-circuits reproduce --recipe paper --out runs/paper --docs docs/results/gemma-3-270m   (every experiment + claims)
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ def _floats(spec: str, what: str) -> tuple[float, ...]:
 def cmd_heatmap(args: argparse.Namespace) -> int:
     import torch
 
+    from dataclasses import replace
+
     from .steering import NegativeConfig, run_heatmap, specificity
 
     if args.threads:
@@ -420,11 +423,25 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     neg_scales = None if args.negative_scales == "paper" else _floats(args.negative_scales, "--negative-scales")
     negative = (NegativeConfig(scales=neg_scales, n_prompts=args.negative_prompts,
                                n_shots=args.negative_shots) if args.negative else None)  # layer: the results'  # fmt: skip
-    neg_features = [int(f) for f in _floats(args.negative_features, "--negative-features")] if args.negative_features else None
+    top = args.negative_features == "top"
+    neg_features = [int(f) for f in _floats(args.negative_features, "--negative-features")] if args.negative_features and not top else None
     lm = _load_lm(args)
+    kw = dict(floor=args.floor, min_effect=args.min_effect, all_rows=args.all_rows, progress=not args.quiet)
+    if negative is not None and (top or args.negative_n_scales):
+        # features / scales that depend on the positive heatmap: compute it first (the second call resumes it)
+        first = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides, **kw)
+        if top:  # each task's top executor, if it helps its own task (the features the paper subtracts)
+            neg_features = sorted({int(r["top_feature"]) for r in specificity(first["heatmap"]) if r["top_feature"] is not None and r["own_effect"] > 0})
+            if not neg_features:
+                raise ValueError("--negative-features top: no task has a top feature with a positive effect on its own task")
+        if negative.scales is None and args.negative_n_scales:
+            from .steering import paper_negative_scales
+
+            res = first["heatmap"]
+            shared = res.shared_scale or sorted(res.scales)[len(res.scales) // 2]
+            negative = replace(negative, scales=paper_negative_scales(shared, args.negative_n_scales))
     out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
-                      floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,
-                      negative_features=neg_features, progress=not args.quiet)  # fmt: skip
+                      negative=negative, negative_features=neg_features, **kw)  # fmt: skip
     print(f"\n{'task':30s} {'top feature':>11s} {'scale':>6s} {'own effect':>10s} {'best other':>10s}  other task / specific")
     for r in specificity(out["heatmap"]):
         if r["top_feature"] is None:
@@ -618,7 +635,8 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         ie_quality_per_sae=None if args.ie_quality == "all" else int(args.ie_quality), faith_target=args.faith_target,
         cross_target=args.cross_target, ablate_errors=args.ablate_errors, other_errors_curve=args.other_errors_curve,
     )  # fmt: skip
-    res = run_circuits(lm, tasks, cfg, args.out, saes=user_saes or None, cross_task=not args.no_cross_task, progress=not args.quiet)
+    res = run_circuits(lm, tasks, cfg, args.out, saes=user_saes or None, cross_task=not args.no_cross_task, progress=not args.quiet,
+                       train_missing=args.train_missing_saes)  # fmt: skip
     if not is_main():  # under torchrun rank 0 reports for all (the tasks were split over ranks)
         return 0
     print(f"\n{'task':30s} m(M)     m(empty)  non-zero nodes  nodes for faithfulness {cfg.faith_target}  edges")
@@ -627,6 +645,24 @@ def cmd_circuit(args: argparse.Namespace) -> int:
               f"{str(s['nodes_for_target']):>29s}  {s['n_edges']:5d}")  # fmt: skip
     print("\nwrote:", *[str(p) for p in res["files"]], f"{args.out}/<task>/ (nodes.csv, graph.json, faithfulness.json, ...)", sep="\n  ")
     print(f"report: {_report(args.out, 'Sparse feature circuits')}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Every experiment of a recipe, resumably, then the claims report."""
+    from .claims import claims_markdown
+    from .reproduce import ReproduceConfig, reproduce
+
+    words = lambda v: tuple(x for x in (v or "").split(",") if x)  # noqa: E731
+    cfg = ReproduceConfig(
+        recipe=args.recipe, out=args.out, docs=args.docs, model=args.model, tasks=args.tasks, device=args.device,
+        dtype=args.dtype, threads=args.threads, seed=args.seed, include=words(args.include), rerun=words(args.rerun),
+        only=words(args.only), progress=not args.quiet, jobs=args.jobs,
+    )  # fmt: skip
+    res = reproduce(cfg)
+    print("\nclaims of the paper, on this run (rules and figures in the report):")
+    print(claims_markdown(res.claims))
+    print(f"\nreport: {res.report}\n        {res.report.with_name('report.md')}")
     return 0
 
 
@@ -822,7 +858,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "scale 15, carried over to the calibrated shared scale (x 1/15 .. x 2.1); or comma-separated scales")
     s.add_argument("--negative-prompts", type=int, default=16, help="ICL prompts per task for negative steering")
     s.add_argument("--negative-shots", type=int, default=32, help="shots per ICL prompt for negative steering")
-    s.add_argument("--negative-features", default=None, help="comma-separated features for negative steering (default: all)")
+    s.add_argument("--negative-features", default=None, help="comma-separated features for negative steering, or 'top': each "
+                   "task's top feature with a positive effect on its own task (default: all cleaned features)")
+    s.add_argument("--negative-n-scales", type=int, default=None, help="with --negative-scales paper: this many of the paper's "
+                   "log-spaced scales over the same range (default: the paper's 50)")
     s.add_argument("--out", type=Path, default=Path("runs/heatmap"), help="run folder (resumes if present)")
     s.add_argument("--figures", type=Path, default=None, help="where figures and tables go (default: --out)")
     s.add_argument("--name", default=None, help="file stem of the figures (default: the setting)")
@@ -903,9 +942,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cross-task", action="store_true")
     s.add_argument("--ablate-errors", action="store_true", help="rank and zero-ablate SAE error nodes too (the authors always keep them)")
     s.add_argument("--other-errors-curve", action="store_true", help="also the curves and cross-task ablation with the other error-node choice")
+    s.add_argument("--train-missing-saes", action="store_true", help="train (with the starter-suite recipe) and cache a starter "
+                   "SAE for every site of --layers/--kinds that the shipped suite lacks (CPU: tens of minutes per SAE)")
     s.add_argument("--out", type=Path, default=Path("runs/circuits"), help="run folder (finished tasks are skipped)")
     _run_options(s)
     s.set_defaults(func=cmd_circuit)
+
+    s = sub.add_parser("reproduce", help="every experiment of the paper from a recipe file, resumably, with the claims report")
+    s.add_argument("--recipe", default="paper", help="'paper' (everything, hours on a CPU), 'demo' (≤ 15 min) or a .toml file")
+    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--tasks", default=None, help="'all', or comma-separated task names / your task files (default: the recipe's)")
+    s.add_argument("--out", type=Path, default=Path("runs/paper"), help="run folder: one sub-folder per stage (resumes if present)")
+    s.add_argument("--docs", type=Path, default=None, help="where the report, figures and tables go (default: <out>/results)")
+    s.add_argument("--include", default="", help="optional stages to run too (comma-separated), e.g. circuits_10_17")
+    s.add_argument("--only", default="", help="run only these stages (the report covers whatever has finished)")
+    s.add_argument("--rerun", default="", help="finished stages to run again ('all'); their commands resume what they can")
+    s.add_argument("--jobs", type=int, default=1, help="stages run side by side (independent ones, each in its own process)")
+    _run_options(s)
+    s.set_defaults(func=cmd_reproduce)
     return p
 
 

@@ -26,6 +26,7 @@ from .model import LM
 from .prompts import TYPE_ID, PromptBatch
 from .sae.dictionary import JumpReLUSAE
 from .sites import Intervention, Site
+from .splice import splice
 from .storage import canonical, diff_keys, fingerprint, read_json, write_json
 
 # BOS is left out: its residual is an attention sink with a huge norm, dropped from SAE training too.
@@ -160,14 +161,7 @@ def plot_detection_sweep(rows: list[dict], stem: str | Path) -> list[Path]:
 
 def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.Tensor) -> Intervention:
     """Zero the SAE latents `features` at `positions`: x - sum_f f(x) * decoder_f (the SAE error stays)."""
-    feats = torch.tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
-    dirs = sae.W_dec.detach()[feats].float() / sae.cfg.output_scale  # [k, d_model]
-
-    def fn(x: torch.Tensor, value_of: Any) -> torch.Tensor:
-        acts = sae.encode(x)[..., feats].float()  # [batch, seq, k]
-        return x - (acts @ dirs).to(x.dtype)
-
-    return Intervention(Site.parse(sae.cfg.site), positions, mode="fn", fn=fn)
+    return splice(sae, positions, keep_error=True, ablate=[int(f) for f in features])
 
 
 def direction_ablation(sae: JumpReLUSAE, feature: int, amount: float, positions: torch.Tensor) -> Intervention:

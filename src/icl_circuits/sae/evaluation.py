@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..model import LM
 from ..sites import Intervention, Site
+from ..splice import in_out_sites, splice
 from .cache import ActivationCache
 from .dictionary import JumpReLUSAE
 
@@ -36,28 +37,6 @@ class SAEEval:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def in_out_sites(sae: JumpReLUSAE) -> tuple[Site, Site]:
-    """(site the SAE reads, site its output replaces).
-
-    Gemma Scope 2 style SAEs: an attn_z SAE reads and replaces attn_z (o_proj then carries the
-    change on to attn_out); a transcoder reads mlp_in (or resid_mid) and replaces mlp_out.
-    """
-    cfg = sae.cfg
-    return Site.parse(cfg.site), Site.parse(cfg.out_site or cfg.site)
-
-
-def splice(sae: JumpReLUSAE, positions: torch.Tensor) -> Intervention:
-    """Replace the SAE's output site by its reconstruction at `positions` [batch, seq].
-
-    The reconstruction is sae(x) = decode(encode(x), x): for skip transcoders it includes the
-    affine path x @ W_skip, computed from the input site's value in this same pass.
-    """
-    src, dst = in_out_sites(sae)
-    if src == dst:
-        return Intervention(dst, positions, mode="fn", fn=lambda x, value_of: sae(x))
-    return Intervention(dst, positions, mode="fn", fn=lambda x, value_of: sae(value_of(src)))
 
 
 def zero_ablate(sae: JumpReLUSAE, positions: torch.Tensor) -> Intervention:
@@ -150,7 +129,7 @@ TOKEN_TYPES_SCORED = ("arrow", "input", "output")
 @torch.no_grad()
 def held_out_stats(sae: JumpReLUSAE, cache: ActivationCache, max_rows: int = 200_000) -> dict[str, float]:
     """FVE, L0 and dead fraction of `sae` on the rows of a held-out cache."""
-    src, dst = Site.parse(sae.cfg.site), Site.parse(sae.cfg.out_site or sae.cfg.site)
+    src, dst = in_out_sites(sae)
     n, l0, sq, y_sum, y_sq = 0, 0.0, 0.0, None, 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)  # [d_sae]
     # cached rows come off disk on the CPU; the SAE may be on a GPU
@@ -216,7 +195,7 @@ def cache_stats(
     out = []
     icl: dict[tuple[Site, Site], dict[str, torch.Tensor]] = {}
     for sae in tqdm(saes, desc="SAE cache stats", disable=not progress):
-        src, dst = Site.parse(sae.cfg.site), Site.parse(sae.cfg.out_site or sae.cfg.site)
+        src, dst = in_out_sites(sae)
         held = held_out_stats(sae, ev)
         dead = held_out_stats(sae, tr, max_rows=dead_rows)
         if (src, dst) not in icl:
