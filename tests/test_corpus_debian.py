@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from icl_circuits import corpus as C
+from icl_circuits.corpus import debian as C
 from icl_circuits.corpus import CorpusError, chunk_text, debian_docs, from_spec, html_text, provenance, split_docs
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")

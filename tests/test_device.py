@@ -171,10 +171,12 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("steering.py", "from_dict"): "a heatmap read back from JSON",
     ("detection.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
     # SAE files load on the CPU; starter_sae, sae_from_spec, the CLI and circuit_saes move them to the model
-    ("sae/formats.py", "load_saelens"): "tensors read from a file",
+    ("sae/formats/saelens.py", "load_saelens"): "tensors read from a file",
     # max-activating examples and dashboards copy latents to the CPU right after SAE.encode; what
     # follows is selection / statistics on the CPU, and their token batches are moved by LM.run
-    ("examples.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("examples/sampling.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("examples/schema.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("examples/build.py", "*"): "CPU bookkeeping after encode(...).cpu()",
     ("dashboards.py", "__init__"): "per-latent statistics, filled from latents on the CPU",
     ("dashboards.py", "build_dashboards"): "corpus token batches (moved by LM.run) and token-type ids for the CPU latents",
 }

@@ -158,7 +158,7 @@ def test_skip_transcoder_survives_our_format(fake_hub: Path, tmp_path: Path) -> 
 # -- the Hub, offline ---------------------------------------------------------------------------
 @pytest.fixture
 def offline_hub(fake_hub: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str | None]]:
-    """formats._hf_download reads the fake hub folder; every call is recorded; the network is never touched."""
+    """formats.hub._hf_download reads the fake hub folder; every call is recorded; the network is never touched."""
     calls: list[tuple[str, str, str | None]] = []
 
     def fake_download(repo: str, filename: str, subfolder: str | None) -> str:
@@ -168,7 +168,7 @@ def offline_hub(fake_hub: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[s
             raise FileNotFoundError(f"fake hub has no {repo}/{subfolder}/{filename}")
         return str(path)
 
-    monkeypatch.setattr(formats, "_hf_download", fake_download)
+    monkeypatch.setattr(formats.hub, "_hf_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 
@@ -209,7 +209,7 @@ def test_saelens_release_resolves_through_the_registry(offline_hub: list, monkey
         repo_id=f"google/{REPO}", model="google/gemma-3-270m", conversion_func="gemma_3",
         saes_map={f"layer_{L}_width_16k_l0_small": folder_of("attn_out")}, norm_scaling_factor={}, config_overrides=None,
     )  # fmt: skip
-    monkeypatch.setattr(formats, "_saelens_directory", lambda: {"gemma-scope-2-270m-pt-att": lookup})
+    monkeypatch.setattr(formats.hub, "_saelens_directory", lambda: {"gemma-scope-2-270m-pt-att": lookup})
     sae = load_any(f"saelens:gemma-scope-2-270m-pt-att/layer_{L}_width_16k_l0_small")
     assert sae.cfg.site == f"attn_z.{L}" and sae.cfg.model == "google/gemma-3-270m"
     with pytest.raises(ValueError, match="has no SAE"):
@@ -294,7 +294,7 @@ def test_paper_preset_resolves_offline(tmp_path: Path, monkeypatch: pytest.Monke
             raise FileNotFoundError(path)
         return str(path)
 
-    monkeypatch.setattr(formats, "_hf_download", fake_download)
+    monkeypatch.setattr(formats.hub, "_hf_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for s in preset.saes:
         sae = load_preset_sae(preset.name, s.label)
@@ -321,7 +321,7 @@ def test_bundled_model_preset_resolves_offline(tmp_path: Path, monkeypatch: pyte
     for i, s in enumerate(preset.saes):
         repo, folder = hub_path(s.hub_path)
         write_gs2(root / repo / folder, gs2_tensors(D, D, i), gs2_config("model.layers.11.output"))
-    monkeypatch.setattr(formats, "_hf_download", lambda repo, name, sub: str(root / repo / (sub or "") / name))
+    monkeypatch.setattr(formats.hub, "_hf_download", lambda repo, name, sub: str(root / repo / (sub or "") / name))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     sae = load_preset_sae(preset.name, "16k")
     assert (sae.cfg.site, sae.cfg.model, sae.cfg.source) == ("resid_pre.12", "gemma-3-270m", "gemma_scope_2")
@@ -343,8 +343,8 @@ def test_saelens_release_in_saelens_layout_applies_config_overrides(tmp_path: Pa
                              saes_map={"blocks.0.hook_resid_mid": "v5_layer_0"}, norm_scaling_factor={"blocks.0.hook_resid_mid": 2.5},
                              config_overrides={"hook_name": "blocks.0.hook_resid_mid", "hook_layer": 0,
                                                "metadata": {"hook_name": "blocks.0.hook_resid_mid"}})  # fmt: skip
-    monkeypatch.setattr(formats, "_saelens_directory", lambda: {"gpt2-small-oai": lookup})
-    monkeypatch.setattr(formats, "_hf_download", lambda repo, name, sub: str(tmp_path / "hub" / repo / (sub or "") / name))
+    monkeypatch.setattr(formats.hub, "_saelens_directory", lambda: {"gpt2-small-oai": lookup})
+    monkeypatch.setattr(formats.hub, "_hf_download", lambda repo, name, sub: str(tmp_path / "hub" / repo / (sub or "") / name))
     got = load_any("saelens:gpt2-small-oai/blocks.0.hook_resid_mid")
     assert (got.cfg.site, got.cfg.model, got.cfg.input_scale, got.cfg.output_scale) == ("resid_mid.0", "gpt2-small", 2.5, 2.5)
 

@@ -225,3 +225,18 @@ def test_parallel_stages_wait_for_the_stages_they_read(setup: dict, tmp_path: Pa
     assert starts[1] < ends[0]  # a and b ran side by side
     c_start = next(t for kind, n, t in log if kind == "start" and n == "c")
     assert c_start >= min(ends)  # c waited for a
+
+
+def test_a_moved_run_folder_resumes(setup: dict, tmp_path: Path) -> None:
+    """Stage records hold paths relative to the run folder, and options are compared as parsed values."""
+    import shutil
+
+    recipe = tmp_path / "one.toml"
+    recipe.write_text(f'tasks = "{setup["tasks"][0]}"\n[[stage]]\nname = "task_vectors"\ncommand = "task-vectors"\n'
+                      'args = { tasks = "{tasks}", layers = "0", n_prompts = 2, n_shots = 3, n_eval = 4 }\n')  # fmt: skip
+    cfg = ReproduceConfig(recipe=str(recipe), out=tmp_path / "a", model=setup["model"], threads=1, progress=False)
+    reproduce(cfg)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    calls: list[list[str]] = []
+    res = reproduce(ReproduceConfig(**{**cfg.__dict__, "out": tmp_path / "b", "threads": 2}), run_command=calls.append)
+    assert calls == [] and res.stages[0].status == "done"  # nothing re-ran: another --threads changes no result

@@ -262,7 +262,7 @@ def _first_builtin(n: int) -> str:
 
 
 def _cosmetic(argv: Sequence[str]) -> list[str]:
-    """The command line without options that cannot change a result (--threads, --quiet): what a resume compares."""
+    """The command line without options that cannot change a result (--threads, --quiet): what is logged."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -274,6 +274,27 @@ def _cosmetic(argv: Sequence[str]) -> list[str]:
         if a != "--quiet":
             out.append(a)
     return out
+
+
+def _portable(argv: Sequence[str], out: Path) -> list[str]:
+    """Paths inside the run folder written relative to it ({run}/...), so a moved run folder still resumes."""
+    return [a.replace(str(out), "{run}") for a in argv]
+
+
+def same_command(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Do two command lines ask for the same thing? Compared as parsed options (defaults filled in, order and
+    spelling ignored), without --threads / --quiet."""
+    return _parsed(a) == _parsed(b)
+
+
+def _parsed(argv: Sequence[str]) -> dict[str, str]:
+    from .cli import build_parser
+
+    try:
+        ns = build_parser().parse_args(list(argv))
+    except SystemExit:  # a logged command line that no longer parses: compare it as text
+        return {"argv": " ".join(_cosmetic(argv))}
+    return {k: str(v) for k, v in vars(ns).items() if k not in ("threads", "quiet", "func")}
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -319,14 +340,14 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
                 log = f"; its output: {out / (st.name + '.log')}" if cfg.jobs > 1 else ""
                 raise StageFailed(f"stage {st.name} failed (exit code {rc}): icl-circuits {' '.join(argvs[st.name])}{log}; "
                                   "fix the cause and run the same reproduce command again: finished work is kept")  # fmt: skip
-            done.add(st.name, dict(argv=_cosmetic(argvs[st.name]), seconds=spent(st.name)))
+            done.add(st.name, dict(argv=_portable(_cosmetic(argvs[st.name]), out), seconds=spent(st.name)))
             _say(cfg, f"[{st.name}] done in {seconds / 60:.1f} min")
 
         runner = _Runner(cfg, out, run_command)
         runner.run([st for st in recipe.stages if st.name in todo], argvs, finish)
         for st in recipe.stages:
             rec = done.done.get(st.name)
-            if rec is not None and rec["argv"] == _cosmetic(argvs[st.name]):
+            if rec is not None and same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out)):
                 publish(st, folders[st.name], docs / st.name)
                 status = "done"
             else:
@@ -345,7 +366,8 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
         wanted = (not st.optional or st.name in cfg.include) and (not cfg.only or st.name in cfg.only)
         rec = done.done.get(st.name)
         again = st.name in cfg.rerun or "all" in cfg.rerun
-        if rec is not None and not again and rec["argv"] != _cosmetic(argvs[st.name]) and wanted:
+        changed = rec is not None and not same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out))
+        if changed and not again and wanted:
             raise ConfigMismatch(
                 f"stage {st.name} in {out} was run as `icl-circuits {' '.join(rec['argv'])}`, but the recipe now asks for "
                 f"`icl-circuits {' '.join(_cosmetic(argvs[st.name]))}`; pass --rerun {st.name} (its command resumes what it "
@@ -353,7 +375,7 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
             )  # fmt: skip
         if wanted and (rec is None or again):
             folder = out / st.name
-            if rec is not None and rec["argv"] != _cosmetic(argvs[st.name]) and folder.exists():
+            if changed and folder.exists():
                 # made under the old command line: its command would refuse to mix settings, so move it aside (kept)
                 aside = out / f"{st.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 folder.rename(aside)

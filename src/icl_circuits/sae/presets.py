@@ -8,7 +8,7 @@
                              measured TV layer 12 (not from the paper; lr 0.15 is the paper's Gemma 1 value)
 
 The SAEs are Hub paths: they download when online and load through formats.load_any; tests
-resolve them against a fake hub folder (formats._hf_download swapped), never the network.
+resolve them against a fake hub folder (formats.hub._hf_download swapped), never the network.
 
 Sites: Gemma Scope's layer_16 residual SAE reads blocks.16.hook_resid_post, i.e. our
 resid_pre.17, so the TV is taken at and steered into resid_pre.17 (`--layer 17`). The paper
