@@ -1,10 +1,11 @@
-"""Feature-page latency over HTTP: the dashboard page (this version) against the page of the last commit.
+"""Feature-page latency over HTTP: the viewer package (this version) against the one-file viewer it replaced.
 
 One real run is built with the package's own writers (tiny random Gemma 3, tiny SAEs, TVC cleaning,
 steering heatmap, circuit, example store, and `build_dashboards`; see tests/test_dashboards.py), with
 a `--d-sae`-latent SAE. Both viewers serve the same run directory; each is asked for `--requests`
 feature pages of random latents (one warm-up round first). The old viewer is `git show
-HEAD:src/icl_circuits/viewer.py`, loaded from a temp file as a module of the package.
+6887d51:src/icl_circuits/viewer.py` (the last one-file viewer, with dashboards), loaded from a temp file
+as a module of the package.
 
     python benchmarks/bench_viewer.py [--d-sae 4096] [--requests 300]
 """
@@ -23,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+OLD = "6887d51"  # the last commit with the one-file viewer.py
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +33,8 @@ sys.path.insert(0, str(ROOT))  # tests/ holds the real-run builder
 
 
 def old_viewer(tmp: Path):
-    """The viewer of HEAD, as module icl_circuits._viewer_old (its relative imports resolve in the package)."""
-    src = subprocess.run(["git", "show", "HEAD:src/icl_circuits/viewer.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    """The one-file viewer of OLD, as module icl_circuits._viewer_old (its relative imports resolve in the package)."""
+    src = subprocess.run(["git", "show", f"{OLD}:src/icl_circuits/viewer.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     path = tmp / "viewer_old.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("icl_circuits._viewer_old", path)
@@ -87,7 +90,7 @@ def main() -> None:
         rng = random.Random(0)
         paths = [f"/feature/{SAE_NAME}/{rng.randrange(args.d_sae)}" for _ in range(args.requests)]
         rows = []
-        for name, mk in (("old page (HEAD)", old.make_server), ("new dashboard page", make_server)):
+        for name, mk in ((f"one-file viewer ({OLD})", old.make_server), ("viewer package (this version)", make_server)):
             times, size = measure(mk, tmp / "run", paths)
             rows.append((name, statistics.median(times) * 1e3, p95(times) * 1e3, size))
         db = (tmp / "run" / "dashboards.sqlite").stat().st_size

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from safetensors.torch import save_file
-
+from icl_circuits.ablation import FaithfulnessCurve
+from icl_circuits.circuits import ERROR, Edge, NodeEffects, circuit_graph, save_graph
+from icl_circuits.cleaning import CleaningConfig, CleaningResult
 from icl_circuits.examples import ExampleConfig, build_example_store
 from icl_circuits.report import write_report
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
+from icl_circuits.steering import HeatmapConfig, HeatmapResult
 from icl_circuits.storage import write_json
 from icl_circuits.viewer import make_server
 
@@ -48,34 +50,17 @@ def make_run(root: Path) -> Path:
     ecfg = ExampleConfig(seq_len=16, batch_size=4, top_k=4, per_bin=2, context_before=6, context_after=3)
     build_example_store(lm, {"resid_0": sae}, docs, root / "examples" / "examples.sqlite", ecfg, progress=False)
 
-    weights, initial = [0.0] * d_sae, [0.0] * d_sae
-    weights[0], weights[3] = 1.5, 0.7
-    initial[0], initial[3], initial[5], initial[7] = 1.0, 0.9, 0.4, 0.2
-    # TVC's format: JSON summary + the [d_sae] vectors in cleaning.safetensors
-    write_json(root / "antonyms" / "cleaning.json", {
-        "task": "antonyms", "layer": 0, "setting": "execution", "sae_spec": "resid:0", "config": {"l1": 0.01},
-        "features": [{"index": 0, "weight": 1.5}, {"index": 3, "weight": 0.7}], "initial_l0": 4,
-        "scores": {"cleaned": {"l0": 2, "relative_loss_decrease": 0.61}, "task_vector": {"l0": 16, "relative_loss_decrease": 0.7}},
-    })  # fmt: skip
-    save_file({"weights": torch.tensor(weights), "initial_weights": torch.tensor(initial), "vector": torch.zeros(lm.d_model)},
-              str(root / "antonyms" / "cleaning.safetensors"))  # fmt: skip
-    # an older / hand-written variant: vectors inline, features as plain ints
-    write_json(root / "evil" / "cleaning.json", {"task": EVIL_TASK, "layer": 0, "sae_spec": "resid:0",
-                                                 "weights": weights, "initial_weights": initial, "features": [5]})  # fmt: skip
-    # the circuit module's graph format; 'resid.0' names the SAE at resid_pre.0
-    write_json(root / "antonyms" / "graph.json", {
-        "task": "antonyms", "metric": -1.2, "node_types": ["input", "arrow", "output"],
-        "nodes": [{"id": 11, "name": "resid.0/0@arrow", "key": "resid.0", "kind": "resid", "layer": 0, "feature": 0, "token_type": "arrow", "effect": 0.5},
-                  {"id": 12, "name": "resid.0/3@output", "key": "resid.0", "kind": "resid", "layer": 0, "feature": 3, "token_type": "output", "effect": -0.2},
-                  {"id": 13, "name": "resid.0/error@arrow", "key": "resid.0", "kind": "resid", "layer": 0, "feature": "error", "token_type": "arrow", "effect": 0.1},
-                  {"id": 21, "name": "attn.1/2@arrow", "key": "attn.1", "kind": "attn", "layer": 1, "feature": 2, "token_type": "arrow", "effect": 0.3}],
-        "edges": [{"source": 11, "target": 21, "effect": 0.8}, {"source": 12, "target": 21, "effect": -0.1},
-                  {"source": 13, "target": 21, "effect": 0.05}],
-        "faithfulness": [{"n_nodes": 1, "faithfulness": 0.4}, {"n_nodes": 3, "faithfulness": 0.9}],
-    })  # fmt: skip
-    # the steering module's heatmap: raw is tasks x features
-    write_json(root / "heatmap.json", {"tasks": ["antonyms", "en_fr"], "features": [0, 3], "raw": [[0.42, 0.11], [0.05, 0.0]],
-                                       "config": {"setting": "execution", "layer": 0}, "owners": {"0": ["antonyms"]}})  # fmt: skip
+    # every result file below is written by its real writer, from a small object
+    scores = {"tv": {"l0": None, "nll": 2.0, "accuracy": 0.5, "relative_loss_decrease": 0.7},
+              "tvc": {"l0": 2.0, "nll": 2.1, "accuracy": 0.5, "relative_loss_decrease": 0.61}}  # fmt: skip
+    cleaning_result("antonyms", 0, "execution", {0: 1.5, 3: 0.7}, {0: 1.0, 3: 0.9, 5: 0.4, 7: 0.2}, d_sae, lm.d_model, scores).save(root / "antonyms")
+    cleaning_result(EVIL_TASK, 0, "execution", {5: 0.3}, {0: 1.0, 3: 0.9, 5: 0.4, 7: 0.2}, d_sae, lm.d_model).save(root / "evil")
+    # the circuit module's graph ('resid.0' names the SAE at resid_pre.0) and its faithfulness curve
+    save_graph(circuit_graph_of("antonyms", d_sae), root / "antonyms" / "graph.json")
+    write_json(root / "antonyms" / "faithfulness.json", FaithfulnessCurve("antonyms", [1, 3], [-1.0, -0.5], [-1.8, -1.9], -0.4, -2.0, [0, 0], 4).to_dict())
+    # the steering module's heatmap (what run_heatmap writes)
+    write_json(root / "heatmap.json", heatmap_result(["antonyms", "en_fr"], [0, 3], [[0.42, 0.11], [0.05, 0.0]], "execution", 0).to_dict())
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,6 +75,40 @@ def make_run(root: Path) -> Path:
     plt.close(fig)
     (root / "notes.txt").write_text(f"corpus says {SCRIPT}\n")
     return root
+
+
+def cleaning_result(task: str, layer: int, setting: str, weights: dict[int, float], initial: dict[int, float], d_sae: int = 16,
+                    d_model: int = 8, scores: dict | None = None) -> CleaningResult:  # fmt: skip
+    """A small TVC result as clean_vector returns it (save() writes cleaning.json + cleaning.safetensors)."""
+    w, w0 = torch.zeros(d_sae), torch.zeros(d_sae)
+    w[list(weights)], w0[list(initial)] = torch.tensor(list(weights.values())), torch.tensor(list(initial.values()))
+    return CleaningResult(
+        task=task, layer=layer, setting=setting, sae_spec=f"resid:{layer}", config=CleaningConfig(l1_coeff=0.01, setting=setting).to_dict(),
+        weights=w, initial_weights=w0, vector=torch.zeros(d_model), l0_history=[len(initial), len(weights)], train_loss=[2.5, 2.2],
+        eval_loss=[(1, 2.4), (2, 2.1)], steps=2, stopped="patience", seconds=0.1, scores=scores or {},
+        feature_effects=[{"index": i, "weight": v, "alone": 0.1 * v, "drop_without": 0.0, "bias_only": 0.0} for i, v in weights.items()],
+    )  # fmt: skip
+
+
+def heatmap_result(tasks: list[str], features: list[int], raw: list[list[float]], setting: str, layer: int) -> HeatmapResult:
+    """A small steering heatmap (raw is tasks x features), every task owning every feature."""
+    return HeatmapResult(
+        tasks=tasks, features=features, raw=torch.tensor(raw, dtype=torch.float64), scales=[1.0] * len(features),
+        owners={f: list(tasks) for f in features}, in_task_vector={f: list(tasks) for f in features}, baselines={t: 2.0 for t in tasks},
+        grid={t: {f: [0.1] for f in features} for t in tasks}, config=HeatmapConfig(setting=setting, layer=layer).to_dict(),
+    )  # fmt: skip
+
+
+def circuit_graph_of(task: str, d_sae: int) -> dict:
+    """circuit_graph of resid.0 -> attn.1 (3 latents each): two resid.0 latents and its error node feed attn.1 #2."""
+    types = ("input", "arrow", "output")
+    eff = NodeEffects(["resid.0", "attn.1"], types, {"resid.0": torch.zeros(3, d_sae + 1), "attn.1": torch.zeros(3, 4)}, -1.2)
+    eff.effects["resid.0"][1, 0], eff.effects["resid.0"][2, 3], eff.effects["resid.0"][1, d_sae] = 0.5, -0.2, 0.1
+    eff.effects["attn.1"][1, 2] = 0.3
+    to = eff.flat_id("attn.1", 2, "arrow")
+    edges = [Edge(eff.flat_id("resid.0", 0, "arrow"), to, 0.8), Edge(eff.flat_id("resid.0", 3, "output"), to, -0.1),
+             Edge(eff.flat_id("resid.0", ERROR, "arrow"), to, 0.05)]  # fmt: skip
+    return {**circuit_graph(eff, edges), "task": task}  # run_circuit_task adds the task name
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +211,7 @@ def test_report_is_static_and_escaped(run_dir):
     assert "src='antonyms/faithfulness.png'" in text and (run_dir / "antonyms/faithfulness.png").is_file()
     assert "heatmap.json" in text and "0.42" in text  # a JSON table
     assert "[4002 numbers, 2 non-zero]" in text  # long weight vectors summarised, not dumped
-    assert "weights, initial_weights" in text  # short parallel lists become the columns of one table
+    assert "sizes, m_C, m_M" in text  # short parallel lists (faithfulness.json) become the columns of one table
     assert "cleaning.safetensors" in text  # listed under other files
     assert "examples/examples.sqlite" in text  # other files listed
 
@@ -201,20 +220,24 @@ def test_data_layer_reads_what_is_there(tmp_path):
     """RunData without a server: one task in two settings, a heatmap per setting, unreadable files listed."""
     from icl_circuits.viewer import RunData
 
-    for setting, layer, feats in (("execution", 12, [{"index": 4, "weight": 2.0}]), ("detection", 11, [{"index": 9, "weight": 1.0}])):
-        write_json(tmp_path / setting / "antonyms" / "cleaning.json",
-                   {"task": "antonyms", "layer": layer, "setting": setting, "sae_spec": f"resid:{layer}", "features": feats})  # fmt: skip
-        write_json(tmp_path / setting / "heatmap.json", {"tasks": ["antonyms"], "features": [feats[0]["index"]], "raw": [[0.5]],
-                                                         "config": {"setting": setting, "layer": layer}})  # fmt: skip
+    for setting, layer, latent in (("execution", 12, 4), ("detection", 11, 9)):
+        cleaning_result("antonyms", layer, setting, {latent: 2.0}, {latent: 1.0, 1: 0.5}).save(tmp_path / setting / "antonyms")
+        write_json(tmp_path / setting / "heatmap.json", heatmap_result(["antonyms"], [latent], [[0.5]], setting, layer).to_dict())
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "cleaning.json").write_text((tmp_path / "execution" / "antonyms" / "cleaning.json").read_text())  # no .safetensors
     data = RunData(tmp_path)
     assert sorted(data.tasks) == ["antonyms (detection, layer 11)", "antonyms (execution, layer 12)"]
     assert data.task_steering("antonyms", "execution") == {4: 0.5} and data.task_steering("antonyms", "detection") == {9: 0.5}
-    assert [h["sae"] for h in sorted(data.heatmaps, key=lambda h: h["file"])] == ["resid_11", "resid_12"]
+    assert [h.sae for h in sorted(data.heatmaps, key=lambda h: h.file)] == ["resid_11", "resid_12"]
     assert any("broken.json" in p for p in data.problems)
+    assert any("lonely/cleaning.json" in p and "cleaning.safetensors" in p for p in data.problems)
     # a latent index is only linked to the tasks of its own SAE
     assert [t["task"] for t in data.feature("resid_12", 4)["tasks"]] == ["antonyms (execution, layer 12)"]
     assert data.feature("resid_11", 4)["tasks"] == []
+    t = data.tasks["antonyms (execution, layer 12)"]
+    assert [(f.latent, f.weight, f.initial_weight) for f in t.features] == [(4, 2.0, 1.0)]
+    assert [(f.latent, f.kept) for f in t.tv_features] == [(4, True), (1, False)]
 
 
 # -- issue 18: the viewer never leaves its folder, and every response is well-formed and carries the CSP --------
@@ -244,19 +267,22 @@ def test_symlinked_json_out_of_the_run_is_never_read(tmp_path):
 
     run, outside = tmp_path / "run", tmp_path / "outside"
     outside.mkdir()
-    write_json(outside / "graph.json", {"task": "LEAKED_GRAPH", "nodes": [{"id": 1, "name": "LEAKED_NODE"}], "edges": []})
-    write_json(outside / "cleaning.json", {"task": "LEAKED_TASK", "layer": 0, "sae_spec": "resid:0", "features": [1]})
-    write_json(outside / "token_types.json", [{"latent": 0, "arrow": "LEAKED_MASS"}])
+    save_graph(circuit_graph_of("LEAKED_GRAPH", 4), outside / "graph.json")
+    cleaning_result("LEAKED_TASK", 0, "execution", {1: 1.0}, {1: 1.0}).save(outside)
     write_json(outside / "table.json", {"secret": "LEAKED_TABLE"})
-    write_json(run / "real" / "graph.json", {"task": "real", "nodes": [{"id": 1, "name": "resid.0/0@arrow", "key": "resid.0", "feature": 0}], "edges": []})
+    save_graph(circuit_graph_of("real", 4), run / "real" / "graph.json")
     (run / "leak").mkdir(parents=True)
     (run / "leak" / "graph.json").symlink_to(outside / "graph.json")
     (run / "leak" / "cleaning.json").symlink_to(outside / "cleaning.json")
-    (run / "token_types.json").symlink_to(outside / "token_types.json")
+    (run / "leak" / "cleaning.safetensors").symlink_to(outside / "cleaning.safetensors")
     (run / "real" / "extra.json").symlink_to(outside / "table.json")  # next to a real circuit: its page lists the folder's tables
+    (run / "half").mkdir()  # a cleaning.json inside whose vectors lead outside: not read either
+    (run / "half" / "cleaning.json").write_text((outside / "cleaning.json").read_text())
+    (run / "half" / "cleaning.safetensors").symlink_to(outside / "cleaning.safetensors")
     data = RunData(run)
-    assert [c["task"] for c in data.circuits] == ["real"] and data.tasks == {} and data.masses == []
-    assert sum("leads outside the run directory" in p for p in data.problems) == 4
+    assert [c.task for c in data.circuits] == ["real"] and data.tasks == {}
+    assert sum("leads outside the run directory" in p for p in data.problems) == 6  # 5 links, and half/cleaning.json
+    assert any(p.startswith("half/cleaning.json: not understood") for p in data.problems)
     srv = make_server(run, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -171,6 +171,12 @@ class FaithfulnessCurve:
     def to_dict(self) -> dict:
         return {**asdict(self), "faith_C": self.faith_C, "faith_M": self.faith_M}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FaithfulnessCurve":
+        """The inverse of to_dict: derived keys (faith_C, faith_M, nodes_for_target) are recomputed or dropped."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
 
 def faithfulness_curve(
     spliced: SplicedModel, effects: NodeEffects, sizes: Sequence[int] = DEFAULT_SIZES, by: str = "signed",
@@ -578,8 +584,7 @@ def _finished(folder: Path, key: str) -> bool:
 
 
 def _read_curve(path: Path) -> FaithfulnessCurve:
-    names = set(FaithfulnessCurve.__dataclass_fields__)
-    return FaithfulnessCurve(**{k: v for k, v in read_json(path).items() if k in names})
+    return FaithfulnessCurve.from_dict(read_json(path))
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,15 +120,22 @@ def file_tables(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
         return [("", [{"error": f"could not read: {e}"}])]
 
 
-def _walk(root: Path, max_depth: int = 4) -> Iterable[Path]:
-    """Files under root in sorted order, skipping hidden and cache folders and symlinks out of root."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def walk_files(root: Path, max_depth: int = 4) -> Iterator[Path]:
+    """Files under root in sorted order (symlinked files included; symlinked folders are not entered),
+    skipping hidden names and cache folders. The report and the viewer (icl_circuits.viewer) both walk
+    a run directory with this; each then decides what to do with a symlink."""
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False
         depth = len(Path(dirpath).relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and depth < max_depth)
         for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if not name.startswith(".") and not p.is_symlink():
-                yield p
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _walk(root: Path, max_depth: int = 4) -> Iterable[Path]:
+    """Files under root in sorted order, skipping hidden and cache folders and symlinks (a static page
+    links files by relative path, so a link could point the reader outside the run)."""
+    return (p for p in walk_files(root, max_depth) if not p.is_symlink())
 
 
 STYLE = """
