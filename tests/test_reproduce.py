@@ -141,7 +141,7 @@ def test_reproduce_runs_every_stage_then_resumes_after_an_interruption(setup: di
     tvc = json.loads((out / "tvc_execution" / "summary.json").read_text())
     assert claims["tvc"]["ours"].endswith(f"on {sum(r['tvc'] > max(r['sae_reconstruction'], r['ito_5'], r['ito_20']) for r in tvc)}")
     report = (docs / "report.md").read_text()
-    assert "| claim | paper |" in report and "fwd (yours)" in report and "## Wall time per stage" in report
+    assert "| claim | where in the paper |" in report and "fwd (yours)" in report and "## Wall time per stage" in report
     assert "icl-circuits clean --tasks" in report  # every stage names its command
     assert (docs / "report.html").stat().st_size > 1000
     manifest = json.loads((docs / "manifest.json").read_text())

@@ -280,7 +280,9 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
     docs.mkdir(parents=True, exist_ok=True)
     folders = {s.name: Path(result.out) / s.name for s in recipe.stages}
     statuses = {s.name: s.status for s in result.stages}
-    commands = {s.name: "icl-circuits " + " ".join(s.argv) for s in result.stages}
+    from .reproduce import _cosmetic
+
+    commands = {s.name: "icl-circuits " + " ".join(_cosmetic(s.argv)) for s in result.stages}
     rows = judge_all(folders, statuses)
     write_json(docs / "claims.json", rows)
     save_manifest(result, recipe, tasks, cfg)
@@ -290,10 +292,10 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
 
     md = [f"# {recipe.title}", "",
           f"Model `{cfg.model}`, recipe `{recipe.path.name}` (digest {recipe.digest}), seed {cfg.seed}, {cfg.device}/{cfg.dtype}. "
-          f"Made by `icl-circuits reproduce --recipe {recipe.name} --out {result.out}`; every row names the stage whose command "
+          f"Made by `icl-circuits reproduce --recipe {cfg.recipe} --out {result.out}`; every row names the stage whose command "
           "made it (the commands are listed below and in manifest.json).", "",
           "## Claims", "",
-          "| claim | paper | paper (Gemma 1 2B) | ours | holds? | rule | stage |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| claim | where in the paper | paper (Gemma 1 2B) | ours | holds? | rule | stage |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         md.append("| " + " | ".join(_md_cell(x) for x in (r["claim"], r["where"], r["paper"], r["ours"], f"**{r['holds']}**",
                                                            r["rule"], ", ".join(r["stages"]))) + " |")  # fmt: skip
