@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -416,3 +417,66 @@ def test_a_resid_post_sae_of_the_layer_before_cleans_resid_pre():
     wrong = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_post.1", layer=1, model=lm.name), base.tensors())
     with pytest.raises(ValueError, match="resid_pre.1"):
         check_steering_sae(wrong, steering, 1)
+
+
+def test_batched_feature_effects_and_baselines_equal_one_evaluation_per_vector():
+    from icl_circuits.cleaning import frozen_decoder
+    from icl_circuits.cleaning_runs import baseline_scores, feature_effects, feature_effects_one_by_one
+
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    task = Task("many", tuple(MANY))
+    cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=30, patience=5, l1_coeff=0.001)
+    setup = cleaning_setup(lm, task, 1, cfg, TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5))
+    r = clean_vector(sae, setup.train, 1, setup.vector, cfg, setup.evaluation)
+    assert r.l0 >= 3
+    for scored in (r.scores, {}):  # with the tvc score from clean_vector, and without (scored here)
+        r.scores = scored
+        fast, slow = feature_effects(setup, sae, r), feature_effects_one_by_one(setup, sae, r)
+        assert [e["index"] for e in fast] == [e["index"] for e in slow] == r.features
+        for a, b in zip(fast, slow):
+            assert a["weight"] == b["weight"]
+            for k in ("alone", "drop_without", "bias_only"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6)
+    # the baselines, batched, against one `evaluate` per method
+    ev, decode = setup.evaluation, frozen_decoder(sae)
+    base = baseline_scores(setup, sae, ito_l0s=(2, 4))
+    from icl_circuits.ito import ito_weights
+
+    f = sae.encode(setup.vector).float()
+    for name, v in (("tv", setup.vector), ("sae_reconstruction", decode(f)), ("ito_2", decode(ito_weights(sae, setup.vector, 2))),
+                    ("ito_4", decode(ito_weights(sae, setup.vector, 4)))):  # fmt: skip
+        s = ev.evaluate(1, v)
+        assert base[name]["nll"] == pytest.approx(s.nll, rel=1e-5) and base[name]["accuracy"] == s.accuracy
+
+
+def test_eval_loss_snapshots_scored_after_the_loop_equal_scoring_each_at_its_step():
+    """clean_vector scores its every-eval_every-steps snapshots in one batch at the end: each entry must be the
+    evaluation NLL of the weights at that step, and the last one (and the tvc score) that of the result."""
+    from icl_circuits.cleaning import frozen_decoder
+
+    lm = _lm()
+    sae = _sae(lm, scale=3.0)
+    cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=23, patience=50, l1_coeff=0.001, eval_every=5)
+    setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, cfg, TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5))
+    seen: list[torch.Tensor] = []
+    many = setup.evaluation.evaluate_many
+
+    def record(layer, vectors, *a, **k):
+        seen.extend(vectors)
+        return many(layer, vectors, *a, **k)
+
+    setup.evaluation.evaluate_many = record
+    r = clean_vector(sae, setup.train, 1, setup.vector, cfg, setup.evaluation)
+    assert [s for s, _ in r.eval_loss] == [1, 6, 11, 16, 21, 23]
+    assert len(seen) == len(r.eval_loss)
+    for v, (_, nll) in zip(seen, r.eval_loss):
+        assert nll == pytest.approx(setup.evaluation.evaluate(1, v).nll, rel=1e-5)
+    # the snapshot at step s is the weights after s steps, i.e. the result of the same run stopped at max_steps=s
+    for i, s in ((1, 6), (3, 16)):
+        short = clean_vector(sae, setup.train, 1, setup.vector, replace(cfg, max_steps=s))
+        torch.testing.assert_close(seen[i], frozen_decoder(sae)(short.weights))
+        assert r.eval_loss[i][1] == pytest.approx(setup.evaluation.evaluate(1, frozen_decoder(sae)(short.weights)).nll, rel=1e-5)
+    final = setup.evaluation.evaluate(1, frozen_decoder(sae)(r.weights))
+    assert r.eval_loss[-1][1] == pytest.approx(final.nll, rel=1e-5)
+    assert r.scores["tvc"]["nll"] == pytest.approx(final.nll, rel=1e-5) and r.scores["tvc"]["accuracy"] == final.accuracy

@@ -164,13 +164,58 @@ def test_prefix_cache_gives_the_full_pass_values_and_gradients_for_mixed_lengths
         (fake_pair_prompts(lm.tokenizer, Task("mixed", tuple((x, "X " + y) for x, y in pairs)), 10, seed=3), "fake", 2),
     ):
         mask = None if steer_at is None else batch.output_mask("first")
-        fast = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=mask)
         plain = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=mask, prefix_cache=False)
-        assert len(fast.prefix.groups) >= 3
         v = torch.randn(lm.d_model)
-        for layer in (0, 1):
-            a, b = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
-            la, lb = fast.logprobs(layer, a), plain.logprobs(layer, b)
-            torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
-            (ga,), (gb,) = torch.autograd.grad(fast.scoring.nll(la), a), torch.autograd.grad(plain.scoring.nll(lb), b)
-            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+        # pass_cost 0: one group per (first steered, last scored); 1e9: one group re-running from the earliest
+        # steered token; the default: groups merged where a pass costs more than the tokens re-run
+        for pass_cost in (0.0, 8.0, 1e9):
+            fast = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=mask, pass_cost=pass_cost)
+            if pass_cost == 0:
+                assert len(fast.prefix.groups) >= 3
+            if pass_cost == 1e9:
+                assert len(fast.prefix.groups) == 1
+            _check_same(fast, plain, v)
+
+
+def _check_same(fast: ZeroShotSteering, plain: ZeroShotSteering, v: torch.Tensor) -> None:
+    """Log-probs and their gradient w.r.t. the vector: prefix-cached pass == plain pass, at layers 0 and 1."""
+    for layer in (0, 1):
+        a, b = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        la, lb = fast.logprobs(layer, a), plain.logprobs(layer, b)
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+        (ga,), (gb,) = torch.autograd.grad(fast.scoring.nll(la), a), torch.autograd.grad(plain.scoring.nll(lb), b)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "gpt2"])
+def test_evaluate_many_equals_one_evaluation_per_vector(family):
+    """The batched path (suffixes and prefix keys/values repeated per vector, one unembedding per chunk)
+    against `evaluate` one vector at a time, for mixed-length prompt groups and both steering positions."""
+    from icl_circuits.prompts import fake_pair_prompts
+
+    lm = _setup(family)
+    words = [x for x, _ in ANTONYMS]
+    pairs = [(" ".join(words[i : i + 1 + i % 3]), y) for i, (_, y) in enumerate(ANTONYMS)]  # inputs of 1-3 tokens
+    task = Task("mixed", tuple(pairs))
+    torch.manual_seed(0)
+    for batch, steer, n_tokens in (
+        (zero_shot_prompts(lm.tokenizer, task, 10, seed=3), False, 1),
+        (fake_pair_prompts(lm.tokenizer, Task("mixed", tuple((x, "X " + y) for x, y in pairs)), 10, seed=3), True, 2),
+    ):
+        for pass_cost in (0.0, 8.0, 1e9):  # many groups, the default, one group
+            st = ZeroShotSteering(lm, batch, [0, 1], n_tokens, steer_at=batch.output_mask("first") if steer else None,
+                                  pass_cost=pass_cost)  # fmt: skip
+            _check_many(st, torch.randn(5, lm.d_model) * 3)
+    with pytest.raises(ValueError):
+        st.evaluate_many(1, torch.zeros(lm.d_model))
+
+
+def _check_many(st: ZeroShotSteering, vecs: torch.Tensor) -> None:
+    """evaluate_many([k, d_model]) == k calls of evaluate, in one chunk and in several."""
+    for layer in (0, 1):
+        one = [st.evaluate(layer, v) for v in vecs]
+        # max_rows small enough to force several chunks of vectors
+        for many in (st.evaluate_many(layer, vecs), st.evaluate_many(layer, vecs, max_rows=2 * len(st.scoring.targets))):
+            assert [s.accuracy for s in many] == [s.accuracy for s in one]
+            for a, b in zip(many, one):
+                assert a.nll == pytest.approx(b.nll, rel=1e-5, abs=1e-6)

@@ -283,7 +283,22 @@ def clean_vector(
     bar = tqdm(range(cfg.max_steps), desc=f"cleaning {task or 'vector'}", disable=not progress, leave=False)
     step = 0
 
+    # evaluation snapshots: scored after the loop (or on divergence) in batches by `evaluate_many`, not one
+    # by one every eval_every steps; they do not feed back into the optimisation, so the result is the same
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, weights [d_sae])
+
+    def flush_evals() -> list[Score]:
+        scores: list[Score] = []
+        if pending and evaluation is not None:
+            with torch.no_grad():
+                vectors = torch.stack([decode(w) for _, w in pending])  # [n_snapshots, d_model]
+                scores = evaluation.evaluate_many(layer, vectors)
+            evals.extend((at, sc.nll) for (at, _), sc in zip(pending, scores))
+        pending.clear()
+        return scores
+
     def diverged(what: str, at: int) -> CleaningDiverged:
+        flush_evals()
         bad = [f"{n}={v}" for n, v in (("l1_coeff", cfg.l1_coeff), ("lr", cfg.lr)) if not math.isfinite(v)]
         hint = f"{' and '.join(bad)} is not a finite number" if bad else f"try a smaller lr (lr={cfg.lr}, l1_coeff={cfg.l1_coeff})"
         return CleaningDiverged(
@@ -310,7 +325,7 @@ def clean_vector(
         l0s.append(l0)
         losses.append(nll.item())
         if evaluation is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            evals.append((step + 1, evaluation.evaluate(layer, decode(w_new)).nll))
+            pending.append((step + 1, w_new))
         bar.set_postfix(l0=l0, nll=f"{losses[-1]:.3f}")
         # Alg. 1's early stopping: count steps since L0 last changed
         if l0 != last_l0:
@@ -320,11 +335,16 @@ def clean_vector(
             if same >= cfg.patience:
                 stopped = "patience"
                 break
-    out = result(last_good, step + 1, stopped)
+    steps = step + 1
+    score: Score | None = None
     if evaluation is not None:
-        score = evaluation.evaluate(layer, decode(out.weights))
-        if not evals or evals[-1][0] != out.steps:
-            out.eval_loss.append((out.steps, score.nll))
+        # the final weights are scored in the same batch as the snapshots (once, if the last snapshot is them)
+        if pending and pending[-1][0] == steps:
+            pending.pop()
+        pending.append((steps, last_good))
+        score = flush_evals()[-1]
+    out = result(last_good, steps, stopped)
+    if score is not None:
         out.scores["tvc"] = method_score(evaluation, score, out.l0)
         zero = evaluation.baseline.nll
         if math.isfinite(score.nll) and math.isfinite(zero) and score.nll > zero + 0.01 * abs(zero):  # >1% worse

@@ -25,6 +25,7 @@ from .cleaning import CleaningConfig, CleaningResult, clean_vector, frozen_decod
 from .distributed import gather_in_order, is_main, my_share, shared_run
 from .ito import ito_weights
 from .model import LM
+from .prefix_cache import PASS_COST
 from .prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
 from .sae.dictionary import JumpReLUSAE
 from .storage import ResumeLog, read_json, write_csv, write_json
@@ -70,8 +71,10 @@ def _prompts(tokenizer: object, pairs: Sequence[tuple[str, str]], setting: str, 
 
 def cleaning_setup(
     lm: LM, task: Task, layer: int, cfg: CleaningConfig = CleaningConfig(),
-    tv_cfg: TaskVectorConfig = TaskVectorConfig(), fmt: PromptFormat = PromptFormat(),
+    tv_cfg: TaskVectorConfig = TaskVectorConfig(), fmt: PromptFormat = PromptFormat(), *, pass_cost: float = PASS_COST,
 ) -> CleaningSetup:  # fmt: skip
+    """Raw vector and the train/evaluation steering batches; pass_cost: how the prefix caches group prompts into
+    suffix passes (`prefix_cache._partition`; it changes speed only, 0 = one pass per distinct prompt shape)."""
     if not 0 <= layer < lm.n_layers:
         raise ValueError(f"layer {layer} outside 0..{lm.n_layers - 1}")
     train_pairs, held_out = task.split(tv_cfg.eval_share, tv_cfg.seed)
@@ -99,7 +102,7 @@ def cleaning_setup(
         ZeroShotSteering(
             lm, b, [layer], cfg.n_score_tokens,
             steer_at=b.arrow_mask("last") if cfg.setting == "execution" else b.output_mask("first"),
-            unembed_dtype=dtype,
+            unembed_dtype=dtype, pass_cost=pass_cost,
         )
         for b, dtype in zip(batches, (getattr(torch, cfg.train_unembed), None))
     ]  # fmt: skip
@@ -112,25 +115,58 @@ def baseline_scores(setup: CleaningSetup, sae: JumpReLUSAE, ito_l0s: Sequence[in
     ev, layer = setup.evaluation, setup.layer
     decode = frozen_decoder(sae)
     f = sae.encode(setup.vector).float()  # [d_sae]
-    l0_tv = int((f > 0).sum())
+    ito = [ito_weights(sae, setup.vector, k) for k in ito_l0s]  # [d_sae] each
+    # every method's vector scored in one batched evaluation (`evaluate_many`) instead of one pass each
+    vectors = torch.stack([setup.vector.float(), decode(f), *(decode(w) for w in ito)])  # [2 + len(ito_l0s), d_model]
+    tv, rec, *ito_scores = ev.evaluate_many(layer, vectors)
     scores = {
         "zero_shot": method_score(ev, ev.baseline, 0),
-        "tv": method_score(ev, ev.evaluate(layer, setup.vector), None),
-        "sae_reconstruction": method_score(ev, ev.evaluate(layer, decode(f)), l0_tv),
+        "tv": method_score(ev, tv, None),
+        "sae_reconstruction": method_score(ev, rec, int((f > 0).sum())),
     }
-    for k in ito_l0s:
-        w = ito_weights(sae, setup.vector, k)
-        scores[f"ito_{k}"] = method_score(ev, ev.evaluate(layer, decode(w)), int((w > 0).sum()))
+    for k, w, sc in zip(ito_l0s, ito, ito_scores):
+        scores[f"ito_{k}"] = method_score(ev, sc, int((w > 0).sum()))
     return scores
 
 
 @torch.no_grad()
 def feature_effects(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResult) -> list[dict[str, float]]:
     """Per active cleaned feature: its weight, the effect of steering with it alone (with b_dec, as
-    every decoded vector has), and how much the cleaned vector's effect drops without it."""
+    every decoded vector has), and how much the cleaned vector's effect drops without it.
+
+    All 2 * L0 + 1 vectors (bias only, each feature alone, each feature left out) are scored in one
+    batched evaluation (`ZeroShotSteering.evaluate_many`); `feature_effects_one_by_one` is the direct loop."""
     ev, layer = setup.evaluation, setup.layer
     decode = frozen_decoder(sae)
+    w = result.weights.to(sae.device).float()  # [d_sae]
+    feats = result.features
+    idx = torch.tensor(feats, dtype=torch.long, device=w.device)  # [n]
+    rows = torch.arange(len(feats), device=w.device)
+    alone = torch.zeros(len(feats), w.shape[0], device=w.device)  # [n, d_sae]: feature i only
+    alone[rows, idx] = w[idx]
+    without = w.repeat(len(feats), 1)  # [n, d_sae]: every feature but i
+    without[rows, idx] = 0
+    codes = torch.cat([torch.zeros(1, w.shape[0], device=w.device), alone, without])  # [1 + 2n, d_sae]
     scored = result.scores.get("tvc")  # clean_vector already scored the cleaned vector on these prompts
+    if not scored:
+        codes = torch.cat([codes, w[None]])  # [2 + 2n, d_sae]
+    rel = [ev.relative_loss_decrease(sc) for sc in ev.evaluate_many(layer, decode(codes))]
+    full = scored["relative_loss_decrease"] if scored else rel[-1]
+    bias_only, n = rel[0], len(feats)
+    return [
+        dict(
+            index=i, weight=float(result.weights[i]), alone=rel[1 + j], drop_without=full - rel[1 + n + j], bias_only=bias_only
+        )
+        for j, i in enumerate(feats)
+    ]
+
+
+@torch.no_grad()
+def feature_effects_one_by_one(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResult) -> list[dict[str, float]]:
+    """`feature_effects` by one evaluation per vector (the reference the batched version is tested and timed against)."""
+    ev, layer = setup.evaluation, setup.layer
+    decode = frozen_decoder(sae)
+    scored = result.scores.get("tvc")
     full = scored["relative_loss_decrease"] if scored else ev.relative_loss_decrease(ev.evaluate(layer, decode(result.weights)))
     bias_only = ev.relative_loss_decrease(ev.evaluate(layer, decode(torch.zeros_like(result.weights))))
     rows = []

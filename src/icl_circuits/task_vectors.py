@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .model import LM
-from .prefix_cache import PrefixCache
+from .prefix_cache import PASS_COST, PrefixCache
 from .prompts import FAKE_PAIR, N_SCORE_TOKENS, PromptBatch, PromptFormat, fake_pair_prompts, icl_prompts, zero_shot_prompts
 from .sites import Intervention, Site
 from .tasks import Task
@@ -114,6 +114,7 @@ class ZeroShotSteering:
     def __init__(
         self, lm: LM, batch: PromptBatch, layers: Iterable[int], n_score_tokens: int = N_SCORE_TOKENS,
         steer_at: torch.Tensor | None = None, prefix_cache: bool = True, unembed_dtype: torch.dtype | None = None,
+        pass_cost: float = PASS_COST,  # how the prefix cache groups prompts into passes (`prefix_cache._partition`)
     ) -> None:
         self.lm, self.batch = lm, batch
         self.unembed_dtype = unembed_dtype  # e.g. torch.bfloat16 for fast optimisation steps (LM.logprobs_of)
@@ -139,7 +140,9 @@ class ZeroShotSteering:
         self.cache = {l: out.acts[Site(l, "resid_pre")] for l in layers}  # [batch, seq, d_model]
         self.baseline = Score(self.scoring.nll(out.logprobs).item(), self.scoring.accuracy(out.logprobs).item())
         # keys/values of the tokens before the first steered one: each evaluation re-runs only the rest
-        self.prefix = PrefixCache(lm, self.input_ids, self.steer_at, self.scoring.positions) if prefix_cache else None
+        self.prefix = (
+            PrefixCache(lm, self.input_ids, self.steer_at, self.scoring.positions, pass_cost) if prefix_cache else None
+        )
 
     def logprobs(self, layer: int, vector: torch.Tensor) -> torch.Tensor:
         """Differentiable: [n_scored, vocab] log-probs with `vector` [d_model] added at `steer_at` of resid_pre[layer]."""
@@ -169,6 +172,27 @@ class ZeroShotSteering:
     def evaluate(self, layer: int, vector: torch.Tensor) -> Score:
         lp = self.logprobs(layer, vector)
         return Score(self.scoring.nll(lp).item(), self.scoring.accuracy(lp).item())
+
+    @torch.no_grad()
+    def evaluate_many(self, layer: int, vectors: torch.Tensor, max_rows: int = 256) -> list[Score]:
+        """`evaluate` for each of vectors [k, d_model], batched: the blocks run once for up to max_rows scored
+        rows (vectors x scored positions) and the [vocab, d_model] unembedding is read once per such chunk,
+        instead of once per vector. Equal to k calls of `evaluate` up to float summation order."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.lm.d_model:
+            raise ValueError(f"vectors must be [k, d_model={self.lm.d_model}], got {tuple(vectors.shape)}")
+        if layer not in self.cache:
+            raise ValueError(f"layer {layer} was not cached; cached layers: {sorted(self.cache)}")
+        if self.prefix is None:  # no prefix cache: nothing to share but the loop
+            return [self.evaluate(layer, v) for v in vectors]
+        n = len(self.scoring.targets)  # scored rows per vector
+        per = max(1, max_rows // max(n, 1))  # vectors per chunk
+        scores = []
+        for i in range(0, len(vectors), per):
+            chunk = vectors[i : i + per]  # [c, d_model]
+            hidden = self.prefix.hidden_many(layer, self.cache[layer], self.steer_at, chunk)  # [c, n, d_model]
+            lp = self.lm.logprobs_of(hidden.flatten(0, 1), self.unembed_dtype).view(len(chunk), n, -1)  # [c, n, vocab]
+            scores += [Score(self.scoring.nll(x).item(), self.scoring.accuracy(x).item()) for x in lp]
+        return scores
 
     def relative_loss_decrease(self, score: Score) -> float:
         """(L_zero - L_steered) / L_zero: 1 = perfect, 0 = no effect, < 0 = worse."""
