@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_examples.py
 	$(VENV)/bin/python benchmarks/bench_circuits.py
 	$(VENV)/bin/python benchmarks/bench_tvc.py
+	$(VENV)/bin/python benchmarks/bench_negative.py
 
 # Starter suite v2 (docs/saes.md): one harvest feeds every SAE; two training processes share the 2 cores.
 SUITE_RESID := resid:6,resid:10,resid:11,resid:12,resid:13
