@@ -25,6 +25,7 @@ skipped, and a finished stage whose command line has changed is refused until it
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -34,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .storage import AppendLog, ConfigMismatch, RunDir, write_json
 
@@ -344,7 +345,8 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
             _say(cfg, f"[{st.name}] done in {seconds / 60:.1f} min")
 
         runner = _Runner(cfg, out, run_command)
-        runner.run([st for st in recipe.stages if st.name in todo], argvs, finish)
+        with _sigterm_as_interrupt():  # `kill` logs the attempt like Ctrl-C does, and stops the stage's children
+            runner.run([st for st in recipe.stages if st.name in todo], argvs, finish)
         for st in recipe.stages:
             rec = done.done.get(st.name)
             if rec is not None and same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out)):
@@ -414,45 +416,113 @@ class _Runner:
                     raise
                 finish(st, time.perf_counter() - t0, rc)
             return
-        import subprocess
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
         pending = list(stages)
         names = {st.name for st in stages}
-        running: dict[Any, tuple[Stage, float]] = {}
+        running: dict[str, tuple[Stage, float, Any]] = {}  # name -> (stage, start time, process)
         failed: StageFailed | None = None
-
-        def launch(st: Stage) -> int:
-            if self.run_command is not None:
-                return self.run_command(argvs[st.name])
-            with (self.out / f"{st.name}.log").open("w") as log:
-                return subprocess.call([sys.executable, "-m", "icl_circuits.cli", *argvs[st.name]], stdout=log, stderr=subprocess.STDOUT)
-
-        with ThreadPoolExecutor(self.cfg.jobs) as pool:
+        try:
             while pending or running:
-                finished_names = names - {s.name for s in pending} - {s.name for s, _ in running.values()}
+                started_or_done = names - {s.name for s in pending} - set(running)
                 while failed is None and len(running) < self.cfg.jobs:
-                    ready = next((s for s in pending if _deps(s) & names <= finished_names), None)
+                    ready = next((s for s in pending if _deps(s) & names <= started_or_done), None)
                     if ready is None:
                         break
                     pending.remove(ready)
                     _say(self.cfg, f"[{ready.name}] started: icl-circuits {' '.join(argvs[ready.name])} (log: {self.out / (ready.name + '.log')})")
-                    running[pool.submit(launch, ready)] = (ready, time.perf_counter())
+                    running[ready.name] = (ready, time.perf_counter(), self._start(ready, argvs[ready.name]))
                 if not running:
-                    break  # a failure stopped new launches, or nothing is ready (cannot happen: references go backwards)
-                complete, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in complete:
-                    st, t0 = running.pop(fut)
-                    try:
-                        rc = fut.result()
-                    except Exception:  # noqa: BLE001 - reported as a failed stage
-                        rc = 1
+                    break  # a failure stopped new launches
+                time.sleep(0.1)
+                for name, (st, t0, proc) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del running[name]
                     try:
                         finish(st, time.perf_counter() - t0, rc)
                     except StageFailed as e:  # let the running stages finish; start nothing new
                         failed = failed or e
+        except BaseException:  # Ctrl-C / SIGTERM: stop the children (their commands resume what they finished)
+            for st, t0, proc in running.values():
+                proc.stop()
+                finish(st, time.perf_counter() - t0, None)
+            raise
         if failed is not None:
             raise failed
+
+    def _start(self, st: Stage, argv: list[str]) -> "_Process | _Thread":
+        if self.run_command is not None:
+            return _Thread(self.run_command, argv)
+        return _Process(argv, self.out / f"{st.name}.log")
+
+
+class _Process:
+    """A stage's command in its own process, its output in a log file."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        import subprocess
+
+        self.log = log.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "icl_circuits.cli", *argv], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None:
+            self.log.close()
+        return rc
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class _Thread:
+    """A stage run by a Python callable in a thread (tests); poll() like a process."""
+
+    def __init__(self, fn: Callable[[list[str]], int], argv: list[str]) -> None:
+        import threading
+
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, argv), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[list[str]], int], argv: list[str]) -> None:
+        try:
+            self.rc = fn(argv)
+        except Exception:  # noqa: BLE001 - reported as a failed stage
+            self.rc = 1
+
+    def poll(self) -> int | None:
+        return None if self.thread.is_alive() else self.rc
+
+    def stop(self) -> None:
+        pass  # a thread cannot be stopped; it is a daemon
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the stages run (main thread only; restored afterwards)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class StageFailed(RuntimeError):
