@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 .PHONY: demo paper test bench saes sae-eval
-demo: $(STAMP)  ## the headline in <= 15 min on 2 cores: TV sweep, TVC + baselines on 6 tasks, a heatmap; prints the claims
+demo: $(STAMP)  ## the headline in <= 15 min on 2 cores: TV sweep, TVC + baselines on 4 tasks, a heatmap; prints the claims
 	$(VENV)/bin/icl-circuits reproduce --recipe demo --model gemma-3-270m --out runs/demo
 
 # Every experiment of the paper on the bundled model (hours on 2 cores; resumes after any interruption).

@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from icl_circuits.viewer import make_server
-    from tests.test_dashboards import SAE_NAME, make_real_run
+    from tests.helpers import SAE_NAME, make_real_run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -27,7 +27,7 @@ from icl_circuits.circuits import ERROR, NODE_TYPES, CircuitConfig, node_effects
 from icl_circuits.prompts import TYPE_ID
 from icl_circuits.sites import Intervention
 
-from .test_circuits import PAIRS, setup, tiny_saes, toy_batch, toy_task
+from .helpers import PAIRS, setup, tiny_saes, toy_batch, toy_task
 
 
 def _hf_metric(lm, batch, pairs="all_but_first"):

@@ -13,7 +13,7 @@ from icl_circuits.sae import cache as C
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from icl_circuits import Site
 from icl_circuits.corpus import CorpusError, generated, skip_docs, text_files
 from icl_circuits.sae.activations import ActivationStore, held_out_batches, token_batches
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]  # 4 specials + 120 pieces < VOCAB
 SITES = [Site(0, "resid_mid"), Site(0, "mlp_out"), Site(1, "resid_mid"), Site(1, "mlp_out")]

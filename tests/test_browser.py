@@ -18,7 +18,7 @@ import pytest
 
 from icl_circuits.viewer import make_server
 
-from .test_viewer import SCRIPT, make_run
+from .helpers import SCRIPT, make_run
 
 CHROMIUM = os.environ.get("ICL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ICL_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -150,7 +150,7 @@ def test_traversal_refused_in_browser(browser, base):
 # -- feature dashboards on a real run (tiny model + tiny SAEs + this package's writers; see test_dashboards.py) --
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from .test_dashboards import real_run
+    from .helpers import real_run
 
     run = real_run()
     srv = make_server(run["root"], "127.0.0.1", 0)
@@ -179,7 +179,7 @@ def _visible(d, css: str) -> None:
 def test_every_dashboard_panel_renders(browser, real):
     from selenium.webdriver.common.by import By
 
-    from .test_dashboards import SAE_NAME, _fired_latent, _steered_latent
+    from .helpers import SAE_NAME, _fired_latent, _steered_latent
 
     run, base = real
     d = browser
@@ -231,7 +231,7 @@ def test_every_dashboard_panel_renders(browser, real):
 def test_logit_lens_tokens_equal_direct_computation(browser, real):
     from selenium.webdriver.common.by import By
 
-    from .test_dashboards import SAE_NAME, direct_lens
+    from .helpers import SAE_NAME, direct_lens
 
     run, base = real
     lm, sae = run["lm"], run["sae"]
@@ -281,7 +281,7 @@ def test_circuit_node_links_open_their_feature_pages(browser, real):
 def test_markup_in_a_token_and_a_task_name_stays_text(browser, real):
     from selenium.webdriver.common.by import By
 
-    from .test_dashboards import EVIL_TASK, MARKUP, SAE_NAME, _fired_latent
+    from .helpers import EVIL_TASK, MARKUP, SAE_NAME, _fired_latent
 
     run, base = real
     d = browser

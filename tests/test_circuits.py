@@ -11,7 +11,6 @@ import torch
 
 from icl_circuits.circuits import (
     ERROR,
-    KIND_SITES,
     NODE_TYPES,
     CircuitConfig,
     aggregate_by_type,
@@ -27,53 +26,8 @@ from icl_circuits.circuits import (
 from icl_circuits.prompts import TYPE_ID, icl_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sites import Intervention, Site
-from icl_circuits.tasks import Task
 
-from .conftest import make_tiny, word_tokenizer
-
-PAIRS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("wet", "dry"), ("old", "new"),
-         ("rich", "poor"), ("hard", "soft"), ("dark", "light"), ("early", "late"), ("high", "low"), ("full", "empty")]  # fmt: skip
-WORDS = ["Follow", "the", "pattern:", "->"] + [w for p in PAIRS for w in p]
-
-
-def toy_task(name: str = "toy", pairs=PAIRS) -> Task:
-    return Task(name, tuple(pairs))
-
-
-def toy_batch(n_prompts: int = 3, n_shots: int = 3, seed: int = 0, task: Task | None = None):
-    tok = word_tokenizer(WORDS)
-    return icl_prompts(tok, task or toy_task(), n_prompts, n_shots, seed=seed), tok
-
-
-def tiny_saes(lm, layers=(0, 1), kinds=("resid", "attn", "transcoder"), d_sae=12, seed=0, threshold=0.05, dtype=torch.float32):
-    """Random JumpReLU SAEs with non-trivial scales, one per (kind, layer)."""
-    g = torch.Generator().manual_seed(seed)
-    d = lm.d_model
-    out = {}
-    for layer in layers:
-        for kind in kinds:
-            site, out_site = KIND_SITES[kind]
-            cfg = SAEConfig(d_in=d, d_sae=d_sae, kind=kind, model=lm.name, site=f"{site}.{layer}",
-                            out_site=f"{out_site}.{layer}" if kind == "transcoder" else None, layer=layer,
-                            input_scale=0.7, output_scale=1.3)  # fmt: skip
-            t = {
-                "W_enc": torch.randn(d, d_sae, generator=g) * 0.5,
-                "b_enc": torch.randn(d_sae, generator=g) * 0.2,
-                "W_dec": torch.randn(d_sae, d, generator=g) * 0.5,
-                "b_dec": torch.randn(d, generator=g) * 0.1,
-                "threshold": torch.full((d_sae,), threshold),
-            }
-            out[f"{kind}.{layer}"] = JumpReLUSAE(cfg, t, dtype=dtype)
-    return out
-
-
-def setup(family: str = "gemma3", layers=(0, 1), dtype=torch.float32, **kw):
-    lm, _ = make_tiny(family)
-    lm.model.to(dtype)
-    cfg = CircuitConfig(layers=layers, **kw)
-    saes = circuit_saes(lm, cfg, tiny_saes(lm, layers, cfg.kinds, dtype=dtype))
-    batch, tok = toy_batch()
-    return lm, cfg, saes, batch
+from .helpers import make_tiny, setup, tiny_saes, toy_batch
 
 
 def test_aggregation_hand_worked():
@@ -307,7 +261,7 @@ def test_circuits_take_attn_z_saes_skip_transcoders_and_resid_post_saes():
     from icl_circuits import LM
     from icl_circuits.ablation import SplicedModel
 
-    from .conftest import D, VOCAB
+    from .helpers import D, VOCAB
 
     # heads x head_dim (4 x 12) != d_model, as in real Gemma 3, so attn_z has its own width
     config = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

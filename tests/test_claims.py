@@ -40,7 +40,7 @@ def test_negative_counts_features_whose_worst_task_is_their_own(tmp_path: Path):
     neg = dict(tasks=["a", "b", "c"], features=[7, 8], owners={"7": ["a"], "8": ["a"]},
                drop=[[0.5, 0.1], [0.2, 0.3], [0.0, 0.0]])  # feature 7 hurts a most (own); 8 hurts b most (not own)
     _write(tmp_path / "h" / "negative.json", neg)
-    assert claims.negative({"heatmap_execution": tmp_path / "h"}) == ("1 of 2 executors hurt their own task most", "partly")
+    assert claims.negative({"negative_steering": tmp_path / "h"}) == ("1 of 2 executors hurt their own task most", "partly")
 
 
 def test_link_needs_a_large_own_drop_for_yes(tmp_path: Path):

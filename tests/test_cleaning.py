@@ -18,39 +18,7 @@ from icl_circuits.ito import gradient_pursuit, ito_weights
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering
 
-from .conftest import make_tiny, word_tokenizer
-from .test_task_vectors import ANTONYMS, UPPER
-
-MANY = ANTONYMS + UPPER + [(y, x) for x, y in ANTONYMS + UPPER]  # 48 pairs, no new words (the tiny vocab is 160)
-
-
-def _lm(family: str = "gemma3", dtype: torch.dtype = torch.float32):
-    lm, _ = make_tiny(family)
-    lm.model.to(dtype)
-    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
-
-
-def _sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0) -> JumpReLUSAE:
-    g = torch.Generator().manual_seed(seed)
-    d = lm.d_model
-    W_dec = torch.randn(d_sae, d, generator=g)
-    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
-    tensors = dict(
-        W_enc=W_dec.T.clone() + 0.3 * torch.randn(d, d_sae, generator=g),
-        b_enc=0.1 * torch.randn(d_sae, generator=g),
-        W_dec=W_dec * scale,
-        b_dec=0.05 * torch.randn(d, generator=g),
-        threshold=torch.full((d_sae,), 0.05),
-    )
-    cfg = SAEConfig(d_in=d, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, model=lm.name)
-    return JumpReLUSAE(cfg, tensors).to(lm.dtype)
-
-
-def _steering(lm, layer: int = 1, n: int = 6) -> ZeroShotSteering:
-    zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n, seed=1)
-    return ZeroShotSteering(lm, zero, layers=[layer])
+from .helpers import ANTONYMS, MANY, _lm, _sae, _steering
 
 
 def _direct_loss(lm, steering: ZeroShotSteering, layer: int, v: torch.Tensor) -> float:

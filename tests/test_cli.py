@@ -8,8 +8,7 @@ import pytest
 
 from icl_circuits.cli import main, parse_layers
 
-from .conftest import make_tiny, word_tokenizer
-from .test_task_vectors import ANTONYMS
+from .helpers import ANTONYMS, make_tiny, word_tokenizer
 
 
 def _saved(model, tokenizer, folder):
@@ -86,7 +85,7 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
 def test_clean_command_on_local_folder(tmp_path, capsys):
     from icl_circuits.sae.formats import save_sae
 
-    from .test_cleaning import MANY, _lm, _sae
+    from .helpers import MANY, _lm, _sae
 
     lm = _lm("llama")
     model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")
@@ -117,7 +116,7 @@ def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
     from icl_circuits.detection import MASS_TYPES
     from icl_circuits.sae.formats import save_sae
 
-    from .test_cleaning import MANY, _lm, _sae
+    from .helpers import MANY, _lm, _sae
 
     lm = _lm("llama")
     model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")

@@ -7,13 +7,9 @@ decoder cosines, densities, token-type masses); the pages over HTTP show every p
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import re
-import shutil
-import tempfile
 import threading
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -22,84 +18,8 @@ import torch
 from icl_circuits.dashboards import DashboardConfig, DashboardStore, build_dashboards, decoder_neighbours, logit_lens
 from icl_circuits.viewer import RunData, make_server
 
-from .conftest import make_tiny, word_tokenizer
-from .test_task_vectors import ANTONYMS, UPPER
-
-MARKUP = "<b>x</b>"  # a token carrying markup
-EVIL_TASK = "<img src=x onerror=alert(2)>"  # a task name carrying markup
-MANY = ANTONYMS + UPPER + [(y, x) for x, y in ANTONYMS + UPPER]
-WORDS = ["Follow", "the", "pattern:", "->", "X", "Y", MARKUP] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-SAE_NAME = "resid_1"
-LAYER = 1
-
-
-def tiny_lm():
-    lm, _ = make_tiny("gemma3")  # Gemma 3: a final RMSNorm with (1 + w) weights, randomised
-    lm.tokenizer = word_tokenizer(WORDS)
-    return lm
-
-
-def tiny_sae(lm, d_sae: int = 24, seed: int = 0, layer: int = LAYER):
-    from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
-
-    g = torch.Generator().manual_seed(seed)
-    d = lm.d_model
-    W_dec = torch.randn(d_sae, d, generator=g)
-    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
-    tensors = dict(W_enc=W_dec.T.clone() + 0.3 * torch.randn(d, d_sae, generator=g), b_enc=0.1 * torch.randn(d_sae, generator=g),
-                   W_dec=W_dec * 3.0, b_dec=0.05 * torch.randn(d, generator=g), threshold=torch.full((d_sae,), 0.05))  # fmt: skip
-    cfg = SAEConfig(d_in=d, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, model=lm.name, output_scale=1.25)
-    return JumpReLUSAE(cfg, tensors)
-
-
-def tasks():
-    from icl_circuits.tasks import Task
-
-    evil = [(x, MARKUP if i % 2 == 0 else y) for i, (x, y) in enumerate(MANY)]
-    return [Task("antonyms", tuple(MANY)), Task(EVIL_TASK, tuple(evil))]
-
-
-def make_real_run(root: Path, d_sae: int = 24) -> dict:
-    """A run directory written by the package's own code, as the CLI commands would leave it."""
-    from icl_circuits.ablation import CircuitRunConfig, run_circuit_task
-    from icl_circuits.circuits import CircuitConfig, circuit_saes
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.cleaning_runs import run_cleaning
-    from icl_circuits.examples import ExampleConfig, build_example_store
-    from icl_circuits.steering import HeatmapConfig, load_feature_sets, positive_heatmap
-    from icl_circuits.storage import write_json
-    from icl_circuits.task_vectors import TaskVectorConfig
-
-    torch.set_num_threads(1)
-    lm, sae, ts = tiny_lm(), None, tasks()
-    sae = tiny_sae(lm, d_sae)
-    sae0 = tiny_sae(lm, 16, seed=1, layer=0)  # the circuit's upstream SAE
-    run_cleaning(lm, sae, ts, LAYER, root / "cleaning", CleaningConfig(n_train=4, n_eval=4, max_steps=25, patience=5, l1_coeff=0.005),
-                 TaskVectorConfig(n_prompts=3, n_shots=3), sae_spec=f"resid:{LAYER}", progress=False)  # fmt: skip
-    sets, meta = load_feature_sets(root / "cleaning")
-    hm = positive_heatmap(lm, ts, sets, sae, HeatmapConfig(layer=LAYER, scale_grid=(1.0, 4.0), n_eval=4), out_dir=root / "heatmap", progress=False)
-    write_json(root / "heatmap" / "heatmap.json", hm.to_dict())  # what run_heatmap writes
-    ccfg = CircuitRunConfig(circuit=CircuitConfig(layers=(0, LAYER), kinds=("resid",)), n_prompts=3, n_shots=3, sizes=(1, 2, 4, 8),
-                            ie_quality_per_sae=0, edge_k=2, edges_per_target=2)  # fmt: skip
-    circ = circuit_saes(lm, ccfg.circuit, {f"resid.{LAYER}": sae, "resid.0": sae0})
-    run_circuit_task(lm, ts[0], circ, ccfg, root / "circuits", progress=False)
-    docs = [" ".join(w for pair in MANY[i : i + 6] for w in pair) for i in range(0, 40, 3)]
-    ecfg = ExampleConfig(seq_len=16, batch_size=4, top_k=3, per_bin=2, context_before=6, context_after=3)
-    build_example_store(lm, {SAE_NAME: sae, "resid_0": sae0}, docs, root / "examples" / "examples.sqlite", ecfg, progress=False)
-    build_dashboards(lm, {SAE_NAME: sae, "resid_0": sae0}, root, ts, DashboardConfig(n_prompts=3, n_shots=4, top_tokens=6, n_neighbours=5), progress=False)
-    return {"root": root, "lm": lm, "sae": sae, "sae0": sae0, "tasks": ts, "heatmap": hm}
-
-
-_RUN: dict = {}
-
-
-def real_run() -> dict:
-    """Built once per test process (test_browser.py uses the same run)."""
-    if not _RUN:
-        root = Path(tempfile.mkdtemp(prefix="icl-real-run-"))
-        atexit.register(shutil.rmtree, root, True)
-        _RUN.update(make_real_run(root))
-    return _RUN
+from .helpers import DASHBOARD_LAYER as LAYER
+from .helpers import EVIL_TASK, SAE_NAME, _fired_latent, _steered_latent, direct_lens, real_run
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +43,6 @@ def get(server, path: str) -> tuple[int, str, dict]:
     body = r.read().decode("utf-8", "replace")
     con.close()
     return r.status, body, dict(r.getheaders())
-
-
-def direct_lens(lm, sae, through_norm: bool = True) -> torch.Tensor:
-    """[d_sae, vocab] logits of each decoder direction, computed in one go (fine for a tiny model)."""
-    d = sae.W_dec.detach().float() / sae.cfg.output_scale
-    if through_norm:
-        norm = lm.model.model.norm
-        d = norm(d) - norm(torch.zeros_like(d[:1]))
-    return d @ lm.model.get_output_embeddings().weight.detach().float().T
 
 
 # -- the precomputed data against direct computations ------------------------------------------------
@@ -197,15 +108,6 @@ def test_neighbours_density_and_masses_equal_direct_computation(run):
 
 
 # -- the pages over HTTP -------------------------------------------------------------------------------
-def _fired_latent(run) -> int:
-    store = DashboardStore(run["root"] / "dashboards.sqlite")
-    return max(range(run["sae"].d_sae), key=lambda i: (len(store.feature(SAE_NAME, i).tasks), store.feature(SAE_NAME, i).n_fired))
-
-
-def _steered_latent(run) -> int:
-    return run["heatmap"].features[0]
-
-
 def test_feature_page_shows_every_panel(run, server):
     for latent in {_fired_latent(run), _steered_latent(run)}:
         status, body, headers = get(server, f"/feature/{SAE_NAME}/{latent}")

@@ -22,8 +22,7 @@ from icl_circuits.prompts import TYPE_ID
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sites import Intervention, Site
 
-from .conftest import FAMILIES, make_tiny, word_tokenizer
-from .test_steering import ANTONYMS, UPPER
+from .helpers import ANTONYMS, FAMILIES, UPPER, make_tiny, word_tokenizer
 
 
 def _setup(family: str = "gemma3"):

@@ -29,10 +29,7 @@ from icl_circuits import Task, zero_shot_prompts
 from icl_circuits.cli import build_parser, main
 from icl_circuits.loading import DTYPES, resolve_device, resolve_dtype
 
-from .conftest import make_tiny, word_tokenizer
-from .test_cleaning import MANY, _lm, _sae
-from .test_circuits import tiny_saes, toy_batch
-from .test_task_vectors import ANTONYMS
+from .helpers import ANTONYMS, MANY, _lm, _sae, make_tiny, tiny_saes, toy_batch, word_tokenizer
 
 # -- 1. the CLI ---------------------------------------------------------------------------------
 
@@ -320,19 +317,19 @@ def test_whole_runs_make_no_stray_cpu_tensors(module, name, request, one_thread)
 def _examples_run(tmp_path: Path) -> None:
     import random
 
-    from . import test_examples as te
+    from .helpers import EXAMPLE_WORDS, cli_examples_end_to_end
 
     lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(te.WORDS)
+    lm.tokenizer = word_tokenizer(EXAMPLE_WORDS)
     rng = random.Random(0)
-    docs = [" ".join(rng.choice(te.WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
-    te.test_cli_examples_end_to_end(lm, docs, tmp_path)  # `icl-circuits examples`
+    docs = [" ".join(rng.choice(EXAMPLE_WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
+    cli_examples_end_to_end(lm, docs, tmp_path)  # `icl-circuits examples`
 
 
 def _dashboards_run(tmp_path: Path) -> None:
-    from . import test_dashboards as td
+    from .helpers import real_run
 
-    td.real_run()  # build_dashboards: logit lens, density, ICL-prompt masses, neighbours
+    real_run()  # build_dashboards: logit lens, density, ICL-prompt masses, neighbours
 
 
 @pytest.mark.parametrize("run", [_examples_run, _dashboards_run], ids=["examples", "dashboards"])

@@ -16,8 +16,7 @@ from icl_circuits.distributed import gather_in_order, my_share, shared_run
 from icl_circuits.storage import RunBusy
 from icl_circuits.task_vectors import TaskVectorConfig
 
-from .conftest import run_ranks
-from .test_cleaning import MANY, _lm, _sae
+from .helpers import MANY, _lm, _sae, run_ranks
 
 TASKS = [Task("many", tuple(MANY)), Task("many2", tuple((y, x) for x, y in MANY))]
 TV_CFG = TaskVectorConfig(n_prompts=3, n_shots=3)
@@ -34,8 +33,9 @@ def _clean(out: Path):  # noqa: ANN202
 def _heatmap(out: Path):  # noqa: ANN202
     from icl_circuits.steering import FeatureSet, HeatmapConfig, positive_heatmap
 
-    from .test_steering import ANTONYMS, UPPER, _setup
-    from .test_steering import _sae as steering_sae
+    from .helpers import ANTONYMS, UPPER
+    from .helpers import _steering_sae as steering_sae
+    from .helpers import _steering_setup as _setup
 
     lm = _setup()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]

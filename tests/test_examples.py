@@ -11,11 +11,11 @@ import torch
 from icl_circuits import Site
 from icl_circuits.examples import ExampleConfig, ExampleStore, build_example_store, sample_keys
 from icl_circuits.sae.activations import token_batches
-from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import EXAMPLE_WORDS as WORDS
+from .helpers import cli_examples_end_to_end, make_tiny, word_tokenizer
+from .helpers import example_sae as tiny_sae
 
-WORDS = [f"w{i}" for i in range(50)] + ["<script>alert(1)</script>"]
 CFG = ExampleConfig(seq_len=12, batch_size=3, top_k=3, per_bin=2, max_bins=6, context_before=3, context_after=2,
                     commit_every=2, seed=7)  # fmt: skip
 
@@ -31,15 +31,6 @@ def lm():
 def docs() -> list[str]:
     rng = random.Random(0)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
-
-
-def tiny_sae(lm, site: str, d_sae: int = 12, seed: int = 0) -> JumpReLUSAE:
-    """Random SAE scaled so activations spread over several 0.5-wide bins (and some over max_bins)."""
-    g = torch.Generator().manual_seed(seed)
-    layer = int(site.split(".")[1])
-    cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, model=lm.name, site=site, layer=layer)
-    W = torch.randn(lm.d_model, d_sae, generator=g) * 15
-    return JumpReLUSAE(cfg, {"W_enc": W, "threshold": torch.full((d_sae,), 0.1), "W_dec": torch.randn(d_sae, lm.d_model, generator=g)})
 
 
 def fmix_key(uid: int, latent: int, seed: int) -> int:
@@ -195,22 +186,4 @@ def test_bad_inputs(lm, docs, tmp_path):
 
 def test_cli_examples_end_to_end(lm, docs, tmp_path):
     """`icl-circuits examples` on a saved tiny model and SAE: a store, a summary, a plot and a report."""
-    from icl_circuits.cli import main
-    from icl_circuits.sae.formats import save_sae
-
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
-    sae = tiny_sae(lm, "resid_post.0", seed=1)
-    sae.cfg.model = ""  # the folder's name is the model's name here
-    save_sae(sae, tmp_path / "sae")
-    (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:12]))
-    out = tmp_path / "run"
-    argv = ["examples", "--model", str(tmp_path / "model"), "--saes", f"mine={tmp_path / 'sae'}", "--corpus",
-            str(tmp_path / "corpus.txt"), "--out", str(out), "--seq-len", "12", "--batch-size", "3", "--quiet"]  # fmt: skip
-    assert main(argv) == 0
-    store = ExampleStore(out / "examples.sqlite")
-    assert store.saes()[0]["name"] == "mine" and store.count("mine") > 0
-    for name in ("summary.csv", "latent_density.png", "latent_density.svg", "report.html"):
-        assert (out / name).is_file(), name
-    assert "latent_density.png" in (out / "report.html").read_text()
-    assert main(argv) == 0  # a second run finds the complete store and only re-reports
+    cli_examples_end_to_end(lm, docs, tmp_path)  # in tests/helpers.py: test_device.py runs it too

@@ -9,7 +9,7 @@ import transformers as tf
 from icl_circuits import LM, Intervention, Site
 from icl_circuits.sites import SITE_KINDS
 
-from .conftest import VOCAB, make_tiny
+from .helpers import VOCAB, make_tiny
 
 ALL_SITES = [Site(l, k) for l in range(2) for k in SITE_KINDS]
 

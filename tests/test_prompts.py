@@ -8,7 +8,7 @@ import torch
 from icl_circuits import build_prompt
 from icl_circuits.prompts import TOKEN_TYPES, TYPE_ID, PromptBatch
 
-from .conftest import word_tokenizer
+from .helpers import word_tokenizer
 
 WORDS = ["Follow", "the", "pattern:", "->", "hot", "cold", "big", "small", "fast", "slow", "had", "gone", "United", "States", "Washington"]
 

@@ -16,7 +16,7 @@ from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sae.formats import save_sae
 from icl_circuits.storage import ConfigMismatch
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 PAIRS = [(f"w{i}", f"w{(i + 1) % 36}") for i in range(36)]  # 18 training pairs (the detection sweep takes 16 shots); a small vocab
 
@@ -75,8 +75,13 @@ args = {{ tasks = "{{tasks}}", layer = 0, setting = "detection", sae = "{saes[0]
 [[stage]]
 name = "heatmap_execution"
 command = "heatmap"
-args = {{ results = "{{stage:tvc_execution}}", n_eval = 4, scale_grid = "1,4", min_effect = 0, negative = true, negative_features = "top", negative_prompts = 2, negative_shots = 3, negative_n_scales = 2 }}
+args = {{ results = "{{stage:tvc_execution}}", n_eval = 4, scale_grid = "1,4", min_effect = 0 }}
 publish = ["*.png", "*.csv"]
+[[stage]]
+name = "negative_steering"
+command = "heatmap"
+args = {{ results = "{{stage:tvc_execution}}", positive = "{{stage:heatmap_execution}}/heatmap.json", n_eval = 4, scale_grid = "1,4", min_effect = 0, negative = true, negative_features = "top", negative_prompts = 2, negative_shots = 3, negative_n_scales = 2 }}
+publish = ["*negative*"]
 [[stage]]
 name = "heatmap_detection"
 command = "heatmap"
@@ -120,10 +125,11 @@ def test_reproduce_runs_every_stage_then_resumes_after_an_interruption(setup: di
     calls.clear()
     res = reproduce(cfg, run_command=lambda argv: calls.append(argv[0]) or main(argv))
     # finished stages were not redone; the interrupted one ran again (its command resumes its own units)
-    assert calls == ["clean", "heatmap", "heatmap", "detectors", "circuit"]
+    assert calls == ["clean", "heatmap", "heatmap", "heatmap", "detectors", "circuit"]
     status = {s.name: s.status for s in res.stages}
     assert status == {"task_vectors": "done", "detection_sweep": "done", "tvc_execution": "done", "tvc_detection": "done",
-                      "heatmap_execution": "done", "heatmap_detection": "done", "detectors": "done", "circuits": "done",
+                      "heatmap_execution": "done", "negative_steering": "done", "heatmap_detection": "done", "detectors": "done",
+                      "circuits": "done",
                       "circuits_10_17": "skipped"}  # fmt: skip
     # the interrupted stage's wall time counts both attempts
     attempts = [json.loads(l)["key"] for l in (out / "attempts.jsonl").read_text().splitlines()[1:]]
@@ -240,3 +246,22 @@ def test_a_moved_run_folder_resumes(setup: dict, tmp_path: Path) -> None:
     calls: list[list[str]] = []
     res = reproduce(ReproduceConfig(**{**cfg.__dict__, "out": tmp_path / "b", "threads": 2}), run_command=calls.append)
     assert calls == [] and res.stages[0].status == "done"  # nothing re-ran: another --threads changes no result
+
+
+def test_a_failed_parallel_stage_stops_new_launches(setup: dict, tmp_path: Path) -> None:
+    from icl_circuits.reproduce import StageFailed
+
+    recipe = tmp_path / "par.toml"
+    recipe.write_text('[[stage]]\nname = "a"\ncommand = "tasks"\n[[stage]]\nname = "c"\ncommand = "heatmap"\n'
+                      'args = { results = "{stage:a}" }\n')  # fmt: skip
+    calls: list[str] = []
+
+    def fails(argv: list[str]) -> int:
+        calls.append(argv[0])
+        return 2
+
+    out = tmp_path / "run"
+    with pytest.raises(StageFailed, match="stage a failed .exit code 2"):
+        reproduce(ReproduceConfig(recipe=str(recipe), out=out, model=setup["model"], jobs=2, progress=False), run_command=fails)
+    assert calls == ["tasks"]  # c, which reads a's folder, never started
+    assert (out / "attempts.jsonl").read_text().count('"a#') == 1 and '"a"' not in (out / "stages.jsonl").read_text()

@@ -14,7 +14,7 @@ from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
 from icl_circuits.sae.training import SAESpec, TrainConfig, train_from_cache
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 torch.set_num_threads(1)
 WORDS = [f"w{i}" for i in range(60)]

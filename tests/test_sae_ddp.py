@@ -28,7 +28,7 @@ import torch
 from icl_circuits.sae.dictionary import SAEConfig
 from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
 
-from .conftest import make_tiny, run_ranks, word_tokenizer
+from .helpers import make_tiny, run_ranks, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
 D_IN, D_SAE = 16, 48

@@ -8,7 +8,7 @@ import torch
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sae.evaluation import evaluate_saes
 
-from .conftest import VOCAB, make_tiny
+from .helpers import VOCAB, make_tiny
 
 
 def _batches(n=2, b=3, s=10, seed=0):

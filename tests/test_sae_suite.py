@@ -12,7 +12,7 @@ from icl_circuits.sae import suite
 from icl_circuits.sae.formats import load_sae, save_sae
 from icl_circuits.sae.training import TrainConfig, train_saes
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
 

@@ -10,7 +10,7 @@ import torch
 from icl_circuits.sae.formats import load_saelens, load_sae
 from icl_circuits.sae.training import SAESpec, TrainConfig, train_saes
 
-from .conftest import make_tiny, run_ranks, word_tokenizer
+from .helpers import make_tiny, run_ranks, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
 SPECS = ["resid:1", "attn:0", "transcoder:1"]

@@ -14,7 +14,7 @@ from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sites import Site
 from icl_circuits.splice import SAESplice, in_out_sites, splice
 
-from .conftest import FAMILIES, VOCAB, make_tiny
+from .helpers import FAMILIES, VOCAB, make_tiny
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # family -> (decoder blocks, the module inside a block whose output is mlp_out and whose input is mlp_in)

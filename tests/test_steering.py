@@ -29,7 +29,7 @@ from icl_circuits.steering import (
 )
 from icl_circuits.task_vectors import ZeroShotSteering
 
-from .conftest import make_tiny, word_tokenizer
+from .helpers import make_tiny, word_tokenizer
 
 ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("dark", "light"),
             ("hard", "soft"), ("tall", "short"), ("rich", "poor"), ("wet", "dry"), ("early", "late"), ("full", "empty")]  # fmt: skip

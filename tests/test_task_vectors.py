@@ -10,18 +10,7 @@ import torch
 from icl_circuits import Task, icl_prompts, zero_shot_prompts
 from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, extract_task_vectors, sweep_task
 
-from .conftest import make_tiny, word_tokenizer
-
-ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("dark", "light"),
-            ("hard", "soft"), ("tall", "short"), ("rich", "poor"), ("wet", "dry"), ("early", "late"), ("full", "empty")]  # fmt: skip
-UPPER = [(w, w.upper()) for w in ("cat", "dog", "sun", "car", "tree", "book", "fish", "bird", "moon", "star", "milk", "rain")]
-
-
-def _setup(family: str = "gemma3"):
-    lm, _ = make_tiny(family)
-    words = ["Follow", "the", "pattern:", "->"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
+from .helpers import ANTONYMS, UPPER, _setup
 
 
 def _hf_hidden(lm, ids):

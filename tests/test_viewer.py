@@ -4,111 +4,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from icl_circuits.ablation import FaithfulnessCurve
-from icl_circuits.circuits import ERROR, Edge, NodeEffects, circuit_graph, save_graph
-from icl_circuits.cleaning import CleaningConfig, CleaningResult
-from icl_circuits.examples import ExampleConfig, build_example_store
+from icl_circuits.circuits import save_graph
 from icl_circuits.report import write_report
-from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
-from icl_circuits.steering import HeatmapConfig, HeatmapResult
 from icl_circuits.storage import write_json
 from icl_circuits.viewer import make_server
 
-from .conftest import make_tiny, word_tokenizer
-
-SCRIPT = "<script>alert(1)</script>"
-EVIL_TASK = "<img src=x onerror=alert(2)>"
-WORDS = ["hot", "cold", "big", "small", "fast", "slow", "up", "down", SCRIPT] + [f"w{i}" for i in range(30)]
-
-
-def make_run(root: Path) -> Path:
-    """A run directory as the other commands would leave it: an example store, a cleaned task
-    vector, a circuit, a steering heatmap and a figure. Latent 0 fires on the <script> token."""
-    lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(WORDS)
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS[:8] + WORDS[9:]) for _ in range(30)) for _ in range(20)]
-    docs[3] = "w1 w2 " + SCRIPT + " " + docs[3]
-    d_sae = 16
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(lm.d_model, d_sae, generator=g) * 15
-    emb = lm.model.get_input_embeddings().weight[lm.tokenizer.convert_tokens_to_ids(" " + SCRIPT)].detach()
-    W[:, 0] = 3 * emb / emb.norm() ** 2  # latent 0: act 3 on the <script> token (resid_pre.0 = its embedding)
-    thr = torch.full((d_sae,), 0.1)
-    thr[0] = 2.0
-    cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, model=lm.name, site="resid_pre.0", layer=0)
-    sae = JumpReLUSAE(cfg, {"W_enc": W, "threshold": thr, "W_dec": torch.randn(d_sae, lm.d_model, generator=g)})
-    ecfg = ExampleConfig(seq_len=16, batch_size=4, top_k=4, per_bin=2, context_before=6, context_after=3)
-    build_example_store(lm, {"resid_0": sae}, docs, root / "examples" / "examples.sqlite", ecfg, progress=False)
-
-    # every result file below is written by its real writer, from a small object
-    scores = {"tv": {"l0": None, "nll": 2.0, "accuracy": 0.5, "relative_loss_decrease": 0.7},
-              "tvc": {"l0": 2.0, "nll": 2.1, "accuracy": 0.5, "relative_loss_decrease": 0.61}}  # fmt: skip
-    cleaning_result("antonyms", 0, "execution", {0: 1.5, 3: 0.7}, {0: 1.0, 3: 0.9, 5: 0.4, 7: 0.2}, d_sae, lm.d_model, scores).save(root / "antonyms")
-    cleaning_result(EVIL_TASK, 0, "execution", {5: 0.3}, {0: 1.0, 3: 0.9, 5: 0.4, 7: 0.2}, d_sae, lm.d_model).save(root / "evil")
-    # the circuit module's graph ('resid.0' names the SAE at resid_pre.0) and its faithfulness curve
-    save_graph(circuit_graph_of("antonyms", d_sae), root / "antonyms" / "graph.json")
-    write_json(root / "antonyms" / "faithfulness.json", FaithfulnessCurve("antonyms", [1, 3], [-1.0, -0.5], [-1.8, -1.9], -0.4, -2.0, [0, 0], 4).to_dict())
-    # the steering module's heatmap (what run_heatmap writes)
-    write_json(root / "heatmap.json", heatmap_result(["antonyms", "en_fr"], [0, 3], [[0.42, 0.11], [0.05, 0.0]], "execution", 0).to_dict())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from icl_circuits.storage import save_figure
-
-    fig, ax = plt.subplots(figsize=(3, 2))
-    ax.plot([1, 2, 3], [0.4, 0.8, 0.9])
-    ax.set_title("faithfulness")
-    save_figure(fig, root / "antonyms" / "faithfulness")
-    plt.close(fig)
-    (root / "notes.txt").write_text(f"corpus says {SCRIPT}\n")
-    return root
-
-
-def cleaning_result(task: str, layer: int, setting: str, weights: dict[int, float], initial: dict[int, float], d_sae: int = 16,
-                    d_model: int = 8, scores: dict | None = None) -> CleaningResult:  # fmt: skip
-    """A small TVC result as clean_vector returns it (save() writes cleaning.json + cleaning.safetensors)."""
-    w, w0 = torch.zeros(d_sae), torch.zeros(d_sae)
-    w[list(weights)], w0[list(initial)] = torch.tensor(list(weights.values())), torch.tensor(list(initial.values()))
-    return CleaningResult(
-        task=task, layer=layer, setting=setting, sae_spec=f"resid:{layer}", config=CleaningConfig(l1_coeff=0.01, setting=setting).to_dict(),
-        weights=w, initial_weights=w0, vector=torch.zeros(d_model), l0_history=[len(initial), len(weights)], train_loss=[2.5, 2.2],
-        eval_loss=[(1, 2.4), (2, 2.1)], steps=2, stopped="patience", seconds=0.1, scores=scores or {},
-        feature_effects=[{"index": i, "weight": v, "alone": 0.1 * v, "drop_without": 0.0, "bias_only": 0.0} for i, v in weights.items()],
-    )  # fmt: skip
-
-
-def heatmap_result(tasks: list[str], features: list[int], raw: list[list[float]], setting: str, layer: int) -> HeatmapResult:
-    """A small steering heatmap (raw is tasks x features), every task owning every feature."""
-    return HeatmapResult(
-        tasks=tasks, features=features, raw=torch.tensor(raw, dtype=torch.float64), scales=[1.0] * len(features),
-        owners={f: list(tasks) for f in features}, in_task_vector={f: list(tasks) for f in features}, baselines={t: 2.0 for t in tasks},
-        grid={t: {f: [0.1] for f in features} for t in tasks}, config=HeatmapConfig(setting=setting, layer=layer).to_dict(),
-    )  # fmt: skip
-
-
-def circuit_graph_of(task: str, d_sae: int) -> dict:
-    """circuit_graph of resid.0 -> attn.1 (3 latents each): two resid.0 latents and its error node feed attn.1 #2."""
-    types = ("input", "arrow", "output")
-    eff = NodeEffects(["resid.0", "attn.1"], types, {"resid.0": torch.zeros(3, d_sae + 1), "attn.1": torch.zeros(3, 4)}, -1.2)
-    eff.effects["resid.0"][1, 0], eff.effects["resid.0"][2, 3], eff.effects["resid.0"][1, d_sae] = 0.5, -0.2, 0.1
-    eff.effects["attn.1"][1, 2] = 0.3
-    to = eff.flat_id("attn.1", 2, "arrow")
-    edges = [Edge(eff.flat_id("resid.0", 0, "arrow"), to, 0.8), Edge(eff.flat_id("resid.0", 3, "output"), to, -0.1),
-             Edge(eff.flat_id("resid.0", ERROR, "arrow"), to, 0.05)]  # fmt: skip
-    return {**circuit_graph(eff, edges), "task": task}  # run_circuit_task adds the task name
+from .helpers import EVIL_TASK, SCRIPT, cleaning_result, circuit_graph_of, heatmap_result, make_run
 
 
 @pytest.fixture(scope="module")

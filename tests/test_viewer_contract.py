@@ -18,7 +18,7 @@ import pytest
 from icl_circuits.cli import main
 from icl_circuits.viewer import RunData, make_server
 
-from .test_cleaning import MANY, _lm, _sae
+from .helpers import MANY, _lm, _sae
 
 
 def _fmt(x: float) -> str:

@@ -42,6 +42,7 @@ import torch
 from .model import LM, RunOutput
 from .prompts import N_SCORE_TOKENS, TYPE_ID, PromptBatch, Scoring
 from .sae.dictionary import JumpReLUSAE
+from .sae.registry import SAERef
 from .sites import Site
 from .splice import in_out_sites, splice
 from .storage import read_json, save_figure, write_json
@@ -91,15 +92,19 @@ class CircuitConfig:
 
 # -- the SAE set ------------------------------------------------------------------------------
 def sae_key(kind: str, layer: int) -> str:
-    return f"{kind}.{layer}"
+    """('resid', 11) -> 'resid.11', the key of node names and graph files (SAERef.key)."""
+    return SAERef(kind, layer).key
 
 
 def parse_key(key: str) -> tuple[str, int]:
-    """'resid.11' or 'resid:11' -> ('resid', 11)."""
-    kind, sep, layer = key.replace(":", ".").partition(".")
-    if not sep or kind not in SAE_KINDS or not layer.isdigit():
+    """'resid.11', 'resid:11' or any other SAERef spelling of a kind and layer -> ('resid', 11)."""
+    try:
+        ref = SAERef.parse(key)
+    except ValueError:
+        ref = None
+    if ref is None or ref.kind is None or ref.layer is None or not ref.is_starter:
         raise ValueError(f"bad SAE key {key!r}; use '<kind>.<layer>' with kind in {SAE_KINDS}, e.g. 'resid.11'")
-    return kind, int(layer)
+    return ref.kind, ref.layer
 
 
 @dataclass
@@ -148,9 +153,7 @@ def circuit_saes(
             if sae is None:
                 if saes is not None and given:
                     raise ValueError(f"no SAE given for {key!r} (given: {sorted(given)}); pass one or drop the layer/kind")
-                from .sae.suite import starter_sae
-
-                sae = starter_sae(lm, f"{kind}:{layer}", train_if_missing=train_if_missing)
+                sae = SAERef(kind, layer).resolve(lm, train_if_missing=train_if_missing)
             check_sae(lm, key, sae)
             out[key] = sae.to(device=lm.device, dtype=lm.dtype)  # in place, like nn.Module.to
     return CircuitSAEs(out)

@@ -131,7 +131,7 @@ def specific_detectors(f: dict[str, Path]) -> tuple[str, str]:
 
 
 def negative(f: dict[str, Path]) -> tuple[str, str]:
-    d = _json(f["heatmap_execution"] / "negative.json")
+    d = _json(f["negative_steering"] / "negative.json")
     k = 0
     for j, feat in enumerate(d["features"]):
         col = [row[j] for row in d["drop"]]
@@ -229,7 +229,7 @@ CLAIMS: tuple[Claim, ...] = (
           "top feature's own effect > 0.05 and ≥ 2 × its effect on any other task; on most tasks", specific_executors),
     Claim("specific_detectors", "Sec. 3.2, Fig. 10", "most tasks have a task-specific detector", "most tasks", ("heatmap_detection",),
           "as for executors, on fake-pair prompts", specific_detectors),
-    Claim("negative", "App. F.1, Fig. 23", "removing an executor breaks its own task", "yes", ("heatmap_execution",),
+    Claim("negative", "App. F.1, Fig. 23", "removing an executor breaks its own task", "yes", ("negative_steering",),
           "the largest accuracy drop is on a task the feature belongs to, for most top executors", negative),
     Claim("link", "Sec. 4.2, Fig. 11", "ablating a detector lowers its own task's executor", "drops up to 1", ("detectors",),
           "own executor drops most for most detectors; yes needs an own drop ≥ 0.5 somewhere, else partly", link),

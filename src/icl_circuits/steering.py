@@ -850,25 +850,22 @@ def load_feature_sets(results_dir: str | Path, tasks: Sequence[str] | None = Non
 
 
 def sae_from_spec(lm: LM, spec: str) -> JumpReLUSAE:
-    """'resid:12' -> the starter SAE for lm; anything else is a path in any supported format."""
-    from .sae.formats import load_any
-    from .sae.suite import starter_sae
+    """A result's recorded `sae_spec` ('resid:12': the starter SAE; else a path in any supported format) -> the SAE on lm's device."""
+    from .sae.registry import SAERef
 
-    kind, _, layer = spec.partition(":")
-    if layer.isdigit() and kind in ("resid", "attn", "transcoder"):
-        return starter_sae(lm, spec, train_if_missing=False)
-    sae = load_any(spec)
-    sae.check_compatible(lm)
-    return sae.to(lm.device)  # starter_sae already is there
+    return SAERef.parse(spec).resolve(lm, train_if_missing=False)
 
 
 def run_heatmap(
     lm: LM, results_dir: str | Path, out_dir: str | Path, figures_dir: str | Path | None = None, name: str | None = None,
     tasks: Sequence[str] | None = None, top_k: int | None = None, overrides: dict | None = None,
     floor: float = 0.2, min_effect: float = 0.0, negative: NegativeConfig | None = None, all_rows: bool = False,
-    negative_features: Sequence[int] | None = None, progress: bool = True,
+    negative_features: Sequence[int] | None = None, progress: bool = True, positive: HeatmapResult | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results."""
+    """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results.
+
+    positive: a finished positive heatmap of the same results (e.g. another run's heatmap.json), used instead of
+    computing one: negative steering then runs as a step of its own."""
     from .storage import write_csv
     from .tasks import task_of_result
 
@@ -885,7 +882,13 @@ def run_heatmap(
     cfg = HeatmapConfig(setting=meta["setting"], layer=meta["layer"], **(overrides or {}))
     task_objs = [task_of_result(Path(results_dir) / n, n) for n in sets]  # built-in rows without a result fall back by name
     out = Path(out_dir)
-    res = positive_heatmap(lm, task_objs, sets, sae, cfg, out_dir=out, progress=progress)
+    if positive is not None:
+        if sorted(positive.tasks) != sorted(sets) or positive.config.get("setting") != cfg.setting:
+            raise ValueError(f"the given positive heatmap covers tasks {sorted(positive.tasks)} ({positive.config.get('setting')}), "
+                             f"not the {cfg.setting} results' {sorted(sets)}")  # fmt: skip
+        res = positive
+    else:
+        res = positive_heatmap(lm, task_objs, sets, sae, cfg, out_dir=out, progress=progress)
     write_json(out / "heatmap.json", res.to_dict())
     name = name or f"{cfg.setting}{'_top' if cfg.top_only else ''}"
     figs = Path(figures_dir) if figures_dir else out

@@ -1,9 +1,10 @@
-"""Fault-injection helpers for tests/reliability: tiny models, a cut-off network, a disk that fills up."""
+"""Fault-injection fixtures for tests/reliability: a cut-off network, a disk that fills up.
+
+Fixtures only: the plain helpers (tiny_lm, saved_model, one_line_error, write_task) live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 
@@ -74,34 +75,3 @@ def disk_full(monkeypatch):
         return budget  # budget["left"] = 10**12 frees the disk again
 
     return arm
-
-
-def tiny_lm(family: str = "gemma3"):
-    from ..test_task_vectors import _setup
-
-    return _setup(family)
-
-
-def saved_model(tmp_path, lm=None):
-    """A tiny model + tokenizer saved as a local folder (what --model takes)."""
-    from ..test_cleaning import _lm
-
-    lm = lm or _lm("llama")
-    folder = tmp_path / "tiny_model"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return lm, folder
-
-
-def one_line_error(capsys) -> str:
-    """stderr of a failed command: exactly one line, starting 'error:'."""
-    err = capsys.readouterr().err.strip()
-    lines = [l for l in err.splitlines() if l.strip() and "it/s]" not in l]  # progress bars of the model load
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def write_task(path, pairs) -> str:
-    path.write_text(json.dumps([{"input": x, "output": y} for x, y in pairs]))
-    return str(path)

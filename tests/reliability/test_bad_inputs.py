@@ -11,8 +11,7 @@ import torch
 
 from icl_circuits.cli import main, parse_layers
 
-from ..test_cleaning import MANY
-from .conftest import one_line_error, saved_model, write_task
+from ..helpers import MANY, one_line_error, saved_model, write_task
 
 
 # -- task files ------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def test_clean_layer_out_of_range_refuses_before_any_sae_work(tmp_path, capsys, 
 def test_infinite_l1_is_named_not_blamed_on_lr(tmp_path, capsys):
     from icl_circuits.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
-    from ..test_cleaning import _lm, _sae, _steering
+    from ..helpers import _lm, _sae, _steering
 
     lm = _lm()
     with pytest.raises(CleaningDiverged) as err:
@@ -80,7 +79,7 @@ def test_infinite_lr_partial_holds_the_last_finite_step():
     """Issue 18 #5: `lr=inf` raised CleaningDiverged whose partial weights were NaN."""
     from icl_circuits.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
-    from ..test_cleaning import _lm, _sae, _steering
+    from ..helpers import _lm, _sae, _steering
 
     lm = _lm()
     with pytest.raises(CleaningDiverged) as err:
@@ -93,7 +92,7 @@ def test_a_collapsed_cleaning_is_flagged_in_the_result_and_report(tmp_path, caps
     """Issue 18 #5: lr=1e6 ends at L0 = 0 with a loss worse than zero-shot; it must say so."""
     from icl_circuits.cleaning import CleaningConfig, CleaningWarning, clean_vector, load_cleaning
 
-    from ..test_cleaning import _lm, _sae, _steering
+    from ..helpers import _lm, _sae, _steering
 
     lm = _lm()
     v = torch.randn(lm.d_model) * 3
@@ -109,7 +108,7 @@ def test_a_collapsed_cleaning_is_flagged_in_the_result_and_report(tmp_path, caps
 def _sae_folder(tmp_path, lm, model_dir):
     from icl_circuits.sae.formats import save_sae
 
-    from ..test_cleaning import _sae
+    from ..helpers import _sae
 
     sae = _sae(lm, layer=1, scale=3.0)
     sae.cfg.model = str(model_dir)
@@ -153,7 +152,7 @@ def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
     from icl_circuits.task_vectors import TaskVectorConfig
     from icl_circuits.tasks import Task
 
-    from ..test_cleaning import _lm, _sae
+    from ..helpers import _lm, _sae
 
     lm = _lm()
     sae = _sae(lm, scale=3.0)

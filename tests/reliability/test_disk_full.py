@@ -9,8 +9,7 @@ import pytest
 
 from icl_circuits.cli import main
 
-from ..test_cleaning import MANY
-from .conftest import one_line_error, saved_model, write_task
+from ..helpers import MANY, one_line_error, saved_model, write_task
 
 
 def test_atomic_write_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, disk_full):

@@ -16,8 +16,7 @@ import pytest
 from icl_circuits.task_vectors import TaskVectorConfig
 from icl_circuits.tasks import Task
 
-from ..test_task_vectors import ANTONYMS, UPPER
-from .conftest import tiny_lm
+from ..helpers import ANTONYMS, UPPER, tiny_lm
 
 CFG = TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4, batch_size=2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +58,7 @@ def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
     from icl_circuits.cleaning import CleaningConfig
     from icl_circuits.tasks import task_of_result
 
-    from ..test_cleaning import MANY, _lm, _sae
+    from ..helpers import MANY, _lm, _sae
 
     lm, sae = _lm(), None
     sae = _sae(lm, scale=3.0)
@@ -81,7 +80,7 @@ def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
     from icl_circuits.cleaning import CleaningConfig
     from icl_circuits.tasks import task_of_result
 
-    from ..test_cleaning import MANY, _lm, _sae
+    from ..helpers import MANY, _lm, _sae
 
     lm = _lm()
     user = Task("antonyms", tuple(MANY))
@@ -106,7 +105,7 @@ def test_circuits_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
     from icl_circuits.ablation import CircuitRunConfig, run_circuits
     from icl_circuits.circuits import CircuitConfig
 
-    from ..test_circuits import PAIRS, setup, tiny_saes, toy_batch, toy_task
+    from ..helpers import PAIRS, setup, tiny_saes, toy_batch, toy_task
 
     lm, _, _, _ = setup()
     lm.tokenizer = toy_batch()[1]
@@ -136,8 +135,7 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
 def test_resume_under_another_config_is_refused_on_the_cli(tmp_path, capsys):
     from icl_circuits.cli import main
 
-    from ..test_cleaning import MANY
-    from .conftest import saved_model, one_line_error, write_task
+    from ..helpers import MANY, one_line_error, saved_model, write_task
 
     _, model = saved_model(tmp_path)
     task = write_task(tmp_path / "many.json", MANY)
@@ -205,7 +203,7 @@ import sys, time
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from tests.test_task_vectors import _setup, ANTONYMS
+from tests.helpers import _setup, ANTONYMS
 from icl_circuits import sweep
 from icl_circuits.task_vectors import TaskVectorConfig
 from icl_circuits.tasks import Task

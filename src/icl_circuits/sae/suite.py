@@ -24,7 +24,8 @@ from ..model import LM
 from ..storage import read_json
 from .dictionary import JumpReLUSAE
 from .formats import load_sae, save_sae, with_config
-from .training import SAESpec, TrainConfig
+from .registry import SAERef
+from .training import TrainConfig
 
 SUITE_VERSION = 2
 STARTER_SPECS = (
@@ -49,8 +50,11 @@ def suite_cache_dir(model: str) -> Path:
 
 
 def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool = True) -> JumpReLUSAE:
-    """The starter SAE `spec` ('resid:12', 'attn:11', 'transcoder:12', ...) for `lm`, as float32 on lm's device."""
-    name = SAESpec.parse(spec).name
+    """The starter SAE `spec` ('resid:12', 'attn:11', 'transcoder:12', any SAERef spelling) for `lm`, as float32 on lm's device."""
+    ref = SAERef.parse(spec)
+    if not ref.is_starter:
+        raise ValueError(f"starter_sae: {spec!r} names a file, not a starter SAE (use SAERef.parse(spec).resolve(lm))")
+    name = ref.name
     for folder in (shipped_dir(lm.name) / name, suite_cache_dir(lm.name) / name / "saes" / name):
         if (folder / "config.json").is_file():
             sae = load_sae(folder, dtype=torch.float32)
@@ -65,7 +69,7 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
     from .training import train_saes
 
     run = suite_cache_dir(lm.name) / name
-    cfg = TrainConfig(specs=[spec], **STARTER_RECIPE)
+    cfg = TrainConfig(specs=[ref.spec], **STARTER_RECIPE)  # 'resid:12', as train_config.json always recorded
     print(f"training the missing starter SAE {name} for {lm.name} into {run} (resumes if interrupted)")
     sae = train_saes(lm, from_spec(STARTER_CORPUS, lm, progress=progress), cfg, run, progress=progress)[name].float()
     return _stamp(sae, run / "saes" / name).to(lm.device)

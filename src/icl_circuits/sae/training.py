@@ -44,6 +44,7 @@ from .activations import ActivationStore
 from .dictionary import JumpReLUSAE, SAEConfig
 from .distributed import DistRowComm, my_rows
 from .formats import save_sae, save_saelens
+from .registry import SAERef
 from .trainers import SAETrainer, TrainerConfig
 
 if TYPE_CHECKING:
@@ -63,14 +64,19 @@ class SAESpec:
 
     @classmethod
     def parse(cls, text: str) -> "SAESpec":
-        kind, _, layer = text.partition(":")
-        if kind not in KINDS or not layer.isdigit():
-            raise ValueError(f"bad SAE spec {text!r}; use e.g. 'resid:12', 'attn:12' or 'transcoder:12'")
-        return cls(kind, int(layer))
+        """Any SAERef spelling of a kind and layer ('resid:12', 'resid_12', 'attn_out.12'); not a path."""
+        ref = SAERef.parse(text)
+        if ref.kind is None or ref.layer is None or not ref.is_starter:
+            raise ValueError(f"bad SAE spec {text!r}: training needs a kind and layer, e.g. 'resid:12', 'attn:12' or 'transcoder:12'")
+        return cls(ref.kind, ref.layer)
+
+    @property
+    def ref(self) -> SAERef:
+        return SAERef(self.kind, self.layer)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_{self.layer}"
+        return self.ref.name
 
     @property
     def in_site(self) -> Site:

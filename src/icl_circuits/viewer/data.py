@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from ..examples import Example, ExampleStore
 from ..report import walk_files
 from ..steering import HeatmapResult
 from .formats import (
-    CLEANING_FILE, FAITHFULNESS_FILE, GRAPH_FILE, HEATMAP_FILE, CircuitView, HeatmapView, TaskView, faithfulness_series, sae_key,
+    CLEANING_FILE, FAITHFULNESS_FILE, GRAPH_FILE, HEATMAP_FILE, CircuitView, HeatmapView, TaskView, faithfulness_series, sae_key, starter_ref,
 )  # fmt: skip
 
 MAX_JSON_BYTES = 20 * 2**20
@@ -184,14 +183,14 @@ class RunData:
             for s in st.saes():
                 if s["site"] == str(key):
                     return s["name"]
-        if isinstance(key, str) and re.match(r"^[a-z]+[._:]\d+$", key):  # a circuit key 'resid.12' names the SAE at resid_pre.12
+        ref = starter_ref(key) if isinstance(key, str) else None
+        if ref is not None:  # a circuit key 'resid.12' names the SAE at resid_pre.12
             from ..circuits import KIND_SITES
 
-            kind, _, layer = re.split(r"([._:])", key)
-            site = f"{KIND_SITES[kind][0]}.{layer}" if kind in KIND_SITES else None
+            site = f"{KIND_SITES[ref.kind][0]}.{ref.layer}"
             for st in [*self.stores, *self.dashboards]:
                 for s in st.saes():
-                    if site and s["site"] == site:
+                    if s["site"] == site:
                         return s["name"]
         return None
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..ablation import FaithfulnessCurve
 from ..circuits import ERROR, Edge
 from ..cleaning import CleaningResult
+from ..sae.registry import SAERef
 from ..steering import HeatmapResult
 
 CLEANING_FILE = "cleaning.json"
@@ -31,8 +32,19 @@ HEATMAP_FILE = "heatmap.json"
 
 
 def sae_key(spec: Any) -> str:
-    """'resid:12' / 'resid_12' / 'resid.12' -> 'resid_12' (the names example stores use)."""
-    return re.sub(r"[:.\-/ ]", "_", str(spec).strip())
+    """'resid:12' / 'resid_12' / 'resid.12' / 'resid_pre.12' -> 'resid_12' (the names example stores use);
+    any other name with ':', '.', '-', '/' or ' ' in it gets '_' there (store names are written that way)."""
+    ref = starter_ref(spec)
+    return ref.name if ref is not None else re.sub(r"[:.\-/ ]", "_", str(spec).strip())
+
+
+def starter_ref(spec: Any) -> SAERef | None:
+    """The starter-suite SAE a spec names, or None for a path, a free name or a bad spec."""
+    try:
+        ref = SAERef.parse(str(spec))
+    except ValueError:
+        return None
+    return ref if ref.is_starter else None
 
 
 def _is_num(x: Any) -> bool:
@@ -43,8 +55,8 @@ def cleaning_sae(spec: str, layer: int) -> str:
     """The viewer's name of a TVC result's SAE. sae_spec is a starter spec ('resid:12' -> 'resid_12') or,
     for `clean --sae FOLDER`, the folder; cleaning always steers with the residual SAE at resid_pre.{layer}
     (cleaning.check_steering_sae), so a folder is named 'resid_{layer}', as heatmaps of that layer are."""
-    kind, _, at = spec.partition(":")
-    return sae_key(spec) if at.isdigit() and kind.isidentifier() else f"resid_{layer}"
+    ref = starter_ref(spec)
+    return ref.name if ref is not None else f"resid_{layer}"
 
 
 # -- cleaning.json ---------------------------------------------------------------------------------

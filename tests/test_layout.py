@@ -1,0 +1,106 @@
+"""The test suite's layout: no test file imports another test file or a conftest.
+
+Code that more than one test file uses lives in tests/helpers.py (its docstring has the layout rules);
+conftest.py files hold fixtures only. Checked statically with `ast`, so a bad import is named with its
+file and line even when the module it names would import fine. Python source held in a string (a script
+a test runs in a subprocess) is parsed and checked too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _is_test_module(dotted: str) -> bool:
+    """test_x, tests.test_x, tests.reliability.test_x, conftest, tests.conftest, .. (one name or a dotted path)."""
+    return any(part.startswith("test_") or part == "conftest" for part in dotted.split(".") if part)
+
+
+def _imported_test_modules(node: ast.AST) -> list[str]:
+    """The test modules / conftests an import statement names, written as in the source ('' if none)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if _is_test_module(a.name)]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    dots, mod = "." * node.level, node.module or ""
+    if node.level == 0 and mod.split(".")[0] not in ("tests", "conftest") and not mod.startswith("test_"):
+        return []  # another package's module (icl_circuits, torch, ...): its names are not test modules
+    if _is_test_module(mod):
+        return [dots + mod]
+    # `from . import test_x`, `from tests.reliability import conftest`: the imported names are modules
+    return [f"{dots}{mod}.{a.name}" if mod else dots + a.name for a in node.names if _is_test_module(a.name)]
+
+
+def _bad_imports(tree: ast.AST, line_offset: int = 0, strings: bool = True) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(tree):
+        out += [(node.lineno + line_offset, name) for name in _imported_test_modules(node)]
+        if strings and isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:  # Python source in a string: a script run in a subprocess
+                inner = ast.parse(node.value)
+            except SyntaxError:
+                continue
+            out += _bad_imports(inner, node.lineno - 1 + line_offset)
+    return out
+
+
+def bad_imports(path: Path, strings: bool = True) -> list[str]:
+    """'file:line: imports name' for every import of a test module or conftest in `path` (and, with `strings`,
+    in the Python source its string constants hold)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return [f"{shown}:{line}: imports {name}" for line, name in sorted(set(_bad_imports(tree, strings=strings)))]
+
+
+def _checked_files() -> list[Path]:
+    """Every test file, plus the conftests and the helpers module (they must not import test files either)."""
+    files = [*TESTS.rglob("test_*.py"), *TESTS.rglob("conftest.py"), TESTS / "helpers.py"]
+    return sorted(set(files))
+
+
+def test_no_test_file_imports_another_test_file_or_a_conftest():
+    files = _checked_files()
+    assert len([f for f in files if f.name.startswith("test_")]) > 10  # the glob found the suite
+    this = Path(__file__).resolve()
+    bad = [line for f in files for line in bad_imports(f, strings=f != this)]  # this file's strings are examples
+    assert not bad, (
+        "test files must not import other test files or conftest.py; move the shared helper to tests/helpers.py "
+        "and import it from there:\n  " + "\n  ".join(bad)
+    )
+
+
+def test_the_check_finds_every_kind_of_test_import(tmp_path):
+    src = '''
+import os
+from icl_circuits.tasks import Task
+from .helpers import ANTONYMS
+from .test_cleaning import MANY
+from ..test_circuits import setup
+from .conftest import make_tiny
+from . import test_examples as te
+import tests.test_dashboards
+from tests.reliability.conftest import saved_model
+from tests import conftest
+
+
+def f():
+    from .test_steering import _sae
+
+
+SCRIPT = """
+import sys
+from tests.test_task_vectors import _setup
+"""
+'''
+    path = tmp_path / "test_example.py"
+    path.write_text(src)
+    assert [line.split(": imports ")[1] for line in bad_imports(path)] == [
+        ".test_cleaning", "..test_circuits", ".conftest", ".test_examples", "tests.test_dashboards",
+        "tests.reliability.conftest", "tests.conftest", ".test_steering", "tests.test_task_vectors",
+    ]  # fmt: skip
+    lines = [int(line.split(":")[1]) for line in bad_imports(path)]
+    assert lines == [5, 6, 7, 8, 9, 10, 11, 15, 20]  # the line of each import in the file
