@@ -144,7 +144,7 @@ def _setup(family: str = "gemma3"):
     return lm
 
 
-# -- from tests/test_steering.py (copies: test_steering.py still defines its own) ------------------------------
+# -- from tests/test_steering.py ---------------------------------------------------------------------------------
 
 def _steering_setup(family: str = "gemma3"):
     """test_steering.py's _setup: as _setup, with "X" and "Y" in the vocabulary too."""

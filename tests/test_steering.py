@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from icl_circuits import Task, icl_prompts, zero_shot_prompts
-from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sites import Site
 from icl_circuits.steering import (
     FeatureSet,
@@ -29,26 +28,9 @@ from icl_circuits.steering import (
 )
 from icl_circuits.task_vectors import ZeroShotSteering
 
-from .helpers import make_tiny, word_tokenizer
-
-ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("dark", "light"),
-            ("hard", "soft"), ("tall", "short"), ("rich", "poor"), ("wet", "dry"), ("early", "late"), ("full", "empty")]  # fmt: skip
-UPPER = [(w, w.upper()) for w in ("cat", "dog", "sun", "car", "tree", "book", "fish", "bird", "moon", "star", "milk", "rain")]
-
-
-def _setup(family: str = "gemma3"):
-    lm, _ = make_tiny(family)
-    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
-
-
-def _sae(lm, layer: int = 1, d_sae: int = 12, seed: int = 0) -> JumpReLUSAE:
-    g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, input_scale=0.5, output_scale=0.5)
-    tensors = {"W_enc": torch.randn(lm.d_model, d_sae, generator=g), "W_dec": torch.randn(d_sae, lm.d_model, generator=g),
-               "b_dec": torch.randn(lm.d_model, generator=g)}  # fmt: skip
-    return JumpReLUSAE(cfg, tensors)
+from .helpers import ANTONYMS, UPPER
+from .helpers import _steering_sae as _sae
+from .helpers import _steering_setup as _setup
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
