@@ -76,3 +76,11 @@ def test_a_claim_whose_stage_did_not_run_says_so(tmp_path: Path):
     rows = {r["key"]: r for r in claims.judge_all({"circuits": tmp_path / "circuits"}, {"circuits": "done"})}
     assert rows["sfc_11_12"]["holds"] == "not run" and "missing file" in rows["sfc_11_12"]["ours"]
     assert rows["tvc"]["holds"] == "not run" and "not in the recipe" in rows["tvc"]["ours"]
+
+
+def test_an_unfinished_stage_is_judged_on_what_it_wrote_and_says_so(tmp_path: Path):
+    for task, n in (("a", 40), ("b", 50)):
+        _write(tmp_path / "circuits" / task / "summary.json", dict(task=task, nodes_for_target=n))
+    rows = {r["key"]: r for r in claims.judge_all({"circuits": tmp_path / "circuits"}, {"circuits": "not run"})}
+    assert rows["sfc_11_12"]["holds"] == "yes" and rows["sfc_11_12"]["ours"].endswith("[stage circuits unfinished: from the units it has written so far]")
+    assert rows["cross_task"]["holds"] == "not run" and "unfinished" in rows["cross_task"]["ours"]

@@ -248,15 +248,18 @@ def judge_all(folders: dict[str, Path], statuses: dict[str, str]) -> list[dict]:
     """One row per claim: ours and the verdict, or why it was not measured."""
     rows = []
     for c in CLAIMS:
-        missing = [s for s in c.stages if s not in folders or statuses.get(s) != "done"]
-        if missing:
-            why = ", ".join(f"{s} ({'not in the recipe' if s not in folders else statuses.get(s, 'not run')})" for s in missing)
+        absent = [s for s in c.stages if s not in folders or (statuses.get(s) != "done" and not folders[s].is_dir())]
+        unfinished = [s for s in c.stages if s in folders and statuses.get(s) != "done" and s not in absent]
+        if absent:
+            why = ", ".join(f"{s} ({'not in the recipe' if s not in folders else statuses.get(s, 'not run')})" for s in absent)
             ours, verdict = f"stage {why}", "not run"
         else:
-            try:
+            try:  # an unfinished (interrupted) stage is judged on the files it has finished, and says so
                 ours, verdict = c.judge(folders)
+                if unfinished:
+                    ours += f" [stage {', '.join(unfinished)} unfinished: from the units it has written so far]"
             except Missing as e:
-                ours, verdict = f"missing file {e}", "not run"
+                ours, verdict = f"missing file {e}" + (f" (stage {', '.join(unfinished)} unfinished)" if unfinished else ""), "not run"
         rows.append(dict(key=c.key, claim=c.text, where=c.where, paper=c.paper, ours=ours, holds=verdict, rule=c.rule,
                          stages=list(c.stages)))  # fmt: skip
     return rows

@@ -99,7 +99,7 @@ class StageRecord:
     name: str
     argv: list[str]
     seconds: float  # summed over every attempt, interrupted ones included
-    status: str  # "done" | "skipped" (optional, not included) | "not run"
+    status: str  # "done" | "skipped" (optional, not included) | "unfinished" (interrupted) | "not run"
 
 
 @dataclass
@@ -353,7 +353,8 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
                 publish(st, folders[st.name], docs / st.name)
                 status = "done"
             else:
-                status = "skipped" if st.optional and st.name not in cfg.include else "not run"
+                status = ("skipped" if st.optional and st.name not in cfg.include
+                          else "unfinished" if folders[st.name].is_dir() else "not run")
             result.stages.append(StageRecord(st.name, argvs[st.name], spent(st.name), status))
         from .claims import write_claims_report
 
