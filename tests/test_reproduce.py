@@ -265,3 +265,15 @@ def test_a_failed_parallel_stage_stops_new_launches(setup: dict, tmp_path: Path)
         reproduce(ReproduceConfig(recipe=str(recipe), out=out, model=setup["model"], jobs=2, progress=False), run_command=fails)
     assert calls == ["tasks"]  # c, which reads a's folder, never started
     assert (out / "attempts.jsonl").read_text().count('"a#') == 1 and '"a"' not in (out / "stages.jsonl").read_text()
+
+
+def test_a_relative_and_an_absolute_out_are_the_same_run(setup: dict, tmp_path: Path, monkeypatch) -> None:
+    recipe = tmp_path / "one.toml"
+    recipe.write_text(f'tasks = "{setup["tasks"][0]}"\n[[stage]]\nname = "task_vectors"\ncommand = "task-vectors"\n'
+                      'args = { tasks = "{tasks}", layers = "0", n_prompts = 2, n_shots = 3, n_eval = 4 }\n')  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    reproduce(ReproduceConfig(recipe=str(recipe), out=Path("run"), model=setup["model"], threads=1, progress=False))
+    calls: list[list[str]] = []
+    reproduce(ReproduceConfig(recipe=str(recipe), out=tmp_path / "run", model=setup["model"], threads=1, progress=False),
+              run_command=calls.append)  # fmt: skip
+    assert calls == []

@@ -318,7 +318,7 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
         raise ValueError(f"--jobs must be at least 1, got {cfg.jobs}")
     if cfg.jobs > 1 and not cfg.threads:  # side-by-side stages share the cores instead of each taking all of them
         cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // cfg.jobs))
-    out = Path(cfg.out)
+    out = Path(cfg.out).absolute()  # stage records hold paths relative to it ({run}), however --out was spelled
     docs = Path(cfg.docs) if cfg.docs else out / "results"
     folders = {s.name: out / s.name for s in recipe.stages}
     header = dict(model=cfg.model, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
