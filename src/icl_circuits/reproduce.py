@@ -1,21 +1,6 @@
 """Reproduce the paper in one command: a recipe's stages run in order, resumably, then the claims report.
 
-A recipe (`icl_circuits/recipes/*.toml`, or a file of your own) lists stages. Each stage is one
-`icl-circuits` command line, so every number in the report names the command that made it, and a
-researcher can re-run any stage alone:
-
-    [[stage]]
-    name = "tvc_execution"            # its folder: <out>/tvc_execution
-    section = "Sec. 3.1"
-    title = "Task Vector Cleaning, executors"
-    command = "clean"
-    args = { tasks = "{tasks}", layer = 12 }
-    publish = ["summary.csv", "summary.png"]   # copied into <docs>/<name>/
-
-Placeholders in `args`: `{tasks}` (the run's tasks), `{tasks:N}` (the first N of them), `{out}` (this
-stage's folder) and `{stage:NAME}` (another stage's folder). `--model --device --dtype --threads --seed
---quiet` are added to every command that takes them. `optional = true` stages run only when named in
-`include`.
+Recipes and their command lines: recipe.py; running the stages (in order or side by side): stage_runner.py.
 
 Resume: <out> is a `RunDir` (one writer; another model, seed, device or dtype is refused). Finished
 stages are logged in <out>/stages.jsonl with their command line and wall time; a finished stage is
@@ -25,55 +10,17 @@ skipped, and a finished stage whose command line has changed is refused until it
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import hashlib
 import os
-import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable
 
+from .recipe import Recipe, RecipeError, Stage, _cosmetic, _portable, load_recipe, same_command, stage_argv
+from .stage_runner import StageFailed, _Runner, _say, _sigterm_as_interrupt
 from .storage import AppendLog, ConfigMismatch, RunDir, write_json
-
-RECIPES_DIR = Path(__file__).parent / "recipes"
-COMMON = ("model", "device", "dtype", "threads", "seed")  # shared run options handed to every stage that takes them
-_PLACEHOLDER = re.compile(r"\{(tasks(?::\d+)?|out|stage:[A-Za-z0-9_]+)\}")
-
-
-class RecipeError(ValueError):
-    """A recipe file that cannot be run as written."""
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    command: str  # e.g. "clean", "sae train"
-    args: dict[str, Any]
-    section: str = ""
-    title: str = ""
-    publish: tuple[str, ...] = ()
-    optional: bool = False
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    path: Path
-    title: str
-    tasks: str  # default task list of the run
-    stages: tuple[Stage, ...]
-    digest: str  # of the file's bytes
-
-    def stage(self, name: str) -> Stage:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
 
 
 @dataclass
@@ -112,193 +59,6 @@ class ReproduceResult:
 
 
 # -- recipes -----------------------------------------------------------------------------------------
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def load_recipe(spec: str | Path) -> Recipe:
-    """A built-in recipe by name ('paper', 'demo') or a .toml file; checked before anything runs."""
-    path = Path(spec)
-    if not path.suffix:
-        path = RECIPES_DIR / f"{spec}.toml"
-        if not path.is_file():
-            raise RecipeError(f"no recipe {spec!r}; built-in: {', '.join(list_recipes())}, or give a .toml file")
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path}: no such file")
-    data = path.read_bytes()
-    try:
-        doc = _toml_loads(data.decode("utf-8"))
-    except Exception as e:  # tomllib.TOMLDecodeError: say which file
-        raise RecipeError(f"recipe {path}: not valid TOML ({e})") from None
-    raw = doc.get("stage")
-    if not isinstance(raw, list) or not raw:
-        raise RecipeError(f"recipe {path}: no [[stage]] tables")
-    stages = [_stage(path, i, s) for i, s in enumerate(raw)]
-    recipe = Recipe(path.stem, path, str(doc.get("title", path.stem)), str(doc.get("tasks", "all")), tuple(stages),
-                    hashlib.sha256(data).hexdigest()[:16])  # fmt: skip
-    _check_references(recipe)
-    return recipe
-
-
-def _toml_loads(text: str) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib.loads(text)
-
-
-def _stage(path: Path, i: int, s: Any) -> Stage:
-    where = f"recipe {path}, stage {i + 1}"
-    if not isinstance(s, dict):
-        raise RecipeError(f"{where}: not a table")
-    unknown = set(s) - {"name", "command", "args", "section", "title", "publish", "optional", "note"}
-    if unknown:
-        raise RecipeError(f"{where}: unknown keys {sorted(unknown)}")
-    for key in ("name", "command"):
-        if not isinstance(s.get(key), str) or not s[key]:
-            raise RecipeError(f"{where}: needs a string {key!r}")
-    if not re.fullmatch(r"[A-Za-z0-9_]+", s["name"]):
-        raise RecipeError(f"{where}: name {s['name']!r} must be letters, digits and underscores (it is a folder name)")
-    args = s.get("args", {})
-    if not isinstance(args, dict):
-        raise RecipeError(f"{where} ({s['name']}): args must be a table of option = value")
-    for k, v in args.items():
-        ok = isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-        if not ok:  # a list repeats the option (e.g. circuit's --sae KIND.LAYER=PATH)
-            raise RecipeError(f"{where} ({s['name']}): option {k!r} must be a string, number, boolean or list of strings, got {v!r}")
-        if k.replace("-", "_") in COMMON + ("out", "quiet"):
-            raise RecipeError(f"{where} ({s['name']}): {k!r} is set by `reproduce` itself; remove it from args")
-    publish = s.get("publish", [])
-    if not isinstance(publish, list) or not all(isinstance(p, str) for p in publish):
-        raise RecipeError(f"{where} ({s['name']}): publish must be a list of file patterns")
-    return Stage(s["name"], s["command"], dict(args), str(s.get("section", "")), str(s.get("title", "")), tuple(publish),
-                 bool(s.get("optional", False)), str(s.get("note", "")))  # fmt: skip
-
-
-def _check_references(recipe: Recipe) -> None:
-    """Unique names, known commands and options, and {stage:X} only to an earlier stage."""
-    seen: list[str] = []
-    for st in recipe.stages:
-        if st.name in seen:
-            raise RecipeError(f"recipe {recipe.path}: two stages named {st.name!r}")
-        options = command_options(st.command)
-        if options is None:
-            raise RecipeError(f"recipe {recipe.path}, stage {st.name}: unknown command {st.command!r}")
-        for k, v in st.args.items():
-            if _flag(k) not in options:
-                raise RecipeError(f"recipe {recipe.path}, stage {st.name}: `{st.command}` has no option {_flag(k)}")
-            for ref in _refs(v):
-                if ref not in seen:
-                    raise RecipeError(f"recipe {recipe.path}, stage {st.name}: {{stage:{ref}}} is not an earlier stage")
-        seen.append(st.name)
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def command_options(command: str) -> set[str] | None:
-    """The option strings of an `icl-circuits` (sub)command, or None if there is no such command."""
-    import argparse
-
-    from .cli import build_parser
-
-    parser: argparse.ArgumentParser = build_parser()
-    for word in command.split():
-        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None or word not in sub.choices:
-            return None
-        parser = sub.choices[word]
-    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
-        return None  # a group ('sae'), not a command
-    return set(parser._option_string_actions)
-
-
-# -- one stage's command line ------------------------------------------------------------------------------
-
-
-def stage_argv(stage: Stage, cfg: ReproduceConfig, tasks: str, folders: dict[str, Path]) -> list[str]:
-    """The command line of a stage: its args with placeholders filled in, then the shared run options."""
-    here = folders[stage.name]
-
-    def fill(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:g}"
-        text = str(value)
-
-        def sub(m: re.Match) -> str:
-            key = m.group(1)
-            if key == "out":
-                return str(here)
-            if key.startswith("stage:"):
-                return str(folders[key[6:]])
-            if key.startswith("tasks:"):
-                return ",".join(tasks.split(",")[: int(key[6:])]) if tasks != "all" else _first_builtin(int(key[6:]))
-            return tasks
-
-        return _PLACEHOLDER.sub(sub, text)
-
-    argv = stage.command.split()
-    for k, v in stage.args.items():
-        if v is False:
-            continue
-        for one in v if isinstance(v, list) else [v]:
-            argv += [_flag(k)] if one is True else [_flag(k), fill(one)]
-    options = command_options(stage.command) or set()
-    for key in COMMON:
-        if _flag(key) in options:
-            argv += [_flag(key), str(getattr(cfg, key))]
-    argv += ["--out", str(here)] if "--out" in options else []
-    argv += ["--quiet"] if not cfg.progress and "--quiet" in options else []
-    return argv
-
-
-def _first_builtin(n: int) -> str:
-    from .tasks import list_tasks
-
-    return ",".join(list_tasks()[:n])
-
-
-def _cosmetic(argv: Sequence[str]) -> list[str]:
-    """The command line without options that cannot change a result (--threads, --quiet): what is logged."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--threads":
-            skip = True
-            continue
-        if a != "--quiet":
-            out.append(a)
-    return out
-
-
-def _portable(argv: Sequence[str], out: Path) -> list[str]:
-    """Paths inside the run folder written relative to it ({run}/...), so a moved run folder still resumes."""
-    return [a.replace(str(out), "{run}") for a in argv]
-
-
-def same_command(a: Sequence[str], b: Sequence[str]) -> bool:
-    """Do two command lines ask for the same thing? Compared as parsed options (defaults filled in, order and
-    spelling ignored), without --threads / --quiet."""
-    return _parsed(a) == _parsed(b)
-
-
-def _parsed(argv: Sequence[str]) -> dict[str, str]:
-    from .cli import build_parser
-
-    try:
-        ns = build_parser().parse_args(list(argv))
-    except SystemExit:  # a logged command line that no longer parses: compare it as text
-        return {"argv": " ".join(_cosmetic(argv))}
-    return {k: str(v) for k, v in vars(ns).items() if k not in ("threads", "quiet", "func")}
-
-
-# -- the run ------------------------------------------------------------------------------------------
 
 
 def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | None = None) -> ReproduceResult:
@@ -389,147 +149,6 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
     return todo
 
 
-def _refs(value: Any) -> list[str]:
-    """The stage names a recipe value refers to with {stage:NAME}."""
-    return [r for one in (value if isinstance(value, list) else [value]) for r in re.findall(r"\{stage:([A-Za-z0-9_]+)\}", str(one))]
-
-
-def _deps(st: Stage) -> set[str]:
-    return {ref for v in st.args.values() for ref in _refs(v)}
-
-
-class _Runner:
-    """Runs stages in recipe order (jobs=1, in this process) or side by side in subprocesses (jobs>1)."""
-
-    def __init__(self, cfg: ReproduceConfig, out: Path, run_command: Callable[[list[str]], int] | None) -> None:
-        self.cfg, self.out = cfg, out
-        self.run_command = run_command
-
-    def run(self, stages: list[Stage], argvs: dict[str, list[str]], finish: Callable[[Stage, float, int | None], None]) -> None:
-        if self.cfg.jobs == 1:
-            for st in stages:
-                _say(self.cfg, f"[{st.name}] {st.section} {st.title}\n  icl-circuits {' '.join(argvs[st.name])}")
-                t0 = time.perf_counter()
-                try:
-                    rc = (self.run_command or _run_cli)(argvs[st.name])
-                except BaseException:  # Ctrl-C or a crash: the attempt's time still counts, the stage stays unfinished
-                    finish(st, time.perf_counter() - t0, None)
-                    raise
-                finish(st, time.perf_counter() - t0, rc)
-            return
-        pending = list(stages)
-        names = {st.name for st in stages}
-        running: dict[str, tuple[Stage, float, Any]] = {}  # name -> (stage, start time, process)
-        failed: StageFailed | None = None
-        try:
-            while pending or running:
-                started_or_done = names - {s.name for s in pending} - set(running)
-                while failed is None and len(running) < self.cfg.jobs:
-                    ready = next((s for s in pending if _deps(s) & names <= started_or_done), None)
-                    if ready is None:
-                        break
-                    pending.remove(ready)
-                    _say(self.cfg, f"[{ready.name}] started: icl-circuits {' '.join(argvs[ready.name])} (log: {self.out / (ready.name + '.log')})")
-                    running[ready.name] = (ready, time.perf_counter(), self._start(ready, argvs[ready.name]))
-                if not running:
-                    break  # a failure stopped new launches
-                time.sleep(0.1)
-                for name, (st, t0, proc) in list(running.items()):
-                    rc = proc.poll()
-                    if rc is None:
-                        continue
-                    del running[name]
-                    try:
-                        finish(st, time.perf_counter() - t0, rc)
-                    except StageFailed as e:  # let the running stages finish; start nothing new
-                        failed = failed or e
-        except BaseException:  # Ctrl-C / SIGTERM: stop the children (their commands resume what they finished)
-            for st, t0, proc in running.values():
-                proc.stop()
-                finish(st, time.perf_counter() - t0, None)
-            raise
-        if failed is not None:
-            raise failed
-
-    def _start(self, st: Stage, argv: list[str]) -> "_Process | _Thread":
-        if self.run_command is not None:
-            return _Thread(self.run_command, argv)
-        return _Process(argv, self.out / f"{st.name}.log")
-
-
-class _Process:
-    """A stage's command in its own process, its output in a log file."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        import subprocess
-
-        self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "icl_circuits.cli", *argv], stdout=self.log, stderr=subprocess.STDOUT)
-
-    def poll(self) -> int | None:
-        rc = self.proc.poll()
-        if rc is not None:
-            self.log.close()
-        return rc
-
-    def stop(self) -> None:
-        import subprocess
-
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-class _Thread:
-    """A stage run by a Python callable in a thread (tests); poll() like a process."""
-
-    def __init__(self, fn: Callable[[list[str]], int], argv: list[str]) -> None:
-        import threading
-
-        self.rc: int | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, argv), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[list[str]], int], argv: list[str]) -> None:
-        try:
-            self.rc = fn(argv)
-        except Exception:  # noqa: BLE001 - reported as a failed stage
-            self.rc = 1
-
-    def poll(self) -> int | None:
-        return None if self.thread.is_alive() else self.rc
-
-    def stop(self) -> None:
-        pass  # a thread cannot be stopped; it is a daemon
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt while the stages run (main thread only; restored afterwards)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-class StageFailed(RuntimeError):
-    """A stage's command returned a non-zero exit code."""
-
-
 def _check_tasks(tasks: str) -> None:
     """A bad task name or file fails now, not in the fifth stage."""
     from .tasks import load_tasks
@@ -537,15 +156,6 @@ def _check_tasks(tasks: str) -> None:
     load_tasks(tasks)
 
 
-def _run_cli(argv: list[str]) -> int:
-    from .cli import main
-
-    return main(argv)
-
-
-def _say(cfg: ReproduceConfig, text: str) -> None:
-    if cfg.progress:
-        print(text, file=sys.stderr, flush=True)
 
 
 def publish(stage: Stage, folder: Path, dest: Path) -> list[Path]:
