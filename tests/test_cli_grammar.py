@@ -126,7 +126,7 @@ def test_missing_config_and_bad_options_are_one_line_rc_2(tmp_path, capsys):
 
 
 def test_reproduce_still_finds_the_old_option_names():
-    from icl_circuits.reproduce import command_options, same_command
+    from icl_circuits.recipe import command_options, same_command
 
     assert {"--sweep-layers", "--layers", "--seed"} <= command_options("detectors")  # type: ignore[operator]
     assert {"--compare-layers", "--layer", "--layers"} <= command_options("clean")  # type: ignore[operator]
