@@ -19,6 +19,7 @@ same options (`same_command`), with paths inside the run folder written `{run}/.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -150,6 +151,14 @@ def _check_references(recipe: Recipe) -> None:
         seen.append(st.name)
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> Any:
+    """The CLI's parser, built once: every stage's options and every resume comparison read it."""
+    from .cli import build_parser
+
+    return build_parser()
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -158,9 +167,7 @@ def command_options(command: str) -> set[str] | None:
     """The option strings of an `icl-circuits` (sub)command, or None if there is no such command."""
     import argparse
 
-    from .cli import build_parser
-
-    parser: argparse.ArgumentParser = build_parser()
+    parser: argparse.ArgumentParser = _parser()
     for word in command.split():
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
         if sub is None or word not in sub.choices:
@@ -243,10 +250,8 @@ def same_command(a: Sequence[str], b: Sequence[str]) -> bool:
 
 
 def _parsed(argv: Sequence[str]) -> dict[str, str]:
-    from .cli import build_parser
-
     try:
-        ns = build_parser().parse_args(list(argv))
+        ns = _parser().parse_args(list(argv))
     except SystemExit:  # a logged command line that no longer parses: compare it as text
         return {"argv": " ".join(_cosmetic(argv))}
     return {k: str(v) for k, v in vars(ns).items() if k not in ("threads", "quiet", "func")}

@@ -860,17 +860,21 @@ def run_heatmap(
     lm: LM, results_dir: str | Path, out_dir: str | Path, figures_dir: str | Path | None = None, name: str | None = None,
     tasks: Sequence[str] | None = None, top_k: int | None = None, overrides: dict | None = None,
     floor: float = 0.2, min_effect: float = 0.0, negative: NegativeConfig | None = None, all_rows: bool = False,
-    negative_features: Sequence[int] | None = None, progress: bool = True, positive: HeatmapResult | None = None,
+    negative_features: Sequence[int] | str | None = None, progress: bool = True, positive: HeatmapResult | None = None,
+    negative_n_scales: int = 50,
 ) -> dict[str, Any]:  # fmt: skip
     """The `heatmap` command: positive (and optionally negative) steering heatmaps from a folder of TVC results.
 
     positive: a finished positive heatmap of the same results (e.g. another run's heatmap.json), used instead of
-    computing one: negative steering then runs as a step of its own."""
+    computing one: negative steering then runs as a step of its own. negative_features "top": each task's top
+    feature with a positive effect on its own task; negative_n_scales: how many of the paper's scales (when
+    negative.scales is None)."""
     from .storage import write_csv
     from .tasks import task_of_result
 
     sets, meta = load_feature_sets(results_dir, tasks, top_k)
-    chosen = {int(f) for f in negative_features or ()}
+    top = negative_features == "top"
+    chosen = set() if top else {int(f) for f in negative_features or ()}
     unknown = chosen - {f for fs in sets.values() for f in fs.features}
     if unknown:  # checked before any slow work
         raise ValueError(f"negative-steering features {sorted(unknown)} are in no task's cleaned vector")
@@ -898,11 +902,15 @@ def run_heatmap(
     info["files"].append(write_csv(figs / f"{name}_specificity.csv", spec_rows))
     summary: dict[str, Any] = dict(heatmap=res, specificity=spec_rows, files=info["files"], meta=meta)
     if negative is not None:
-        if negative_features:  # the slow part: often run on a chosen subset (e.g. each task's top executor)
+        if top:  # each task's top executor, if it helps its own task (the features the paper subtracts)
+            chosen = {int(r["top_feature"]) for r in spec_rows if r["top_feature"] is not None and r["own_effect"] > 0}
+            if not chosen:
+                raise ValueError("negative features 'top': no task has a top feature with a positive effect on its own task")
+        if chosen:  # the slow part: often run on a chosen subset (e.g. each task's top executor)
             sets = {n: replace(fs, features=[f for f in fs.features if f in chosen]) for n, fs in sets.items()}
         if negative.scales is None:  # the paper's range around the shared scale (per-feature scales: their median)
             shared = res.shared_scale or sorted(res.scales)[len(res.scales) // 2]
-            negative = replace(negative, scales=paper_negative_scales(shared))
+            negative = replace(negative, scales=paper_negative_scales(shared, negative_n_scales))
         neg = negative_steering(lm, task_objs, sets, sae, replace(negative, layer=cfg.layer), out_dir=out, progress=progress)
         write_json(out / "negative.json", neg.to_dict())
         summary["files"] += plot_negative(neg, figs / f"{name}_negative")

@@ -10,8 +10,6 @@ from .common import add_layers, check_layers, floats, load_lm, parse_layers, rep
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ..steering import NegativeConfig, run_heatmap, specificity
 
     tasks = None if args.tasks == "all" else words(args.tasks)
@@ -21,32 +19,18 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     negative = (NegativeConfig(scales=neg_scales, n_prompts=args.negative_prompts,
                                n_shots=args.negative_shots) if args.negative else None)  # layer: the results'  # fmt: skip
     top = args.negative_features == "top"
-    neg_features = [int(f) for f in floats(args.negative_features, "--negative-features")] if args.negative_features and not top else None
-    lm = load_lm(args)
-    kw = dict(floor=args.floor, min_effect=args.min_effect, all_rows=args.all_rows, progress=not args.quiet)
+    neg_features = "top" if top else ([int(f) for f in floats(args.negative_features, "--negative-features")] if args.negative_features else None)
     positive = None
     if args.positive:  # negative steering as a step of its own, on a finished positive heatmap
         from ..steering import HeatmapResult
         from ..storage import read_json
 
         positive = HeatmapResult.from_dict(read_json(args.positive))
-        kw["positive"] = positive
-    if negative is not None and (top or args.negative_n_scales):
-        # features / scales that depend on the positive heatmap: compute it first (the second call resumes it)
-        first = {"heatmap": positive} if positive is not None else \
-            run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides, **kw)
-        if top:  # each task's top executor, if it helps its own task (the features the paper subtracts)
-            neg_features = sorted({int(r["top_feature"]) for r in specificity(first["heatmap"]) if r["top_feature"] is not None and r["own_effect"] > 0})
-            if not neg_features:
-                raise ValueError("--negative-features top: no task has a top feature with a positive effect on its own task")
-        if negative.scales is None and args.negative_n_scales:
-            from ..steering import paper_negative_scales
-
-            res = first["heatmap"]
-            shared = res.shared_scale or sorted(res.scales)[len(res.scales) // 2]
-            negative = replace(negative, scales=paper_negative_scales(shared, args.negative_n_scales))
+    lm = load_lm(args)
     out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
-                      negative=negative, negative_features=neg_features, **kw)  # fmt: skip
+                      floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,
+                      negative_features=neg_features, progress=not args.quiet, positive=positive,
+                      negative_n_scales=args.negative_n_scales or 50)  # fmt: skip
     print(f"\n{'task':30s} {'top feature':>11s} {'scale':>6s} {'own effect':>10s} {'best other':>10s}  other task / specific")
     for r in specificity(out["heatmap"]):
         if r["top_feature"] is None:
