@@ -5,7 +5,7 @@
              cannot avoid).
   hf plain : the transformers CausalLM forward (full-vocabulary logits everywhere), the same
              metric, backward to the input embeddings.
-  nodes    : icl_circuits.circuits.node_effects: forward + backward with probes at every SAE
+  nodes    : icl_circuits.methods.circuits.node_effects: forward + backward with probes at every SAE
              site of the layer range, then SAE encodes and grad x value by token type for
              every latent and error node (starter SAEs, layers 11-12 by default).
 
@@ -21,9 +21,9 @@ import torch
 from _timing import timed
 
 from icl_circuits import load_model, load_task
-from icl_circuits.ablation import CircuitRunConfig, circuit_batches
-from icl_circuits.circuits import CircuitConfig, circuit_saes, metric_of, metric_scoring, node_effects
-from icl_circuits.sites import Site
+from icl_circuits.methods.ablation import CircuitRunConfig, circuit_batches
+from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, metric_of, metric_scoring, node_effects
+from icl_circuits.core.sites import Site
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from icl_circuits.examples import SCHEMA, ExampleConfig, ExampleStore
-from icl_circuits.viewer import RunData, feature_page
+from icl_circuits.methods.examples import SCHEMA, ExampleConfig, ExampleStore
+from icl_circuits.viz.viewer import RunData, feature_page
 
 
 def build(path: Path, n_saes: int, d_sae: int, per_latent: int, window: int, seed: int = 0) -> int:

@@ -51,11 +51,11 @@ from pathlib import Path
 
 import torch
 
-from icl_circuits.corpus import from_spec
-from icl_circuits.loading import load_model
+from icl_circuits.data.corpus import from_spec
+from icl_circuits.core.loading import load_model
 from icl_circuits.sae.activations import ActivationStore, token_batches
 from icl_circuits.sae.cache import harvest
-from icl_circuits.sites import Site
+from icl_circuits.core.sites import Site
 
 SITES = ["resid_pre.11", "resid_pre.12", "attn_out.12", "resid_mid.12", "mlp_out.12"]
 

@@ -25,11 +25,11 @@ import random
 import torch
 from _timing import timed
 
-from icl_circuits.corpus import from_spec
-from icl_circuits.loading import load_model
+from icl_circuits.data.corpus import from_spec
+from icl_circuits.core.loading import load_model
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import compare_forward_dtypes
-from icl_circuits.sites import Site
+from icl_circuits.core.sites import Site
 
 SITES = ["resid_pre.6", "resid_pre.12", "attn_out.12", "mlp_out.12"]
 

@@ -27,8 +27,8 @@ import time
 import torch
 
 from icl_circuits import load_model, load_task
-from icl_circuits.prompts import icl_prompts
-from icl_circuits.steering import (
+from icl_circuits.data.prompts import icl_prompts
+from icl_circuits.methods.steering import (
     ArgmaxCheck, ArrowAccuracy, FeatureSet, NegativeConfig, PromptSteering, feature_directions, negative_steering, sae_from_spec,
 )  # fmt: skip
 

@@ -92,8 +92,8 @@ def harvest(args: argparse.Namespace) -> tuple[torch.Tensor, str, float]:
             print(f"note: the cache holds only {x.shape[0]} rows (asked for {args.rows})")
         desc = f"{x.shape[0]} rows of {args.site} from the cache {args.cache} ({manifest_summary(args.cache)})"
         return x, desc, time.perf_counter() - t
-    from icl_circuits.corpus import from_spec
-    from icl_circuits.loading import load_model
+    from icl_circuits.data.corpus import from_spec
+    from icl_circuits.core.loading import load_model
     from icl_circuits.sae.activations import ActivationStore
 
     lm = load_model(args.model)

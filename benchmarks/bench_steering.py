@@ -21,7 +21,7 @@ import torch
 from _timing import timed
 
 from icl_circuits import load_model, load_task, zero_shot_prompts
-from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
+from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
 
 
 def main() -> None:

@@ -45,10 +45,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from icl_circuits import load_model, load_task
-    from icl_circuits.cleaning import CleaningConfig, frozen_decoder, jumprelu
-    from icl_circuits.cleaning_runs import clean_task, cleaning_setup
+    from icl_circuits.methods.cleaning import CleaningConfig, frozen_decoder, jumprelu
+    from icl_circuits.methods.cleaning_runs import clean_task, cleaning_setup
     from icl_circuits.sae.suite import starter_sae
-    from icl_circuits.task_vectors import ZeroShotSteering
+    from icl_circuits.methods.task_vectors import ZeroShotSteering
 
     lm = load_model("gemma-3-270m")
     sae = starter_sae(lm, f"resid:{args.layer}")
@@ -128,8 +128,8 @@ def main() -> None:
 
 def _clean_task_before(lm, sae, task, layer, cfg):  # type: ignore[no-untyped-def]
     """clean_task the previous way (see the module docstring), for the timing comparison."""
-    from icl_circuits.cleaning import clean_vector
-    from icl_circuits.cleaning_runs import baseline_scores, cleaning_setup, feature_effects_one_by_one
+    from icl_circuits.methods.cleaning import clean_vector
+    from icl_circuits.methods.cleaning_runs import baseline_scores, cleaning_setup, feature_effects_one_by_one
 
     setup = cleaning_setup(lm, task, layer, cfg, pass_cost=0.0)
     ev = setup.evaluation

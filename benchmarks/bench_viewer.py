@@ -4,7 +4,7 @@ One real run is built with the package's own writers (tiny random Gemma 3, tiny 
 steering heatmap, circuit, example store, and `build_dashboards`; see tests/test_dashboards.py), with
 a `--d-sae`-latent SAE. Both viewers serve the same run directory; each is asked for `--requests`
 feature pages of random latents (one warm-up round first). The old viewer is `git show
-6887d51:src/icl_circuits/viewer.py` (the last one-file viewer, with dashboards), loaded from a temp file
+6887d51:src/icl_circuits/viz/viewer.py` (the last one-file viewer, with dashboards), loaded from a temp file
 as a module of the package.
 
     python benchmarks/bench_viewer.py [--d-sae 4096] [--requests 300]
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # tests/ holds the real-run builder
 
 def old_viewer(tmp: Path):
     """The one-file viewer of OLD, as module icl_circuits._viewer_old (its relative imports resolve in the package)."""
-    src = subprocess.run(["git", "show", f"{OLD}:src/icl_circuits/viewer.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(["git", "show", f"{OLD}:src/icl_circuits/viz/viewer.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     path = tmp / "viewer_old.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("icl_circuits._viewer_old", path)
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from icl_circuits.viewer import make_server
+    from icl_circuits.viz.viewer import make_server
     from tests.helpers import SAE_NAME, make_real_run
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from icl_circuits.loading import load_model, resolve_device, resolve_dtype
+    from icl_circuits.core.loading import load_model, resolve_device, resolve_dtype
 
     try:
         device = resolve_device(args.device)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # collapsed / weak cleanings at a few steps are expected here
 
     from icl_circuits.sae.suite import starter_sae
-    from icl_circuits.tasks import load_task
+    from icl_circuits.data.tasks import load_task
 
     lm = stage("load model", lambda: load_model(args.model, dtype=dtype, device=device))
     _on(lm.model.get_output_embeddings().weight, device, "model weights")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # task vector at one layer and its steering score on zero-shot prompts
-        from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
+        from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
 
         tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, n_eval=16)
 
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    relative loss decrease of the task vector at layer {args.layer}: {rld:.3f}")
 
         # Task Vector Cleaning (+ SAE reconstruction and ITO baselines, per-feature effects)
-        from icl_circuits.cleaning import CleaningConfig
-        from icl_circuits.cleaning_runs import clean_task
+        from icl_circuits.methods.cleaning import CleaningConfig
+        from icl_circuits.methods.cleaning_runs import clean_task
 
         ccfg = CleaningConfig(n_train=8, n_eval=8, max_steps=args.tvc_steps, patience=args.tvc_steps)
         res = stage(f"TVC ({args.tvc_steps} steps)", lambda: clean_task(lm, sae, task, args.layer, ccfg, tv_cfg, sae_spec=f"resid:{args.layer}"))
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    TVC: L0 {len(res.initial_features)} -> {res.l0}, relative loss decrease {res.scores['tvc']['relative_loss_decrease']:.3f}")
 
         # circuit node effects at two layers, and two faithfulness points (SAEs spliced in)
-        from icl_circuits.ablation import SplicedModel, faithfulness_curve
-        from icl_circuits.circuits import CircuitConfig, circuit_saes, node_effects
-        from icl_circuits.prompts import icl_prompts
+        from icl_circuits.methods.ablation import SplicedModel, faithfulness_curve
+        from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, node_effects
+        from icl_circuits.data.prompts import icl_prompts
 
         layers = tuple(int(x) for x in args.circuit_layers.split(","))
         cir_cfg = CircuitConfig(layers=layers)

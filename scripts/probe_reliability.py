@@ -254,7 +254,7 @@ def second_writer(f: dict[str, Path], work: Path, verbose: bool) -> bool:
 
 _DISK_FULL = """
 import errno, os, sys
-import icl_circuits.storage as s
+import icl_circuits.core.storage as s
 real = os.fdopen
 class Full:
     def __init__(self, fd, mode="r", *a, **k): self.f = real(fd, mode, *a, **k)
@@ -351,7 +351,7 @@ def run_viewer_requests(work: Path, verbose: bool) -> tuple[int, int] | None:
     import http.client
     import threading
 
-    from icl_circuits.viewer import make_server
+    from icl_circuits.viz.viewer import make_server
 
     run = work / "viewer_run"
     outside = work / "viewer_outside"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from icl_circuits.cleaning_runs import sae_downstream
-from icl_circuits.loading import load_model
+from icl_circuits.methods.cleaning_runs import sae_downstream
+from icl_circuits.core.loading import load_model
 from icl_circuits.sae.formats import load_any
 from icl_circuits.sae.suite import starter_sae
-from icl_circuits.tasks import load_tasks
+from icl_circuits.data.tasks import load_tasks
 
 
 def main() -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from icl_circuits.corpus import harvest_docs
-from icl_circuits.loading import load_model
+from icl_circuits.data.corpus import harvest_docs
+from icl_circuits.core.loading import load_model
 from icl_circuits.sae.cache import HarvestRun, harvest
 from icl_circuits.sae.evaluation import held_out_stats
 from icl_circuits.sae.training import TrainConfig, train_from_cache
-from icl_circuits.sites import Site
+from icl_circuits.core.sites import Site
 
 
 def main() -> None:

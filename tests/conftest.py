@@ -9,7 +9,7 @@ import torch
 
 from icl_circuits import LM
 
-from .helpers import FAMILIES, make_tiny
+from .helpers import FAMILIES, device_audit, make_tiny
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -32,3 +32,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _device_audit(request: pytest.FixtureRequest):
+    """Tests marked `device_audit` (whole commands) run under the factory audit of tests/test_device.py."""
+    if request.node.get_closest_marker("device_audit") is None:
+        yield
+        return
+    with device_audit():
+        yield

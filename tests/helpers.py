@@ -6,7 +6,7 @@ Layout rules (tests/test_layout.py checks the first one):
     `from .helpers import ...` in tests/, `from ..helpers import ...` in tests/reliability/.
   * conftest.py files hold fixtures only; the plain functions their fixtures need are imported from here.
   * Tests mirror the package tree: tests/test_<module>.py tests src/icl_circuits/<module>.py or the package
-    src/icl_circuits/<module>/ (test_viewer.py: icl_circuits/viewer/); a module of a sub-package,
+    src/icl_circuits/<module>/ (test_viewer.py: icl_circuits/viz/viewer/); a module of a sub-package,
     src/icl_circuits/<package>/<module>.py, is tested by tests/test_<package>_<module>.py
     (test_sae_training.py: icl_circuits/sae/training.py). A new test goes in the file its module maps to.
     Tests that cut across modules are named for what they check (test_device.py, test_browser.py,
@@ -20,6 +20,9 @@ files got a prefix (CIRCUIT_WORDS, VIEWER_WORDS, DASHBOARD_WORDS, EXAMPLE_WORDS,
 from __future__ import annotations
 
 import atexit
+import sys
+from contextlib import contextmanager
+from typing import Iterator
 import json
 import random
 import shutil
@@ -28,18 +31,19 @@ from pathlib import Path
 
 import torch
 import transformers as tf
+from torch.overrides import TorchFunctionMode
 
 from icl_circuits import LM, Task, zero_shot_prompts
-from icl_circuits.ablation import FaithfulnessCurve
-from icl_circuits.circuits import ERROR, KIND_SITES, CircuitConfig, Edge, NodeEffects, circuit_graph, circuit_saes, save_graph
-from icl_circuits.cleaning import CleaningConfig, CleaningResult
-from icl_circuits.dashboards import DashboardConfig, DashboardStore, build_dashboards
-from icl_circuits.examples import ExampleConfig, ExampleStore, build_example_store
-from icl_circuits.prompts import icl_prompts
+from icl_circuits.methods.ablation import FaithfulnessCurve
+from icl_circuits.methods.circuits import ERROR, KIND_SITES, CircuitConfig, Edge, NodeEffects, circuit_graph, circuit_saes, save_graph
+from icl_circuits.methods.cleaning import CleaningConfig, CleaningResult
+from icl_circuits.methods.dashboards import DashboardConfig, DashboardStore, build_dashboards
+from icl_circuits.methods.examples import ExampleConfig, ExampleStore, build_example_store
+from icl_circuits.data.prompts import icl_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
-from icl_circuits.steering import HeatmapConfig, HeatmapResult
-from icl_circuits.storage import write_json
-from icl_circuits.task_vectors import ZeroShotSteering
+from icl_circuits.methods.steering import HeatmapConfig, HeatmapResult
+from icl_circuits.core.storage import write_json
+from icl_circuits.methods.task_vectors import ZeroShotSteering
 
 
 # -- from tests/conftest.py ------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def make_run(root: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from icl_circuits.storage import save_figure
+    from icl_circuits.core.storage import save_figure
 
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.plot([1, 2, 3], [0.4, 0.8, 0.9])
@@ -370,7 +374,7 @@ def dashboard_sae(lm, d_sae: int = 24, seed: int = 0, layer: int = DASHBOARD_LAY
 
 def dashboard_tasks():
     """test_dashboards.py's tasks: MANY as "antonyms" and EVIL_TASK, whose outputs are partly MARKUP."""
-    from icl_circuits.tasks import Task
+    from icl_circuits.data.tasks import Task
 
     evil = [(x, MARKUP if i % 2 == 0 else y) for i, (x, y) in enumerate(MANY)]
     return [Task("antonyms", tuple(MANY)), Task(EVIL_TASK, tuple(evil))]
@@ -378,14 +382,14 @@ def dashboard_tasks():
 
 def make_real_run(root: Path, d_sae: int = 24) -> dict:
     """A run directory written by the package's own code, as the CLI commands would leave it."""
-    from icl_circuits.ablation import CircuitRunConfig, run_circuit_task
-    from icl_circuits.circuits import CircuitConfig, circuit_saes
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.cleaning_runs import run_cleaning
-    from icl_circuits.examples import ExampleConfig, build_example_store
-    from icl_circuits.steering import HeatmapConfig, load_feature_sets, positive_heatmap
-    from icl_circuits.storage import write_json
-    from icl_circuits.task_vectors import TaskVectorConfig
+    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuit_task
+    from icl_circuits.methods.circuits import CircuitConfig, circuit_saes
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.cleaning_runs import run_cleaning
+    from icl_circuits.methods.examples import ExampleConfig, build_example_store
+    from icl_circuits.methods.steering import HeatmapConfig, load_feature_sets, positive_heatmap
+    from icl_circuits.core.storage import write_json
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
 
     torch.set_num_threads(1)
     lm, sae, ts = dashboard_lm(), None, dashboard_tasks()
@@ -506,3 +510,83 @@ def write_task(path, pairs) -> str:
     """Write `pairs` as a task JSON file (a list of {"input", "output"}) at `path`; returns the path as a string."""
     path.write_text(json.dumps([{"input": x, "output": y} for x, y in pairs]))
     return str(path)
+
+
+# -- the device audit of tests/test_device.py (also run on the end-to-end tests marked `device_audit`) ------------
+
+AUDIT_SRC = Path(__import__("icl_circuits").__file__).parent
+FACTORIES = ("zeros", "ones", "full", "empty", "tensor", "arange", "rand", "randn", "randint", "randperm", "eye", "linspace")
+
+# (file, function) of device-less factory calls that are meant to make CPU tensors. Each is either
+# built before the model is involved and moved where it meets the model's tensors (LM.run,
+# Intervention.apply, Scoring, mean_at), or CPU bookkeeping of small results.
+CPU_BY_DESIGN: dict[tuple[str, str], str] = {
+    ("data/prompts.py", "collate"): "prompt token ids / types: LM.run moves them",
+    ("core/prefix_cache.py", "__init__"): "row bookkeeping of the prefix groups (index tensors)",
+    ("methods/steering.py", "_score"): "per-vector NLL / hit sums: small results kept on the CPU",
+    ("methods/ablation.py", "ablation"): "node ablation patterns (bookkeeping), moved in SplicedModel._run",
+    ("methods/ablation.py", "circuit_order"): "error-node mask over the CPU node effects",
+    ("methods/ablation.py", "empty"): "the all-ablated pattern, moved in SplicedModel._run",
+    ("methods/ablation.py", "pearson"): "correlation of Python floats (IE quality)",
+    ("methods/ablation.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
+    ("methods/ablation.py", "plot_cross_task"): "figure data",
+    ("sae/activations.py", "_pad"): "token batches of the corpus: LM.run moves them",
+    ("sae/activations.py", "_refill"): "the shuffle comes from the store's seeded CPU generator, then .to(device)",
+    ("methods/detection.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
+    ("sae/trainers/base.py", "__init__"): "SAE init on the CPU (seeded, device-independent), then SAETrainer.to",
+    ("sae/trainers/base.py", "_arch_params"): "as __init__ (each arch's extra parameters)",
+    ("sae/trainers/base.py", "_export_tensors"): "export is on the CPU (to_jumprelu)",
+    ("sae/evaluation.py", "__init__"): "the fired-latents mask of _Acc (filled with .cpu())",
+    ("sae/trainers/gated.py", "_arch_params"): "as SAETrainer.__init__",
+    # result tables built from Python floats of finished runs (JSON), for figures and CSVs
+    ("methods/steering.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
+    ("methods/steering.py", "negative_steering"): "drop table from the run's JSON state",
+    ("methods/steering.py", "marks"): "bool marks of the heatmap figure",
+    ("methods/steering.py", "plot_negative"): "marks of the figure",
+    ("methods/steering.py", "from_dict"): "a heatmap read back from JSON",
+    ("methods/detection.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
+    # SAE files load on the CPU; starter_sae, sae_from_spec, the CLI and circuit_saes move them to the model
+    ("sae/formats/saelens.py", "load_saelens"): "tensors read from a file",
+    # max-activating examples and dashboards copy latents to the CPU right after SAE.encode; what
+    # follows is selection / statistics on the CPU, and their token batches are moved by LM.run
+    ("methods/examples/sampling.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("methods/examples/schema.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("methods/examples/build.py", "*"): "CPU bookkeeping after encode(...).cpu()",
+    ("methods/dashboards.py", "__init__"): "per-latent statistics, filled from latents on the CPU",
+    ("methods/dashboards.py", "build_dashboards"): "corpus token batches (moved by LM.run) and token-type ids for the CPU latents",
+}
+
+
+class FactoryAudit(TorchFunctionMode):
+    """Records (file, function) of device-less tensor factories called directly from icl_circuits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[tuple[str, str], int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in FACTORIES and getattr(torch, name, None) is func and kwargs.get("device") is None:
+            f = sys._getframe(1)  # the Python frame that called the factory
+            path = Path(f.f_code.co_filename)
+            if AUDIT_SRC in path.parents:
+                key = (path.relative_to(AUDIT_SRC).as_posix(), f.f_code.co_name)
+                self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **kwargs)
+
+
+    def check(self) -> None:
+        unexpected = {k: n for k, n in self.calls.items() if k not in CPU_BY_DESIGN and (k[0], "*") not in CPU_BY_DESIGN}
+        assert not unexpected, f"device-less tensors created in a model-device path (add device=, or list why in CPU_BY_DESIGN): {unexpected}"
+
+
+@contextmanager
+def device_audit(check: bool = True) -> Iterator[FactoryAudit]:
+    """Record device-less tensor factories called from icl_circuits while the block runs; with `check`, fail on
+    any call site not listed in CPU_BY_DESIGN when it ends."""
+    mode = FactoryAudit()
+    with mode:
+        yield mode
+    if check:
+        mode.check()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from icl_circuits import Site, build_prompt, load_task
-from icl_circuits.prompts import TOKEN_TYPES
-from icl_circuits.task_vectors import TaskVectorConfig, sweep_task
+from icl_circuits.data.prompts import TOKEN_TYPES
+from icl_circuits.methods.task_vectors import TaskVectorConfig, sweep_task
 
 pytestmark = pytest.mark.bundled
 

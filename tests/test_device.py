@@ -15,21 +15,17 @@ No accelerator is available to the test suite, so the checks are of three kinds:
 
 from __future__ import annotations
 
-import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from icl_circuits import Task, zero_shot_prompts
 from icl_circuits.cli import build_parser, main
-from icl_circuits.loading import DTYPES, resolve_device, resolve_dtype
+from icl_circuits.core.loading import DTYPES, resolve_device, resolve_dtype
 
-from .helpers import ANTONYMS, MANY, _lm, _sae, make_tiny, tiny_saes, toy_batch, word_tokenizer
+from tests.helpers import ANTONYMS, MANY, _lm, _sae, device_audit, make_tiny, tiny_saes, toy_batch, word_tokenizer
 
 # -- 1. the CLI ---------------------------------------------------------------------------------
 
@@ -93,7 +89,7 @@ def test_bad_dtype_is_a_usage_error(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_one_line_and_rc_2(capsys, monkeypatch):
-    import icl_circuits.loading as loading
+    import icl_circuits.core.loading as loading
 
     def no_load(*a, **k):  # noqa: ANN002, ANN003
         raise AssertionError("the device must be refused before any model load")
@@ -128,7 +124,7 @@ def test_resolve_device_and_dtype():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_load_model_refuses_missing_cuda():
-    from icl_circuits.loading import load_model
+    from icl_circuits.core.loading import load_model
 
     with pytest.raises(ValueError, match="CUDA is not available"):
         load_model("does-not-matter", device="cuda")
@@ -136,88 +132,26 @@ def test_load_model_refuses_missing_cuda():
 
 # -- 2. entry points keep tensors on the model's device -----------------------------------------
 
-SRC = Path(__import__("icl_circuits").__file__).parent
-FACTORIES = ("zeros", "ones", "full", "empty", "tensor", "arange", "rand", "randn", "randint", "randperm", "eye", "linspace")
-
-# (file, function) of device-less factory calls that are meant to make CPU tensors. Each is either
-# built before the model is involved and moved where it meets the model's tensors (LM.run,
-# Intervention.apply, Scoring, mean_at), or CPU bookkeeping of small results.
-CPU_BY_DESIGN: dict[tuple[str, str], str] = {
-    ("prompts.py", "collate"): "prompt token ids / types: LM.run moves them",
-    ("prefix_cache.py", "__init__"): "row bookkeeping of the prefix groups (index tensors)",
-    ("steering.py", "_score"): "per-vector NLL / hit sums: small results kept on the CPU",
-    ("ablation.py", "ablation"): "node ablation patterns (bookkeeping), moved in SplicedModel._run",
-    ("ablation.py", "circuit_order"): "error-node mask over the CPU node effects",
-    ("ablation.py", "empty"): "the all-ablated pattern, moved in SplicedModel._run",
-    ("ablation.py", "pearson"): "correlation of Python floats (IE quality)",
-    ("ablation.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
-    ("ablation.py", "plot_cross_task"): "figure data",
-    ("sae/activations.py", "_pad"): "token batches of the corpus: LM.run moves them",
-    ("sae/activations.py", "_refill"): "the shuffle comes from the store's seeded CPU generator, then .to(device)",
-    ("detection.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
-    ("sae/trainers/base.py", "__init__"): "SAE init on the CPU (seeded, device-independent), then SAETrainer.to",
-    ("sae/trainers/base.py", "_arch_params"): "as __init__ (each arch's extra parameters)",
-    ("sae/trainers/base.py", "_export_tensors"): "export is on the CPU (to_jumprelu)",
-    ("sae/evaluation.py", "__init__"): "the fired-latents mask of _Acc (filled with .cpu())",
-    ("sae/trainers/gated.py", "_arch_params"): "as SAETrainer.__init__",
-    # result tables built from Python floats of finished runs (JSON), for figures and CSVs
-    ("steering.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
-    ("steering.py", "negative_steering"): "drop table from the run's JSON state",
-    ("steering.py", "marks"): "bool marks of the heatmap figure",
-    ("steering.py", "plot_negative"): "marks of the figure",
-    ("steering.py", "from_dict"): "a heatmap read back from JSON",
-    ("detection.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
-    # SAE files load on the CPU; starter_sae, sae_from_spec, the CLI and circuit_saes move them to the model
-    ("sae/formats/saelens.py", "load_saelens"): "tensors read from a file",
-    # max-activating examples and dashboards copy latents to the CPU right after SAE.encode; what
-    # follows is selection / statistics on the CPU, and their token batches are moved by LM.run
-    ("examples/sampling.py", "*"): "CPU bookkeeping after encode(...).cpu()",
-    ("examples/schema.py", "*"): "CPU bookkeeping after encode(...).cpu()",
-    ("examples/build.py", "*"): "CPU bookkeeping after encode(...).cpu()",
-    ("dashboards.py", "__init__"): "per-latent statistics, filled from latents on the CPU",
-    ("dashboards.py", "build_dashboards"): "corpus token batches (moved by LM.run) and token-type ids for the CPU latents",
-}
-
-
-class _FactoryAudit(TorchFunctionMode):
-    """Records (file, function) of device-less tensor factories called directly from icl_circuits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[tuple[str, str], int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in FACTORIES and getattr(torch, name, None) is func and kwargs.get("device") is None:
-            f = sys._getframe(1)  # the Python frame that called the factory
-            path = Path(f.f_code.co_filename)
-            if SRC in path.parents:
-                key = (path.relative_to(SRC).as_posix(), f.f_code.co_name)
-                self.calls[key] = self.calls.get(key, 0) + 1
-        return func(*args, **kwargs)
-
-
 def _on_model(t: torch.Tensor, lm) -> bool:  # noqa: ANN001
     return t.device == lm.device
 
 
 def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     """Run every public entry point on a tiny model in `dtype`; returns what they produced."""
-    from icl_circuits.ablation import SplicedModel, faithfulness_curve
-    from icl_circuits.circuits import CircuitConfig, circuit_saes, edge_effects_from, edge_targets, node_effects
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.cleaning_runs import clean_task
-    from icl_circuits.detection import MassConfig, activation_masses, link_on_batch
-    from icl_circuits.ito import ito_weights
-    from icl_circuits.prompts import icl_prompts
+    from icl_circuits.methods.ablation import SplicedModel, faithfulness_curve
+    from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, edge_effects_from, edge_targets, node_effects
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.cleaning_runs import clean_task
+    from icl_circuits.methods.detection import MassConfig, activation_masses, link_on_batch
+    from icl_circuits.methods.ito import ito_weights
+    from icl_circuits.data.prompts import icl_prompts
     from icl_circuits.sae.activations import ActivationStore
     from icl_circuits.sae.dictionary import SAEConfig
     from icl_circuits.sae.evaluation import evaluate_saes
     from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
-    from icl_circuits.sites import Site
-    from icl_circuits.steering import PromptSteering, feature_directions
-    from icl_circuits.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors
+    from icl_circuits.core.sites import Site
+    from icl_circuits.methods.steering import PromptSteering, feature_directions
+    from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors
 
     out: dict[str, object] = {}
     lm = _lm("gemma3", dtype)
@@ -265,22 +199,10 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     return out
 
 
-def _check(audit: _FactoryAudit) -> None:
-    unexpected = {k: n for k, n in audit.calls.items() if k not in CPU_BY_DESIGN and (k[0], "*") not in CPU_BY_DESIGN}
-    assert not unexpected, f"device-less tensors created in a model-device path (add device=, or list why in CPU_BY_DESIGN): {unexpected}"
-
-
-@contextmanager
-def _audit() -> Iterator[_FactoryAudit]:
-    mode = _FactoryAudit()
-    with mode:
-        yield mode
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_entry_points_on_the_models_device_and_dtype(dtype, one_thread):
     torch.manual_seed(0)
-    with _audit() as audit:
+    with device_audit(check=False) as audit:
         out = _entry_points(dtype)
     lm = out["lm"]
     # vectors read off the model are in its dtype; optimised / SAE-side tensors are float32 by design
@@ -293,31 +215,13 @@ def test_entry_points_on_the_models_device_and_dtype(dtype, one_thread):
     assert all(torch.isfinite(v).all() for v in out["edges"].values())
     assert out["trained"].device == torch.device("cpu")  # exported on the CPU, moved by whoever uses it
     assert out["masses"] and out["eval"][0].n_tokens > 0
-    _check(audit)
-
-
-@pytest.mark.parametrize("module, name", [
-    ("test_cli", "test_task_vectors_command_on_local_folder"), ("test_cli", "test_sae_train_and_eval_commands"),
-    ("test_cli", "test_clean_command_on_local_folder"), ("test_cli", "test_heatmap_and_detectors_commands_on_local_folder"),
-    ("test_ablation", "test_run_circuits_end_to_end_with_resume"),
-])  # fmt: skip
-def test_whole_runs_make_no_stray_cpu_tensors(module, name, request, one_thread):
-    """The same audit over whole commands (run_layer_sweep, sae train/eval, run_cleaning, run_heatmap with
-    negative steering, run_detectors, run_circuits): existing end-to-end tests, run under the factory audit."""
-    import importlib
-    import inspect
-
-    test = getattr(importlib.import_module(f"tests.{module}"), name)
-    fixtures = {a: request.getfixturevalue(a) for a in inspect.signature(test).parameters}
-    with _audit() as audit:
-        test(**fixtures)
-    _check(audit)
+    audit.check()
 
 
 def _examples_run(tmp_path: Path) -> None:
     import random
 
-    from .helpers import EXAMPLE_WORDS, cli_examples_end_to_end
+    from tests.helpers import EXAMPLE_WORDS, cli_examples_end_to_end
 
     lm, _ = make_tiny("llama")
     lm.tokenizer = word_tokenizer(EXAMPLE_WORDS)
@@ -327,16 +231,15 @@ def _examples_run(tmp_path: Path) -> None:
 
 
 def _dashboards_run(tmp_path: Path) -> None:
-    from .helpers import real_run
+    from tests.helpers import real_run
 
     real_run()  # build_dashboards: logit lens, density, ICL-prompt masses, neighbours
 
 
 @pytest.mark.parametrize("run", [_examples_run, _dashboards_run], ids=["examples", "dashboards"])
 def test_examples_and_dashboards_make_no_stray_cpu_tensors(run, tmp_path, one_thread):
-    with _audit() as audit:
+    with device_audit():
         run(tmp_path)
-    _check(audit)
 
 
 # -- 3. bf16 agrees with fp32 -------------------------------------------------------------------
@@ -344,8 +247,8 @@ def test_examples_and_dashboards_make_no_stray_cpu_tensors(run, tmp_path, one_th
 
 def _planted_tvc(dtype: torch.dtype, targets: torch.Tensor | None = None):  # noqa: ANN202
     """TVC on the planted-directions task of test_cleaning (a vector that clearly steers), model in dtype."""
-    from icl_circuits.cleaning import CleaningConfig, clean_vector
-    from icl_circuits.task_vectors import ZeroShotSteering
+    from icl_circuits.methods.cleaning import CleaningConfig, clean_vector
+    from icl_circuits.methods.task_vectors import ZeroShotSteering
 
     lm = _lm("gemma3", dtype)
     sae = _sae(lm, d_sae=24, seed=4, scale=4.0).float()  # the CLI's SAEs stay float32 with a bf16 model
@@ -379,7 +282,7 @@ def test_tvc_bf16_agrees_with_fp32(one_thread):
 def test_node_effects_bf16_agree_with_fp32(seed, one_thread):
     # measured over seeds 0-4 (CPU, torch 2.13): metric relative error <= 1e-4; node effects' relative
     # L2 error 0.013-0.028; top-20 nodes by |effect| identical (overlap 1.0) of 468 nodes
-    from icl_circuits.circuits import CircuitConfig, circuit_saes, node_effects
+    from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, node_effects
 
     def run(dtype: torch.dtype):  # noqa: ANN202
         lm, _ = make_tiny("gemma3", seed=seed)

@@ -76,8 +76,8 @@ def test_no_test_file_imports_another_test_file_or_a_conftest():
 def test_the_check_finds_every_kind_of_test_import(tmp_path):
     src = '''
 import os
-from icl_circuits.tasks import Task
-from .helpers import ANTONYMS
+from icl_circuits.data.tasks import Task
+from tests.helpers import ANTONYMS
 from .test_cleaning import MANY
 from ..test_circuits import setup
 from .conftest import make_tiny

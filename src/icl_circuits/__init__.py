@@ -1,10 +1,10 @@
 """icl-circuits: sparse feature circuits and task vectors for in-context learning, for any causal LM."""
 
-from .loading import BUNDLED, load_model
-from .model import LM, RunOutput
-from .prompts import PromptBatch, PromptFormat, build_prompt, icl_prompts, zero_shot_prompts
-from .sites import SITE_KINDS, Intervention, Site, add_at
-from .tasks import PAPER_TASKS, Task, TaskFormatError, list_tasks, load_task, load_tasks
+from icl_circuits.core.loading import BUNDLED, load_model
+from icl_circuits.core.model import LM, RunOutput
+from icl_circuits.data.prompts import PromptBatch, PromptFormat, build_prompt, icl_prompts, zero_shot_prompts
+from icl_circuits.core.sites import SITE_KINDS, Intervention, Site, add_at
+from icl_circuits.data.tasks import PAPER_TASKS, Task, TaskFormatError, list_tasks, load_task, load_tasks
 
 __version__ = "0.1.0"
 

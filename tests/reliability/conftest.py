@@ -34,7 +34,7 @@ def no_network(monkeypatch):
 @pytest.fixture
 def disk_full(monkeypatch):
     """Make the storage layer's writes fail with ENOSPC after `allow` bytes (call the fixture's result)."""
-    import icl_circuits.storage as storage
+    import icl_circuits.core.storage as storage
 
     def arm(allow: int = 0):
         real_write, real_fdopen = os.write, os.fdopen

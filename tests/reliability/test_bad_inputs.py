@@ -17,7 +17,7 @@ from ..helpers import MANY, one_line_error, saved_model, write_task
 # -- task files ------------------------------------------------------------------------------------
 def test_csv_with_another_header_is_refused_not_read_as_a_pair(tmp_path):
     """Issue 18 #4: 'question,answer' must not become the pair ('question', 'answer')."""
-    from icl_circuits.tasks import TaskFormatError, load_task
+    from icl_circuits.data.tasks import TaskFormatError, load_task
 
     path = tmp_path / "qa.csv"
     path.write_text("question,answer\nhot,cold\nbig,small\n")
@@ -61,7 +61,7 @@ def test_clean_layer_out_of_range_refuses_before_any_sae_work(tmp_path, capsys, 
 
 
 def test_infinite_l1_is_named_not_blamed_on_lr(tmp_path, capsys):
-    from icl_circuits.cleaning import CleaningConfig, CleaningDiverged, clean_vector
+    from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
     from ..helpers import _lm, _sae, _steering
 
@@ -77,7 +77,7 @@ def test_infinite_l1_is_named_not_blamed_on_lr(tmp_path, capsys):
 
 def test_infinite_lr_partial_holds_the_last_finite_step():
     """Issue 18 #5: `lr=inf` raised CleaningDiverged whose partial weights were NaN."""
-    from icl_circuits.cleaning import CleaningConfig, CleaningDiverged, clean_vector
+    from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
     from ..helpers import _lm, _sae, _steering
 
@@ -90,7 +90,7 @@ def test_infinite_lr_partial_holds_the_last_finite_step():
 
 def test_a_collapsed_cleaning_is_flagged_in_the_result_and_report(tmp_path, capsys):
     """Issue 18 #5: lr=1e6 ends at L0 = 0 with a loss worse than zero-shot; it must say so."""
-    from icl_circuits.cleaning import CleaningConfig, CleaningWarning, clean_vector, load_cleaning
+    from icl_circuits.methods.cleaning import CleaningConfig, CleaningWarning, clean_vector, load_cleaning
 
     from ..helpers import _lm, _sae, _steering
 
@@ -147,10 +147,10 @@ def test_garbage_or_non_utf8_model_config_names_the_file(tmp_path, capsys, conte
 
 def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
     """A damaged finished result (kill during a copy, bad disk) is redone, not a crash on every rerun."""
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.cleaning_runs import run_cleaning
-    from icl_circuits.task_vectors import TaskVectorConfig
-    from icl_circuits.tasks import Task
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.cleaning_runs import run_cleaning
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
+    from icl_circuits.data.tasks import Task
 
     from ..helpers import _lm, _sae
 
@@ -167,7 +167,7 @@ def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
 
 # -- local paths never reach for the network ----------------------------------------------------------
 def test_missing_local_model_fails_fast_without_network(no_network, tmp_path, capsys):
-    from icl_circuits.loading import load_model
+    from icl_circuits.core.loading import load_model
 
     # "fast" = no connection is ever attempted (the old code retried the hub for ~46 s); no wall-clock bound
     for spec in ("/no/such/model", "./no_such_model", "../no/such", "~/no_such_model_dir", str(tmp_path / "missing" / "m")):
@@ -181,7 +181,7 @@ def test_missing_local_model_fails_fast_without_network(no_network, tmp_path, ca
 
 def test_partly_existing_path_is_local(no_network, tmp_path, monkeypatch, capsys):
     """runs/model where runs/ exists is a local path even though it looks like owner/name."""
-    from icl_circuits.loading import load_model
+    from icl_circuits.core.loading import load_model
 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -210,7 +210,7 @@ def refuse(*a, **k):
     raise AssertionError("network touched")
 socket.create_connection = socket.getaddrinfo = refuse
 socket.socket.connect = lambda self, *a: refuse()
-from icl_circuits.loading import load_model
+from icl_circuits.core.loading import load_model
 lm = load_model("someone/tiny")
 print("loaded", lm.n_layers)
 from icl_circuits.cli import main

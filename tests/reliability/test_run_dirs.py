@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from icl_circuits.task_vectors import TaskVectorConfig
-from icl_circuits.tasks import Task
+from icl_circuits.methods.task_vectors import TaskVectorConfig
+from icl_circuits.data.tasks import Task
 
 from ..helpers import ANTONYMS, UPPER, tiny_lm
 
@@ -36,7 +36,7 @@ def _counting(monkeypatch, module, name):
 
 def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
     """Issue 18 #1: a user file that shares a finished task's name gets its own results, never the old ones."""
-    from icl_circuits import sweep as sweep_mod
+    from icl_circuits.methods import sweep as sweep_mod
 
     lm = tiny_lm()
     first = sweep_mod.run_layer_sweep(lm, [Task("ant", tuple(ANTONYMS))], [0, 1], CFG, tmp_path, progress=False)
@@ -54,9 +54,9 @@ def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
 
 
 def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
-    import icl_circuits.cleaning_runs as runs
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.tasks import task_of_result
+    import icl_circuits.methods.cleaning_runs as runs
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.data.tasks import task_of_result
 
     from ..helpers import MANY, _lm, _sae
 
@@ -76,16 +76,16 @@ def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
 
 def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
     """A user file named like a built-in task (antonyms.json): its folder must say which pairs it holds."""
-    import icl_circuits.cleaning_runs as runs
-    from icl_circuits.cleaning import CleaningConfig
-    from icl_circuits.tasks import task_of_result
+    import icl_circuits.methods.cleaning_runs as runs
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.data.tasks import task_of_result
 
     from ..helpers import MANY, _lm, _sae
 
     lm = _lm()
     user = Task("antonyms", tuple(MANY))
     monkeypatch.setattr(runs, "clean_task", lambda *a, **k: _fake_result(a[2]))
-    monkeypatch.setattr("icl_circuits.plots.plot_cleaning_curves", lambda *a, **k: [])
+    monkeypatch.setattr("icl_circuits.viz.plots.plot_cleaning_curves", lambda *a, **k: [])
     runs.run_cleaning(lm, _sae(lm), [user], 1, tmp_path, CleaningConfig(n_train=4, n_eval=4), progress=False)
     assert task_of_result(tmp_path / "antonyms", "antonyms") == user
 
@@ -93,7 +93,7 @@ def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
 def _fake_result(task):
     import torch
 
-    from icl_circuits.cleaning import CleaningConfig, CleaningResult
+    from icl_circuits.methods.cleaning import CleaningConfig, CleaningResult
 
     return CleaningResult(task=task.name, layer=1, setting="execution", sae_spec="", config=CleaningConfig(n_train=4, n_eval=4).to_dict(),
                           weights=torch.zeros(4), initial_weights=torch.zeros(4), vector=torch.zeros(4), l0_history=[], train_loss=[], eval_loss=[], steps=0,
@@ -101,9 +101,9 @@ def _fake_result(task):
 
 
 def test_circuits_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
-    import icl_circuits.ablation as ab
-    from icl_circuits.ablation import CircuitRunConfig, run_circuits
-    from icl_circuits.circuits import CircuitConfig
+    import icl_circuits.methods.ablation as ab
+    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuits
+    from icl_circuits.methods.circuits import CircuitConfig
 
     from ..helpers import PAIRS, setup, tiny_saes, toy_batch, toy_task
 
@@ -119,7 +119,7 @@ def test_circuits_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
 
 def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
     """Issue 18 #2: run A (--layers 0) then B (--layers 1) into one folder must not mix; B is refused."""
-    from icl_circuits.sweep import run_layer_sweep
+    from icl_circuits.methods.sweep import run_layer_sweep
 
     lm = tiny_lm()
     tasks = [Task("ant", tuple(ANTONYMS))]
@@ -149,7 +149,7 @@ def test_resume_under_another_config_is_refused_on_the_cli(tmp_path, capsys):
 
 
 def test_detection_sweep_resume_refuses_other_layers(tmp_path, monkeypatch):
-    import icl_circuits.detection as det
+    import icl_circuits.methods.detection as det
 
     calls = []
     monkeypatch.setattr(det, "detection_sweep_task", lambda lm, t, layers, cfg: calls.append(t.name) or
@@ -167,7 +167,7 @@ def test_detection_sweep_resume_refuses_other_layers(tmp_path, monkeypatch):
 
 def test_torn_log_line_is_never_glued_to_the_next_record(tmp_path):
     """Issue 18 'loose ends': a crash mid-append leaves a torn last line; the next append must not join it."""
-    from icl_circuits.storage import ResumeLog
+    from icl_circuits.core.storage import ResumeLog
 
     path = tmp_path / "partial.jsonl"
     log = ResumeLog(path, {"v": 1})
@@ -183,7 +183,7 @@ def test_torn_log_line_is_never_glued_to_the_next_record(tmp_path):
 
 
 def test_torn_line_task_is_redone_once_not_on_every_rerun(tmp_path, monkeypatch):
-    from icl_circuits import sweep as sweep_mod
+    from icl_circuits.methods import sweep as sweep_mod
 
     lm = tiny_lm()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
@@ -204,9 +204,9 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from tests.helpers import _setup, ANTONYMS
-from icl_circuits import sweep
-from icl_circuits.task_vectors import TaskVectorConfig
-from icl_circuits.tasks import Task
+from icl_circuits.methods import sweep
+from icl_circuits.methods.task_vectors import TaskVectorConfig
+from icl_circuits.data.tasks import Task
 real = sweep.sweep_task
 def slow(*a):
     open({mark!r}, "w").close()
@@ -220,7 +220,7 @@ sweep.run_layer_sweep(_setup(), [Task("ant", tuple(ANTONYMS))], [0], TaskVectorC
 
 def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
     """Issue 18 #2: one writer per run directory; kill -9 of that writer frees the folder at once."""
-    from icl_circuits.sweep import run_layer_sweep
+    from icl_circuits.methods.sweep import run_layer_sweep
 
     out, mark = tmp_path / "R", tmp_path / "started"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -246,7 +246,7 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_p
 
 def test_a_killed_atomic_write_leaves_no_temp_file_once_the_folder_is_reopened(tmp_path):
     """kill -9 between mkstemp and the rename leaves NAME.XXXXXXXX.tmp; the next RunDir on the folder removes it."""
-    from icl_circuits.storage import RunDir
+    from icl_circuits.core.storage import RunDir
 
     with RunDir(tmp_path, {"a": 1}, kind="probe"):
         pass

@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__
-from ..distributed import init_from_env
-from .analysis import add_circuit, add_detectors, add_heatmap, cmd_circuit, cmd_detectors, cmd_heatmap
-from .common import N_SCORE_TOKENS, Parser, add_config, parse_layers
-from .common import kv_floats as _kv_floats  # noqa: F401 - imported by tests under its old name
-from .features import add_dashboards, add_examples, cmd_dashboards, cmd_examples
-from .runs import add_reproduce, add_tasks, add_view, cmd_reproduce, cmd_tasks, cmd_view
-from .sae_cmds import add_sae_commands, cmd_sae_compare, cmd_sae_eval, cmd_sae_export, cmd_sae_harvest, cmd_sae_train
-from .vectors import BUNDLED_LAYERS, add_clean, add_task_vectors, cmd_clean, cmd_task_vectors, default_layer
+from icl_circuits import __version__
+from icl_circuits.core.distributed import init_from_env
+from icl_circuits.cli.analysis import add_circuit, add_detectors, add_heatmap, cmd_circuit, cmd_detectors, cmd_heatmap
+from icl_circuits.cli.common import N_SCORE_TOKENS, Parser, add_config, parse_layers
+from icl_circuits.cli.common import kv_floats as _kv_floats  # noqa: F401 - imported by tests under its old name
+from icl_circuits.cli.features import add_dashboards, add_examples, cmd_dashboards, cmd_examples
+from icl_circuits.cli.runs import add_reproduce, add_tasks, add_view, cmd_reproduce, cmd_tasks, cmd_view
+from icl_circuits.cli.sae_cmds import add_sae_commands, cmd_sae_compare, cmd_sae_eval, cmd_sae_export, cmd_sae_harvest, cmd_sae_train
+from icl_circuits.cli.vectors import BUNDLED_LAYERS, add_clean, add_task_vectors, cmd_clean, cmd_task_vectors, default_layer
 
 __all__ = [
     "BUNDLED_LAYERS", "N_SCORE_TOKENS", "build_parser", "cmd_circuit", "cmd_clean", "cmd_dashboards", "cmd_detectors",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # a bad option: Parser.error prints one line, rc 2
         if getattr(args, "device", None) is not None:  # e.g. --device cuda without CUDA: rc 2 before any slow step
-            from ..loading import resolve_device
+            from icl_circuits.core.loading import resolve_device
 
             resolve_device(args.device)
         init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank

@@ -1,5 +1,5 @@
 """`python -m icl_circuits.cli ...` (and torchrun -m icl_circuits.cli): the same as `icl-circuits ...`."""
 
-from . import main
+from icl_circuits.cli import main
 
 raise SystemExit(main())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..distributed import is_main
-from .common import add_layers, check_layers, floats, load_lm, parse_layers, report, run_options, sae_refs, words
+from icl_circuits.core.distributed import is_main
+from icl_circuits.cli.common import add_layers, check_layers, floats, load_lm, parse_layers, report, run_options, sae_refs, words
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
-    from ..steering import NegativeConfig, run_heatmap, specificity
+    from icl_circuits.methods.steering import NegativeConfig, run_heatmap, specificity
 
     tasks = None if args.tasks == "all" else words(args.tasks)
     overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=floats(args.scale_grid, "--scale-grid"),
@@ -22,8 +22,8 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     neg_features = "top" if top else ([int(f) for f in floats(args.negative_features, "--negative-features")] if args.negative_features else None)
     positive = None
     if args.positive:  # negative steering as a step of its own, on a finished positive heatmap
-        from ..steering import HeatmapResult
-        from ..storage import read_json
+        from icl_circuits.methods.steering import HeatmapResult
+        from icl_circuits.core.storage import read_json
 
         positive = HeatmapResult.from_dict(read_json(args.positive))
     lm = load_lm(args)
@@ -44,7 +44,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def cmd_detectors(args: argparse.Namespace) -> int:
-    from ..detection import LinkConfig, MassConfig, run_detectors
+    from icl_circuits.methods.detection import LinkConfig, MassConfig, run_detectors
 
     tasks = None if args.tasks == "all" else words(args.tasks)
     steps = words(args.steps)
@@ -76,9 +76,9 @@ def cmd_detectors(args: argparse.Namespace) -> int:
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from ..ablation import CircuitRunConfig, run_circuits
-    from ..circuits import CircuitConfig
-    from ..tasks import load_tasks
+    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuits
+    from icl_circuits.methods.circuits import CircuitConfig
+    from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load
     refs = sae_refs(args.sae)

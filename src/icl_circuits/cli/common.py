@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..sae.registry import SAERef
+    from icl_circuits.sae.registry import SAERef
 
 N_SCORE_TOKENS = 2  # = prompts.N_SCORE_TOKENS (a literal: the CLI starts without importing torch; a test checks)
 LAYERS_HELP = "'all', '12', '2-9', '1,4,6-8'"
@@ -230,7 +230,7 @@ def add_sae_option(s: argparse.ArgumentParser, default: str, help: str) -> None:
 
 def sae_refs(specs: str | list[str] | None, option: str = "--sae") -> list[SAERef]:
     """The SAERefs an SAE option names, in order; a bad spec is a ValueError naming the option."""
-    from ..sae.registry import parse_refs
+    from icl_circuits.sae.registry import parse_refs
 
     try:
         return parse_refs(specs)
@@ -242,7 +242,7 @@ def sae_refs(specs: str | list[str] | None, option: str = "--sae") -> list[SAERe
 def run_options(s: argparse.ArgumentParser, dtype: str = "float32", dtype_help: str = "the model's dtype",
                 model: str | None = "gemma-3-270m", model_help: str | None = None) -> None:  # fmt: skip
     """--model, --device, --dtype, --threads, --seed, --quiet: the same on every command that runs a model."""
-    from ..loading import DTYPES
+    from icl_circuits.core.loading import DTYPES
 
     s.add_argument("--model", default=model, help=model_help or "'gemma-3-270m' (bundled), a .gguf file, a folder or a hub id")
     s.add_argument("--seed", type=int, default=0)
@@ -267,7 +267,7 @@ def load_lm(args: argparse.Namespace, spec: str | None = None):  # type: ignore[
     """load_model(spec or --model) on --device in --dtype, after --threads is applied."""
     import torch
 
-    from ..loading import load_model, resolve_dtype
+    from icl_circuits.core.loading import load_model, resolve_dtype
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -315,7 +315,7 @@ def _key_values(items: list[str] | None, convert: Any, form: str) -> dict | None
 
 def report(run_dir: Path, title: str) -> Path:
     """Every command leaves a static report.html (figures and tables found in its run directory)."""
-    from ..report import write_report
+    from icl_circuits.viz.report import write_report
 
     return write_report(run_dir, title)
 

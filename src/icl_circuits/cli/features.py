@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_sae_option, load_lm, run_options, sae_refs
+from icl_circuits.cli.common import add_sae_option, load_lm, run_options, sae_refs
 
 SAES_HELP = "SAEs: kind:layer (starter suite), NAME=PATH or a PATH in any supported format (comma-separated / repeatable)"
 
@@ -27,9 +27,9 @@ def load_saes(lm, specs: str, progress: bool) -> dict:  # type: ignore[no-untype
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
-    from ..corpus import from_spec
-    from ..examples import ExampleConfig, build_example_store, summarize_store
-    from ..report import Section, write_report
+    from icl_circuits.data.corpus import from_spec
+    from icl_circuits.methods.examples import ExampleConfig, build_example_store, summarize_store
+    from icl_circuits.viz.report import Section, write_report
 
     cfg = ExampleConfig(
         seq_len=args.seq_len, batch_size=args.batch_size, top_k=args.top_k, bin_width=args.bin_width,
@@ -56,8 +56,8 @@ def cmd_examples(args: argparse.Namespace) -> int:
 def cmd_dashboards(args: argparse.Namespace) -> int:
     import itertools
 
-    from ..dashboards import DashboardConfig, build_dashboards
-    from ..tasks import load_tasks
+    from icl_circuits.methods.dashboards import DashboardConfig, build_dashboards
+    from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks)
     sae_refs(args.saes, "--saes")
@@ -65,7 +65,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     saes = load_saes(lm, args.saes, progress=not args.quiet)
     docs = None
     if args.corpus:
-        from ..corpus import from_spec
+        from icl_circuits.data.corpus import from_spec
 
         docs = list(itertools.islice(from_spec(args.corpus, lm, progress=not args.quiet), args.max_docs or None))
     cfg = DashboardConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, top_tokens=args.top_tokens,

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import run_options, words
+from icl_circuits.cli.common import run_options, words
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from ..tasks import list_tasks, load_task
+    from icl_circuits.data.tasks import list_tasks, load_task
 
     for name in list_tasks():
         task = load_task(name)
@@ -20,7 +20,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from ..viewer import serve
+    from icl_circuits.viz.viewer import serve
 
     try:
         serve(args.run_dir, host=args.host, port=args.port, example_stores=args.examples, allow_hosts=args.allow_host)
@@ -34,8 +34,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Every experiment of a recipe, resumably, then the claims report."""
-    from ..claims import claims_markdown
-    from ..reproduce import ReproduceConfig, reproduce
+    from icl_circuits.experiments.claims import claims_markdown
+    from icl_circuits.experiments.reproduce import ReproduceConfig, reproduce
 
     cfg = ReproduceConfig(
         recipe=args.recipe, out=args.out, docs=args.docs, model=args.model, tasks=args.tasks, device=args.device,

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import add_sae_option, floats, kv_floats, kv_trainer, load_lm, run_options, sae_refs, words
+from icl_circuits.cli.common import add_sae_option, floats, kv_floats, kv_trainer, load_lm, run_options, sae_refs, words
 
 if TYPE_CHECKING:
-    from ..sae.training import SAESpec
+    from icl_circuits.sae.training import SAESpec
 
 CORPUS_HELP = "'generated:N' (model-sampled, offline), 'hf:NAME[:CONFIG]' (online), or .txt/.jsonl paths/globs"
 
@@ -25,7 +25,7 @@ def print_eval(results: list) -> None:
 
 
 def eval_batches(lm, docs, n_docs: int, seq_len: int):  # type: ignore[no-untyped-def]
-    from ..sae.activations import held_out_batches
+    from icl_circuits.sae.activations import held_out_batches
 
     batches = held_out_batches(lm.tokenizer, docs, n_docs, seq_len=seq_len, batch_size=8)
     if not batches:
@@ -35,7 +35,7 @@ def eval_batches(lm, docs, n_docs: int, seq_len: int):  # type: ignore[no-untype
 
 def train_specs(saes: str, option: str = "--saes") -> list[SAESpec]:
     """The SAEs to train or harvest for: kind and layer only ('resid:12,attn:12'), no paths."""
-    from ..sae.training import SAESpec  # noqa: F811 - at run time (torch), the annotation's is for type checkers
+    from icl_circuits.sae.training import SAESpec  # noqa: F811 - at run time (torch), the annotation's is for type checkers
 
     specs = []
     for ref in sae_refs(saes, option):
@@ -48,15 +48,15 @@ def train_specs(saes: str, option: str = "--saes") -> list[SAESpec]:
 def cmd_sae_train(args: argparse.Namespace) -> int:
     import json
 
-    from ..corpus import from_spec
-    from ..plots import plot_training_curves
-    from ..sae.evaluation import evaluate_saes
-    from ..sae.training import TrainConfig, init_distributed_from_env, train_from_cache, train_saes
-    from ..storage import write_json
+    from icl_circuits.data.corpus import from_spec
+    from icl_circuits.viz.plots import plot_training_curves
+    from icl_circuits.sae.evaluation import evaluate_saes
+    from icl_circuits.sae.training import TrainConfig, init_distributed_from_env, train_from_cache, train_saes
+    from icl_circuits.core.storage import write_json
 
     specs = train_specs(args.saes)  # fail on a bad spec before the slow model load
     distributed = init_distributed_from_env()
-    from ..sae.cache import HarvestRun
+    from icl_circuits.sae.cache import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
     lm = load_lm(args, run.model if run else None)
@@ -78,7 +78,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         dist.barrier()
         if dist.get_rank() != 0:
             return 0
-        from ..sae.formats import load_sae
+        from icl_circuits.sae.formats import load_sae
 
         saes = {s.name: load_sae(args.out / "saes" / s.name).to(lm.device) for s in specs}
     metrics = args.out / "metrics.jsonl"
@@ -95,17 +95,17 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
         write_json(args.out / "eval.json", [r.to_dict() for r in results])
         print_eval(results)
     print(f"\nSAEs in {args.out / 'saes'} (ours) and {args.out / 'saelens'} (SAELens format)")
-    from ..report import write_report
+    from icl_circuits.viz.report import write_report
 
     print(f"report: {write_report(args.out, 'SAE training')}")
     return 0
 
 
 def cmd_sae_harvest(args: argparse.Namespace) -> int:
-    from ..corpus import harvest_docs, provenance
-    from ..loading import load_model
-    from ..sae.cache import harvest
-    from ..storage import write_json
+    from icl_circuits.data.corpus import harvest_docs, provenance
+    from icl_circuits.core.loading import load_model
+    from icl_circuits.sae.cache import harvest
+    from icl_circuits.core.storage import write_json
 
     specs = train_specs(args.saes)
     sites = sorted({site for s in specs for site in (s.in_site, s.out_site)}, key=lambda s: s.order)
@@ -127,8 +127,8 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_compare(args: argparse.Namespace) -> int:
-    from ..sae.cache import HarvestRun
-    from ..sae.compare import CompareConfig, run_compare, winner
+    from icl_circuits.sae.cache import HarvestRun
+    from icl_circuits.sae.compare import CompareConfig, run_compare, winner
 
     specs = train_specs(args.sae, "--sae")
     if len(specs) != 1:
@@ -158,21 +158,21 @@ def cmd_sae_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_eval(args: argparse.Namespace) -> int:
-    from ..corpus import from_spec
-    from ..sae.evaluation import evaluate_saes
-    from ..storage import write_json
+    from icl_circuits.data.corpus import from_spec
+    from icl_circuits.sae.evaluation import evaluate_saes
+    from icl_circuits.core.storage import write_json
 
     refs = sae_refs(args.sae)
     if args.starter:
-        from ..sae.registry import SAERef
-        from ..sae.suite import STARTER_SPECS
+        from icl_circuits.sae.registry import SAERef
+        from icl_circuits.sae.suite import STARTER_SPECS
 
         refs += [SAERef.parse(spec) for spec in STARTER_SPECS]
     if not refs:
         raise ValueError("nothing to evaluate: pass --sae SPEC (a path or kind:layer; repeatable) or --starter")
     for ref in refs:
         ref.check_path()  # a missing local path fails before the slow model load
-    from ..sae.cache import HarvestRun
+    from icl_circuits.sae.cache import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
     lm = load_lm(args, run.model if run else None)
@@ -185,7 +185,7 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     results = [r.to_dict() for r in evaluate_saes(lm, saes, batches, progress=not args.quiet)]
     print_eval(results)
     if run:
-        from ..sae.evaluation import cache_stats
+        from icl_circuits.sae.evaluation import cache_stats
 
         extra = cache_stats(lm, saes, run.eval.path, run.train.path, dead_rows=args.dead_rows, progress=not args.quiet)
         for r, e in zip(results, extra):
@@ -201,11 +201,11 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_export(args: argparse.Namespace) -> int:
-    from ..sae.suite import export_suite
+    from icl_circuits.sae.suite import export_suite
 
     corpus, prov = args.corpus, None
     if args.cache is not None:  # the harvest names the corpus and where its text came from
-        from ..sae.cache import HarvestRun
+        from icl_circuits.sae.cache import HarvestRun
 
         run = HarvestRun(args.cache)
         corpus, prov = run.settings["corpus"], run.train.manifest.get("provenance")
@@ -216,8 +216,8 @@ def cmd_sae_export(args: argparse.Namespace) -> int:
 
 
 def add_sae_commands(sub: argparse._SubParsersAction) -> None:
-    from ..sae.suite import STARTER_CORPUS
-    from ..sae.trainers import ARCHS
+    from icl_circuits.sae.suite import STARTER_CORPUS
+    from icl_circuits.sae.trainers import ARCHS
 
     sae = sub.add_parser("sae", help="train and evaluate SAEs / transcoders").add_subparsers(dest="sae_command", required=True)
     s = sae.add_parser("train", help="train SAEs on one activation stream (resumes if --out holds a checkpoint)")

@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from ..distributed import is_main
-from .common import N_SCORE_TOKENS, RangeLayers, add_layers, check_layers, load_lm, mean_of, one_layer, parse_layers, run_options, sae_refs
+from icl_circuits.core.distributed import is_main
+from icl_circuits.cli.common import N_SCORE_TOKENS, RangeLayers, add_layers, check_layers, load_lm, mean_of, one_layer, parse_layers, run_options, sae_refs
 
 # The bundled model's best layers, from the README's sweeps: task vectors (execution, best 12) and
 # the fake-pair detection sweep (best 6; detection collapses from layer 10 on).
@@ -24,9 +24,9 @@ def default_layer(model: str, setting: str) -> int:
 
 
 def cmd_task_vectors(args: argparse.Namespace) -> int:
-    from ..sweep import run_layer_sweep
-    from ..task_vectors import TaskVectorConfig
-    from ..tasks import load_tasks
+    from icl_circuits.methods.sweep import run_layer_sweep
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
+    from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks, strict=getattr(args, "strict", False))  # fail on a bad task before the slow model load
     check_layers(args.layers)
@@ -44,7 +44,7 @@ def cmd_task_vectors(args: argparse.Namespace) -> int:
             f"{b['icl_accuracy']:7.2f}  {b['zero_shot_accuracy']:10.2f}  {b['steered_accuracy']:11.2f}"
         )
     print("\nwrote:", *[str(p) for p in result.files], sep="\n  ")
-    from ..report import write_report
+    from icl_circuits.viz.report import write_report
 
     print(f"  {write_report(args.out, 'Task-vector layer sweep')}")
     return 0
@@ -65,11 +65,11 @@ def _clean_sae(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Task Vector Cleaning for one or many tasks (or a λ sweep / a layer comparison), resumable."""
-    from ..cleaning import CleaningConfig
-    from ..cleaning_runs import l1_sweep, layer_comparison, run_cleaning
-    from ..sae.registry import SAERef
-    from ..task_vectors import TaskVectorConfig
-    from ..tasks import load_tasks
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.cleaning_runs import l1_sweep, layer_comparison, run_cleaning
+    from icl_circuits.sae.registry import SAERef
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
+    from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load
     for opt, v in (("--l1", args.l1), ("--lr", args.lr)):
@@ -102,7 +102,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
                                  f"{'several layers: leave --sae out' if compare else f'layer {layer}'}")  # fmt: skip
             return ref.spec, ref.resolve(lm, train_if_missing=True, progress=not args.quiet)
         sae = ref.resolve(lm)
-        from ..sites import Site, same_site
+        from icl_circuits.core.sites import Site, same_site
 
         if not same_site(sae.cfg.site, Site(layer, "resid_pre")) and not compare:
             raise SystemExit(f"error: --sae {args.sae} reads {sae.cfg.site}, but --layer {layer} steers resid_pre.{layer}; "
@@ -112,7 +112,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if compare:
         layers = parse_layers(spec, lm.n_layers)
         rows, files = layer_comparison(lm, {l: sae_for(l)[1] for l in layers}, tasks, args.out, cfg, tv_cfg, progress=not args.quiet)
-        from ..report import write_report
+        from icl_circuits.viz.report import write_report
 
         files.append(write_report(args.out, "Task vector reconstructions by layer (Fig. 2)"))
         print(f"\n{'layer':>5s} " + " ".join(f"{m:>18s}" for m in ("tv", "sae_reconstruction", "ito_5", "ito_20", "tvc")))
@@ -127,7 +127,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         grid = [float(x) for x in args.sweep_l1.split(",")] if args.sweep_l1 != "paper" else None
         kw = {} if grid is None else dict(l1_coeffs=grid)
         rows, files = l1_sweep(lm, sae, tasks, layer, args.out, cfg=cfg, tv_cfg=tv_cfg, sae_spec=spec_name, progress=not args.quiet, **kw)
-        from ..report import write_report
+        from icl_circuits.viz.report import write_report
 
         files.append(write_report(args.out, f"TVC λ sweep (layer {layer}, SAE {spec_name})"))
         print(f"\n{'l1':>8s} {'rel. loss decrease':>18s} {'TV L0 fraction':>14s}")
@@ -144,8 +144,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _print_cleaning(args: argparse.Namespace, results: list, files: list, layer: int, spec: str) -> None:
-    from ..cleaning_runs import summary_rows
-    from ..report import Section, write_report
+    from icl_circuits.methods.cleaning_runs import summary_rows
+    from icl_circuits.viz.report import Section, write_report
 
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in summary_rows(results)]
     flagged = [dict(task=r.task, warning=w) for r in results for w in getattr(r, "warnings", [])]

@@ -1,6 +1,6 @@
 """Sparse autoencoders and transcoders: one JumpReLU inference format, loaders for published formats."""
 
-from .dictionary import (
+from icl_circuits.sae.dictionary import (
     OPTIONAL_TENSOR_NAMES,
     SAE_KINDS,
     JumpReLUSAE,
@@ -10,7 +10,7 @@ from .dictionary import (
     fold_b_dec_into_b_enc,
     gated_to_jumprelu,
 )
-from .formats import (
+from icl_circuits.sae.formats import (
     FORMAT_NAME,
     FORMAT_VERSION,
     detect_format,
@@ -30,7 +30,7 @@ from .formats import (
     save_saelens,
     with_config,
 )
-from .trainers import ARCHS, SAETrainer, TrainerConfig
+from icl_circuits.sae.trainers import ARCHS, SAETrainer, TrainerConfig
 
 # training/evaluation import the model stack; import them as icl_circuits.sae.training / .evaluation
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..corpus import bos_id, skip_docs
-from ..model import LM
-from ..sites import Site, SiteLike
+from icl_circuits.data.corpus import bos_id, skip_docs
+from icl_circuits.core.model import LM
+from icl_circuits.core.sites import Site, SiteLike
 
 Cursor = tuple[int, int]  # (document index, chunk index within it) of the next chunk to read
 

@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..corpus import docs_fingerprint
-from ..model import LM
-from ..sites import Site, SiteLike
-from ..storage import atomic_write_bytes, read_json, write_json
-from .activations import Cursor, _batches
-from .cache_reader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ActivationCache, _check_format, _check_same, shard_name
-from .cache_reader import HarvestRun, manifest_summary  # noqa: F401 - imported from here (cli, scripts)
+from icl_circuits.data.corpus import docs_fingerprint
+from icl_circuits.core.model import LM
+from icl_circuits.core.sites import Site, SiteLike
+from icl_circuits.core.storage import atomic_write_bytes, read_json, write_json
+from icl_circuits.sae.activations import Cursor, _batches
+from icl_circuits.sae.cache_reader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ActivationCache, _check_format, _check_same, shard_name
+from icl_circuits.sae.cache_reader import HarvestRun, manifest_summary  # noqa: F401 - imported from here (cli, scripts)
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sites import Site, SiteLike
-from ..storage import read_json
+from icl_circuits.core.sites import Site, SiteLike
+from icl_circuits.core.storage import read_json
 
 FORMAT_NAME = "icl_circuits.activation_cache"
 FORMAT_VERSION = 1
@@ -241,7 +241,7 @@ class HarvestRun:
 
     def held_out_docs(self, lm: Any = None, progress: bool = False) -> list[str]:
         """The held-out documents the eval cache was made from (the same split and packing)."""
-        from ..corpus import harvest_docs
+        from icl_circuits.data.corpus import harvest_docs
 
         s = self.settings
         return harvest_docs(s["corpus"], s["eval_docs"], s["seed"], lm, progress)[1]

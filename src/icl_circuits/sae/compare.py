@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from ..model import LM
-from ..storage import read_json, write_csv, write_json
-from .cache import ActivationCache
-from .dictionary import JumpReLUSAE
-from .evaluation import TOKEN_TYPES_SCORED as TYPES, evaluate_saes, held_out_stats, icl_rows, icl_stats
-from .training import SAESpec, TrainConfig, cache_fingerprint, train_from_cache
+from icl_circuits.core.model import LM
+from icl_circuits.core.storage import read_json, write_csv, write_json
+from icl_circuits.sae.cache import ActivationCache
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.evaluation import TOKEN_TYPES_SCORED as TYPES, evaluate_saes, held_out_stats, icl_rows, icl_stats
+from icl_circuits.sae.training import SAESpec, TrainConfig, cache_fingerprint, train_from_cache
 
 K_RECIPES = ("topk", "batchtopk", "matryoshka")
 PENALTY_RECIPES = ("gated", "relu", "jumprelu")
@@ -114,7 +114,7 @@ def run_compare(
         icl = torch.load(icl_path, weights_only=True, map_location="cpu")  # icl_stats moves rows to the SAE's device
     else:
         icl = icl_rows(lm, spec.in_site, spec.out_site)
-        from ..storage import atomic_write_bytes
+        from icl_circuits.core.storage import atomic_write_bytes
         import io
 
         buf = io.BytesIO()
@@ -146,7 +146,7 @@ def run_compare(
     write_json(out / "compare.json", {"runs": results, "at_target_l0": rows})
     write_csv(out / "runs.csv", [_flat(r) for r in results])
     write_csv(out / "compare.csv", rows)
-    from ..plots import plot_sae_compare
+    from icl_circuits.viz.plots import plot_sae_compare
 
     plot_sae_compare(results, out / "compare")
     return rows

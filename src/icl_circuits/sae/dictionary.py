@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..sites import Site
+from icl_circuits.core.sites import Site
 
 SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")
 TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
@@ -92,7 +92,7 @@ class SAEConfig:
 
 
 class ModelLike(Protocol):
-    """What check_compatible needs from an LM (icl_circuits.model.LM has all three)."""
+    """What check_compatible needs from an LM (icl_circuits.core.model.LM has all three)."""
 
     name: str
     d_model: int
@@ -286,7 +286,7 @@ class JumpReLUSAE(nn.Module):
 
 
 def _site_width(lm: ModelLike, site: str) -> int:
-    fn = getattr(lm, "site_width", None)  # icl_circuits.model.LM has it; plain ModelLikes are all-d_model
+    fn = getattr(lm, "site_width", None)  # icl_circuits.core.model.LM has it; plain ModelLikes are all-d_model
     return int(fn(site)) if callable(fn) else int(lm.d_model)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..model import LM
-from ..sites import Intervention, Site
-from ..splice import in_out_sites, splice
-from .cache import ActivationCache
-from .dictionary import JumpReLUSAE
+from icl_circuits.core.model import LM
+from icl_circuits.core.sites import Intervention, Site
+from icl_circuits.interventions.splice import in_out_sites, splice
+from icl_circuits.sae.cache import ActivationCache
+from icl_circuits.sae.dictionary import JumpReLUSAE
 
 
 @dataclass
@@ -152,8 +152,8 @@ def held_out_stats(sae: JumpReLUSAE, cache: ActivationCache, max_rows: int = 200
 @torch.no_grad()
 def icl_rows(lm: LM, site: Site, out_site: Site, n_prompts: int = 2, n_shots: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """Activations of every task's ICL prompts at the SAE's sites, with token types: {'x','y','types'}."""
-    from ..prompts import TOKEN_TYPES, icl_prompts
-    from ..tasks import PAPER_TASKS, load_task
+    from icl_circuits.data.prompts import TOKEN_TYPES, icl_prompts
+    from icl_circuits.data.tasks import PAPER_TASKS, load_task
 
     xs, ys, ts = [], [], []
     for name in PAPER_TASKS:
@@ -170,7 +170,7 @@ def icl_rows(lm: LM, site: Site, out_site: Site, n_prompts: int = 2, n_shots: in
 @torch.no_grad()
 def icl_stats(sae: JumpReLUSAE, rows: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
     """(FVE, L0) per token type on ICL prompts; FVE against each type's own mean."""
-    from ..prompts import TYPE_ID
+    from icl_circuits.data.prompts import TYPE_ID
 
     rows = {k: v.to(sae.device) for k, v in rows.items()}  # rows saved by `sae compare` load on the CPU
     f = sae.encode(rows["x"])  # [rows, d_sae]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dictionary import JumpReLUSAE
+from icl_circuits.sae.dictionary import JumpReLUSAE
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def get_preset(name: str) -> Preset:
 
 def load_preset_sae(name: str, label: str | None = None, **overrides: Any) -> JumpReLUSAE:
     """Download (when online) and load one SAE of a preset, its site and model set from the preset."""
-    from .formats import load_any  # formats is heavier; presets stay importable for --help
+    from icl_circuits.sae.formats import load_any  # formats is heavier; presets stay importable for --help
 
     preset = get_preset(name)
     s = preset.sae(label)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at import: the CLI parses specs before it loads the model stack
-    from ..model import LM
-    from .dictionary import JumpReLUSAE
+    from icl_circuits.core.model import LM
+    from icl_circuits.sae.dictionary import JumpReLUSAE
 
 KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")  # = dictionary.SAE_KINDS (checked by a test)
 SITE_KINDS: dict[str, str] = {"resid_pre": "resid", "attn_out": "attn"}  # site a starter SAE reads -> its kind
@@ -123,7 +123,7 @@ class SAERef:
     def check_path(self) -> None:
         """A missing local path fails now, without the network (before a slow model load)."""
         if self.path is not None and not self.path.startswith("saelens:"):
-            from ..loading import resolve_spec
+            from icl_circuits.core.loading import resolve_spec
 
             resolve_spec(self.path, "--sae", hub_subfolders=True)
 
@@ -132,10 +132,10 @@ class SAERef:
 
         Raises a ValueError when it was made for another model width."""
         if self.path is None:
-            from .suite import starter_sae
+            from icl_circuits.sae.suite import starter_sae
 
             return starter_sae(lm, self.spec, train_if_missing=train_if_missing, progress=progress)
-        from .formats import load_any
+        from icl_circuits.sae.formats import load_any
 
         sae = load_any(self.path).float()
         sae.check_compatible(lm)

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ..loading import cache_dir
-from ..model import LM
-from ..storage import read_json
-from .dictionary import JumpReLUSAE
-from .formats import load_sae, save_sae, with_config
-from .registry import SAERef
-from .training import TrainConfig
+from icl_circuits.core.loading import cache_dir
+from icl_circuits.core.model import LM
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.formats import load_sae, save_sae, with_config
+from icl_circuits.sae.registry import SAERef
+from icl_circuits.sae.training import TrainConfig
 
 SUITE_VERSION = 2
 STARTER_SPECS = (
@@ -65,8 +65,8 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
             return sae.to(lm.device)
     if not train_if_missing:
         raise FileNotFoundError(f"no starter SAE {name!r} (suite v{SUITE_VERSION}) for {lm.name!r} (shipped or cached)")
-    from ..corpus import from_spec
-    from .training import train_saes
+    from icl_circuits.data.corpus import from_spec
+    from icl_circuits.sae.training import train_saes
 
     run = suite_cache_dir(lm.name) / name
     cfg = TrainConfig(specs=[ref.spec], **STARTER_RECIPE)  # 'resid:12', as train_config.json always recorded
@@ -77,7 +77,7 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
 
 def _stamp(sae: JumpReLUSAE, folder: Path) -> JumpReLUSAE:
     """Record the suite version in the SAE and its saved folder."""
-    from .formats import with_config
+    from icl_circuits.sae.formats import with_config
 
     sae = with_config(sae, extra={**sae.cfg.extra, "suite_version": SUITE_VERSION})
     save_sae(sae, folder)

@@ -36,19 +36,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..distributed import init_from_env, rank_world
-from ..model import LM
-from ..sites import Site
-from ..storage import atomic_write_bytes, write_json
-from .activations import ActivationStore
-from .dictionary import JumpReLUSAE, SAEConfig
-from .distributed import DistRowComm, my_rows
-from .formats import save_sae, save_saelens
-from .registry import SAERef
-from .trainers import SAETrainer, TrainerConfig
+from icl_circuits.core.distributed import init_from_env, rank_world
+from icl_circuits.core.model import LM
+from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import atomic_write_bytes, write_json
+from icl_circuits.sae.activations import ActivationStore
+from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
+from icl_circuits.sae.distributed import DistRowComm, my_rows
+from icl_circuits.sae.formats import save_sae, save_saelens
+from icl_circuits.sae.registry import SAERef
+from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
 
 if TYPE_CHECKING:
-    from .cache import ActivationCache
+    from icl_circuits.sae.cache import ActivationCache
 
 K_ARCHS = ("topk",)  # archs whose exported SAE keeps top-k at inference (BatchTopK exports a global threshold)
 

@@ -21,15 +21,15 @@ One module per format (ours, saelens, gemma_scope, saex, dictionary_learning); h
 and SAELens release names, detect picks the loader (load_any), common holds what they share.
 """
 
-from ...sites import same_site
-from .common import PathLike
-from .detect import EXPECTED_LAYOUTS, detect_format, load_any
-from .dictionary_learning import load_dictionary_learning
-from .gemma_scope import GS2_REPO_RE, load_gemma_scope, load_gemma_scope_2
-from .hub import hub_path, load_saelens_release, resolve_saelens_release
-from .ours import FORMAT_NAME, FORMAT_VERSION, load_sae, save_sae, with_config
-from .saelens import SAELENS_WRITE_VERSION, load_saelens, normalise_saelens_cfg, save_saelens
-from .saex import load_saex
+from icl_circuits.core.sites import same_site
+from icl_circuits.sae.formats.common import PathLike
+from icl_circuits.sae.formats.detect import EXPECTED_LAYOUTS, detect_format, load_any
+from icl_circuits.sae.formats.dictionary_learning import load_dictionary_learning
+from icl_circuits.sae.formats.gemma_scope import GS2_REPO_RE, load_gemma_scope, load_gemma_scope_2
+from icl_circuits.sae.formats.hub import hub_path, load_saelens_release, resolve_saelens_release
+from icl_circuits.sae.formats.ours import FORMAT_NAME, FORMAT_VERSION, load_sae, save_sae, with_config
+from icl_circuits.sae.formats.saelens import SAELENS_WRITE_VERSION, load_saelens, normalise_saelens_cfg, save_saelens
+from icl_circuits.sae.formats.saex import load_saex
 
 __all__ = [
     "EXPECTED_LAYOUTS", "FORMAT_NAME", "FORMAT_VERSION", "GS2_REPO_RE", "PathLike", "SAELENS_WRITE_VERSION",

@@ -14,9 +14,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ...sites import Site, same_site
-from ...storage import atomic_write_bytes
-from ..dictionary import JumpReLUSAE, SAEConfig
+from icl_circuits.core.sites import Site, same_site
+from icl_circuits.core.storage import atomic_write_bytes
+from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 
 PathLike = str | os.PathLike
 _CFG_FIELDS = {f.name for f in fields(SAEConfig)}

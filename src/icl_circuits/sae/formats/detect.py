@@ -7,15 +7,15 @@ from typing import Any
 
 import safetensors
 
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE
-from .common import PathLike
-from .dictionary_learning import load_dictionary_learning
-from .gemma_scope import _gemma_scope_site, load_gemma_scope, load_gemma_scope_2
-from .hub import _from_hub, load_saelens_release
-from .ours import load_sae
-from .saelens import load_saelens
-from .saex import _is_saex, load_saex
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.formats.common import PathLike
+from icl_circuits.sae.formats.dictionary_learning import load_dictionary_learning
+from icl_circuits.sae.formats.gemma_scope import _gemma_scope_site, load_gemma_scope, load_gemma_scope_2
+from icl_circuits.sae.formats.hub import _from_hub, load_saelens_release
+from icl_circuits.sae.formats.ours import load_sae
+from icl_circuits.sae.formats.saelens import load_saelens
+from icl_circuits.sae.formats.saex import _is_saex, load_saex
 
 
 EXPECTED_LAYOUTS = (
@@ -76,7 +76,7 @@ def load_any(path: PathLike, **overrides: Any) -> JumpReLUSAE:
         return load_saelens_release(path, **overrides)
     p = Path(path).expanduser()
     if not p.exists():
-        from ...loading import hub_offline, resolve_spec
+        from icl_circuits.core.loading import hub_offline, resolve_spec
 
         resolve_spec(str(path), "SAE", hub_subfolders=True)  # a missing path that looks local fails here, offline
         if hub_offline():

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ...sites import Site
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE, fold_b_dec_into_b_enc, gated_to_jumprelu
-from .common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _require_files, _site_or_none
+from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE, fold_b_dec_into_b_enc, gated_to_jumprelu
+from icl_circuits.sae.formats.common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _require_files, _site_or_none
 
 
 _DL_SUBMODULE = re.compile(

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...sites import Site, same_site
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE
-from .common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _read_safetensors
-from .saelens import _hf_hook_site
+from icl_circuits.core.sites import Site, same_site
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.formats.common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _read_safetensors
+from icl_circuits.sae.formats.saelens import _hf_hook_site
 
 
 _GS_LAYER = re.compile(r"layer_(\d+)")

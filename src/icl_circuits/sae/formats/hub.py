@@ -10,16 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..dictionary import JumpReLUSAE
-from .gemma_scope import GS2_REPO_RE, _gemma_scope_site, load_gemma_scope, load_gemma_scope_2
-from .saelens import load_saelens
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.formats.gemma_scope import GS2_REPO_RE, _gemma_scope_site, load_gemma_scope, load_gemma_scope_2
+from icl_circuits.sae.formats.saelens import load_saelens
 
 
 def _hf_download(repo: str, filename: str, subfolder: str | None) -> str:
     """hf_hub_download, in one place so tests can swap in a fake hub folder (never the network)."""
     from huggingface_hub import hf_hub_download  # lazy: only for ids that are not local paths
 
-    from ...loading import hub_reachable
+    from icl_circuits.core.loading import hub_reachable
 
     why = hub_reachable()  # one quick connect instead of the hub client's retries (~46 s) when offline
     if why is not None:

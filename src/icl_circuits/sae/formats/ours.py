@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE, check_shapes
-from .common import (
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE, check_shapes
+from icl_circuits.sae.formats.common import (
     _CFG_FIELDS,
     PathLike,
     _finish,

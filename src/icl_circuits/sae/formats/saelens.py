@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ...sites import Site
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE, fold_b_dec_into_b_enc, gated_to_jumprelu
-from .common import (
+from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE, fold_b_dec_into_b_enc, gated_to_jumprelu
+from icl_circuits.sae.formats.common import (
     PathLike,
     _finish,
     _json_bytes,
@@ -25,7 +25,7 @@ from .common import (
     _site_or_none,
     _st_bytes,
 )
-from .saex import _is_saex, load_saex
+from icl_circuits.sae.formats.saex import _is_saex, load_saex
 
 
 _SAELENS_NOTE = "icl_circuits"  # our own block in cfg.json, so save_saelens -> load_saelens is lossless

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ...sites import Site
-from ...storage import read_json
-from ..dictionary import JumpReLUSAE, fold_b_dec_into_b_enc
-from .common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _read_safetensors, _require_files
+from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import read_json
+from icl_circuits.sae.dictionary import JumpReLUSAE, fold_b_dec_into_b_enc
+from icl_circuits.sae.formats.common import PathLike, _finish, _make_cfg, _need, _no_leftovers, _read_safetensors, _require_files
 
 
 _SAEX_MARKERS = {"s_gate", "mean_norm", "tgt_mean_norm"}  # (SAELens gated SAEs have b_gate too, never these)

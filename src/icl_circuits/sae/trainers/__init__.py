@@ -17,13 +17,13 @@ Shared machinery (normalisation, centring, dead tracking, NaN safety, checkpoint
 the TopK family decodes sparsely (`icl_circuits.sae.sparse`).
 """
 
-from .base import ARCHS, DEFAULT_L0_PER_DIM, DEFAULT_L1, TOPK_FAMILY, SAETrainer, TrainerConfig
-from .batchtopk import BatchTopKTrainer
-from .gated import GatedTrainer
-from .jumprelu import JumpReLUTrainer
-from .matryoshka import MatryoshkaTrainer
-from .relu import ReLUTrainer
-from .topk import TopKTrainer, auxk_loss
+from icl_circuits.sae.trainers.base import ARCHS, DEFAULT_L0_PER_DIM, DEFAULT_L1, TOPK_FAMILY, SAETrainer, TrainerConfig
+from icl_circuits.sae.trainers.batchtopk import BatchTopKTrainer
+from icl_circuits.sae.trainers.gated import GatedTrainer
+from icl_circuits.sae.trainers.jumprelu import JumpReLUTrainer
+from icl_circuits.sae.trainers.matryoshka import MatryoshkaTrainer
+from icl_circuits.sae.trainers.relu import ReLUTrainer
+from icl_circuits.sae.trainers.topk import TopKTrainer, auxk_loss
 
 __all__ = [
     "ARCHS", "DEFAULT_L0_PER_DIM", "DEFAULT_L1", "TOPK_FAMILY", "SAETrainer", "TrainerConfig", "BatchTopKTrainer",

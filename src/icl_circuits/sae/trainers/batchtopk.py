@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..dictionary import SAEConfig
-from .base import SAETrainer, TrainerConfig
-from .topk import TopKTrainer
+from icl_circuits.sae.dictionary import SAEConfig
+from icl_circuits.sae.trainers.base import SAETrainer, TrainerConfig
+from icl_circuits.sae.trainers.topk import TopKTrainer
 
 
 def batch_topk_indices(a: torch.Tensor, k: int, candidates: int = 4) -> torch.Tensor:

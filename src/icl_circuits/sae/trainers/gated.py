@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..dictionary import gated_to_jumprelu
-from .base import SAETrainer
+from icl_circuits.sae.dictionary import gated_to_jumprelu
+from icl_circuits.sae.trainers.base import SAETrainer
 
 
 class GatedTrainer(SAETrainer):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import SAETrainer
+from icl_circuits.sae.trainers.base import SAETrainer
 
 
 def _rect(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..sparse import sparse_decode
-from .batchtopk import BatchTopKTrainer
+from icl_circuits.sae.sparse import sparse_decode
+from icl_circuits.sae.trainers.batchtopk import BatchTopKTrainer
 
 
 class MatryoshkaTrainer(BatchTopKTrainer):

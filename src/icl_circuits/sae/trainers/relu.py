@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import SAETrainer
+from icl_circuits.sae.trainers.base import SAETrainer
 
 
 class ReLUTrainer(SAETrainer):

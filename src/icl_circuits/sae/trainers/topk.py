@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..distributed import LOCAL, RowComm
-from ..sparse import sparse_decode, sparse_decode_topk
-from .base import SAETrainer
+from icl_circuits.sae.distributed import LOCAL, RowComm
+from icl_circuits.sae.sparse import sparse_decode, sparse_decode_topk
+from icl_circuits.sae.trainers.base import SAETrainer
 
 
 def auxk_loss(

@@ -1,0 +1,1 @@
+"""Recipes of CLI stages, the reproduce runner and the paper's claims."""

@@ -1,0 +1,1 @@
+"""How the model is changed: SAE splicing and steering."""

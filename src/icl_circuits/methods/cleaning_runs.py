@@ -1,0 +1,419 @@
+"""Cleaning on real tasks: prompts and vectors, baselines, many tasks, λ sweeps and layer comparisons.
+
+For one task and layer (`cleaning_setup`): the raw vector from n-shot prompts of the training
+split (task vector: mean resid_pre over arrows; detection vector: over demo outputs), and two
+disjoint batches of held-out prompts, `n_train` to optimise on and `n_eval` to score on. Every
+method is scored on the same evaluation prompts (Sec. 3.1, App. D.1):
+    tv                  the raw vector
+    sae_reconstruction  decode(encode(tv))
+    ito_k               gradient pursuit with at most k latents (paper: 5 and 20)
+    tvc                 Task Vector Cleaning
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from icl_circuits.methods.cleaning import CleaningConfig, CleaningResult, clean_vector, frozen_decoder, load_cleaning, method_score
+from icl_circuits.core.distributed import gather_in_order, is_main, my_share, shared_run
+from icl_circuits.methods.ito import ito_weights
+from icl_circuits.core.model import LM
+from icl_circuits.core.prefix_cache import PASS_COST
+from icl_circuits.data.prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
+from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.core.storage import ResumeLog, read_json, write_csv, write_json
+from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
+from icl_circuits.data.tasks import Task, check_unique_names, is_builtin, save_task
+
+ITO_L0S: tuple[int, ...] = (5, 20)
+L1_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 2.5e-2, 5e-2, 1e-1)  # the paper's sweep (App. D.1)
+
+
+@dataclass
+class CleaningSetup:
+    task: str
+    layer: int
+    setting: str
+    vector: torch.Tensor  # [d_model] raw task / detection vector
+    train: ZeroShotSteering  # the n_train prompts optimised on
+    evaluation: ZeroShotSteering  # the n_eval held-out prompts every method is scored on
+    tokens: torch.Tensor  # [n_tokens, d_model] the residuals averaged into `vector`
+
+    def initial_latents(self, sae: JumpReLUSAE, cfg: CleaningConfig) -> torch.Tensor | None:
+        """TVC's starting point (App. D): None = encode the vector (Alg. 1); 'mean_encode' = the mean of the
+        per-token encodings; 'ito' = gradient pursuit with cfg.ito_k latents (the authors' detection TVC)."""
+        start = cfg.start
+        if start == "encode_mean":
+            return None
+        if start == "ito":
+            return ito_weights(sae, self.vector, cfg.ito_k)
+        with torch.no_grad():
+            return sae.encode(self.tokens).float().mean(0)  # [d_sae]
+
+
+def _prompts(tokenizer: object, pairs: Sequence[tuple[str, str]], setting: str, fmt: PromptFormat) -> list[Prompt]:
+    """One prompt per pair (zero-shot, or after the fake pair); pairs the tokenizer cannot label are skipped."""
+    out = []
+    for p in pairs:
+        try:
+            out.append(build_prompt(tokenizer, [p] if setting == "execution" else [FAKE_PAIR, p], fmt))
+        except ValueError:
+            continue
+    return out
+
+
+def cleaning_setup(
+    lm: LM, task: Task, layer: int, cfg: CleaningConfig = CleaningConfig(),
+    tv_cfg: TaskVectorConfig = TaskVectorConfig(), fmt: PromptFormat = PromptFormat(), *, pass_cost: float = PASS_COST,
+) -> CleaningSetup:  # fmt: skip
+    """Raw vector and the train/evaluation steering batches; pass_cost: how the prefix caches group prompts into
+    suffix passes (`prefix_cache._partition`; it changes speed only, 0 = one pass per distinct prompt shape)."""
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} outside 0..{lm.n_layers - 1}")
+    train_pairs, held_out = task.split(tv_cfg.eval_share, tv_cfg.seed)
+    if len(train_pairs) < tv_cfg.n_shots + 1:
+        raise ValueError(f"task {task.name}: {len(train_pairs)} training pairs, need n_shots + 1 = {tv_cfg.n_shots + 1}")
+    pairs = list(held_out.pairs)
+    random.Random(cfg.seed + 1).shuffle(pairs)
+    prompts = _prompts(lm.tokenizer, pairs, cfg.setting, fmt)
+    need = cfg.n_train + cfg.n_eval
+    if len(prompts) < need:
+        raise ValueError(
+            f"task {task.name}: {len(prompts)} valid held-out prompts (of {len(pairs)} pairs), "
+            f"need n_train + n_eval = {need}; use a bigger task or smaller n_train/n_eval"
+        )
+    icl = icl_prompts(lm.tokenizer, train_pairs, tv_cfg.n_prompts, tv_cfg.n_shots, seed=tv_cfg.seed, fmt=fmt)
+    resid, _ = collect_resid(lm, icl, [layer], tv_cfg.batch_size)
+    # task vector: arrows (Sec. 2.3); detection vector: the demonstrations' output tokens (App. G)
+    mask = icl.arrow_mask(tv_cfg.arrows) if cfg.setting == "execution" else icl.output_mask("demos")
+    tokens = resid[layer][mask.to(resid[layer].device)]  # [n_tokens, d_model]
+    vector = mean_at(resid[layer], mask)
+
+    pad = getattr(lm.tokenizer, "pad_token_id", None) or 0
+    batches = [PromptBatch.collate(prompts[: cfg.n_train], pad), PromptBatch.collate(prompts[cfg.n_train : need], pad)]
+    steer = [
+        ZeroShotSteering(
+            lm, b, [layer], cfg.n_score_tokens,
+            steer_at=b.arrow_mask("last") if cfg.setting == "execution" else b.output_mask("first"),
+            unembed_dtype=dtype, pass_cost=pass_cost,
+        )
+        for b, dtype in zip(batches, (getattr(torch, cfg.train_unembed), None))
+    ]  # fmt: skip
+    return CleaningSetup(task.name, layer, cfg.setting, vector, steer[0], steer[1], tokens)
+
+
+@torch.no_grad()
+def baseline_scores(setup: CleaningSetup, sae: JumpReLUSAE, ito_l0s: Sequence[int] = ITO_L0S) -> dict[str, dict[str, float]]:
+    """Scores of the zero-shot model, the raw vector, its SAE reconstruction and ITO-k, on the evaluation prompts."""
+    ev, layer = setup.evaluation, setup.layer
+    decode = frozen_decoder(sae)
+    f = sae.encode(setup.vector).float()  # [d_sae]
+    ito = [ito_weights(sae, setup.vector, k) for k in ito_l0s]  # [d_sae] each
+    # every method's vector scored in one batched evaluation (`evaluate_many`) instead of one pass each
+    vectors = torch.stack([setup.vector.float(), decode(f), *(decode(w) for w in ito)])  # [2 + len(ito_l0s), d_model]
+    tv, rec, *ito_scores = ev.evaluate_many(layer, vectors)
+    scores = {
+        "zero_shot": method_score(ev, ev.baseline, 0),
+        "tv": method_score(ev, tv, None),
+        "sae_reconstruction": method_score(ev, rec, int((f > 0).sum())),
+    }
+    for k, w, sc in zip(ito_l0s, ito, ito_scores):
+        scores[f"ito_{k}"] = method_score(ev, sc, int((w > 0).sum()))
+    return scores
+
+
+@torch.no_grad()
+def feature_effects(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResult) -> list[dict[str, float]]:
+    """Per active cleaned feature: its weight, the effect of steering with it alone (with b_dec, as
+    every decoded vector has), and how much the cleaned vector's effect drops without it.
+
+    All 2 * L0 + 1 vectors (bias only, each feature alone, each feature left out) are scored in one
+    batched evaluation (`ZeroShotSteering.evaluate_many`); `feature_effects_one_by_one` is the direct loop."""
+    ev, layer = setup.evaluation, setup.layer
+    decode = frozen_decoder(sae)
+    w = result.weights.to(sae.device).float()  # [d_sae]
+    feats = result.features
+    idx = torch.tensor(feats, dtype=torch.long, device=w.device)  # [n]
+    rows = torch.arange(len(feats), device=w.device)
+    alone = torch.zeros(len(feats), w.shape[0], device=w.device)  # [n, d_sae]: feature i only
+    alone[rows, idx] = w[idx]
+    without = w.repeat(len(feats), 1)  # [n, d_sae]: every feature but i
+    without[rows, idx] = 0
+    codes = torch.cat([torch.zeros(1, w.shape[0], device=w.device), alone, without])  # [1 + 2n, d_sae]
+    scored = result.scores.get("tvc")  # clean_vector already scored the cleaned vector on these prompts
+    if not scored:
+        codes = torch.cat([codes, w[None]])  # [2 + 2n, d_sae]
+    rel = [ev.relative_loss_decrease(sc) for sc in ev.evaluate_many(layer, decode(codes))]
+    full = scored["relative_loss_decrease"] if scored else rel[-1]
+    bias_only, n = rel[0], len(feats)
+    return [
+        dict(
+            index=i, weight=float(result.weights[i]), alone=rel[1 + j], drop_without=full - rel[1 + n + j], bias_only=bias_only
+        )
+        for j, i in enumerate(feats)
+    ]
+
+
+@torch.no_grad()
+def feature_effects_one_by_one(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResult) -> list[dict[str, float]]:
+    """`feature_effects` by one evaluation per vector (the reference the batched version is tested and timed against)."""
+    ev, layer = setup.evaluation, setup.layer
+    decode = frozen_decoder(sae)
+    scored = result.scores.get("tvc")
+    full = scored["relative_loss_decrease"] if scored else ev.relative_loss_decrease(ev.evaluate(layer, decode(result.weights)))
+    bias_only = ev.relative_loss_decrease(ev.evaluate(layer, decode(torch.zeros_like(result.weights))))
+    rows = []
+    for i in result.features:
+        alone = torch.zeros_like(result.weights)
+        alone[i] = result.weights[i]
+        without = result.weights.clone()
+        without[i] = 0
+        rows.append(
+            dict(
+                index=i,
+                weight=float(result.weights[i]),
+                alone=ev.relative_loss_decrease(ev.evaluate(layer, decode(alone))),
+                drop_without=full - ev.relative_loss_decrease(ev.evaluate(layer, decode(without))),
+                bias_only=bias_only,
+            )
+        )
+    return rows
+
+
+def clean_task(
+    lm: LM, sae: JumpReLUSAE, task: Task, layer: int, cfg: CleaningConfig = CleaningConfig(),
+    tv_cfg: TaskVectorConfig = TaskVectorConfig(), *, sae_spec: str = "", ito_l0s: Sequence[int] = ITO_L0S,
+    effects: bool = True, progress: bool = False,
+) -> CleaningResult:  # fmt: skip
+    """TVC for one task, with every baseline scored on the same evaluation prompts."""
+    sae.check_compatible(lm)
+    setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
+    result = clean_vector(
+        sae, setup.train, layer, setup.vector, cfg, setup.evaluation, task=task.name, sae_spec=sae_spec, progress=progress,
+        init=setup.initial_latents(sae, cfg),
+    )  # fmt: skip
+    result.scores = {**baseline_scores(setup, sae, ito_l0s), **result.scores}
+    if effects:
+        result.feature_effects = feature_effects(setup, sae, result)
+    return result
+
+
+# -- many tasks -------------------------------------------------------------------------------
+METHODS: tuple[str, ...] = ("tv", "sae_reconstruction", "ito_5", "ito_20", "tvc")
+
+
+def summary_rows(results: Sequence[CleaningResult]) -> list[dict]:
+    """One row per task: L0 before/after and the relative loss decrease of every method, plus a mean row."""
+    rows = []
+    for r in results:
+        row: dict = dict(task=r.task, layer=r.layer, setting=r.setting, l0_tv=len(r.initial_features), l0_tvc=r.l0, steps=r.steps)
+        for m, s in r.scores.items():
+            if m != "zero_shot":
+                row[f"{m}"] = s["relative_loss_decrease"]
+        row["zero_shot_nll"] = r.scores["zero_shot"]["nll"] if "zero_shot" in r.scores else float("nan")
+        row["tvc_accuracy"] = r.scores.get("tvc", {}).get("accuracy", float("nan"))
+        row["tv_accuracy"] = r.scores.get("tv", {}).get("accuracy", float("nan"))
+        row["l0_fraction"] = r.l0 / max(len(r.initial_features), 1)
+        row["seconds"] = r.seconds
+        rows.append(row)
+    if rows:
+        mean: dict = dict(task="mean", layer=rows[0]["layer"], setting=rows[0]["setting"])
+        for k in rows[0]:
+            if k not in mean and isinstance(rows[0][k], (int, float)):
+                vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+                mean[k] = sum(vals) / len(vals) if vals else float("nan")
+        rows.append(mean)
+    return rows
+
+
+def run_cleaning(
+    lm: LM, sae: JumpReLUSAE, tasks: Sequence[Task], layer: int, out_dir: str | Path,
+    cfg: CleaningConfig = CleaningConfig(), tv_cfg: TaskVectorConfig = TaskVectorConfig(), *,
+    sae_spec: str = "", progress: bool = True,
+) -> tuple[list[CleaningResult], list[Path]]:  # fmt: skip
+    """Clean every task into out_dir/<task>/; a task already done with the same settings is loaded, not redone.
+
+    out_dir is a `RunDir`: one writer at a time, a rerun under other settings is refused, and a finished
+    task is recognised by a key over its content (name and pairs), the settings and the model, written
+    last into its folder (unit.json), so a user file that shares a built-in task's name is never served
+    the built-in task's result.
+    """
+    from icl_circuits.viz.plots import plot_cleaning_curves
+
+    out = Path(out_dir)
+    check_unique_names(list(tasks))
+    header = dict(model=lm.name, layer=layer, sae=sae_spec, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    with shared_run(out, header, kind="cleaning") as run:  # under torchrun: tasks split over ranks (distributed.py)
+        write_json(out / "cleaning_config.json", header)
+        results = []
+        bar = tqdm(my_share(tasks), desc=f"cleaning ({cfg.setting}, layer {layer})", disable=not progress)
+        for task in bar:
+            bar.set_postfix(task=task.name)
+            folder = out / task.name
+            key = run.key(task.digest)
+            done = _load_if_same(folder, cfg, layer, sae_spec, key)
+            if done is None:
+                (folder / UNIT_FILE).unlink(missing_ok=True)  # the folder no longer holds a finished result
+                done = clean_task(lm, sae, task, layer, cfg, tv_cfg, sae_spec=sae_spec, progress=progress)
+                done.save(folder)
+                if is_builtin(task):
+                    (folder / "task.json").unlink(missing_ok=True)
+                else:  # a user task: keep its pairs, so later steps need only this folder
+                    save_task(task, folder / "task.json")
+                plot_cleaning_curves(done, folder / "curves")
+                write_json(folder / UNIT_FILE, dict(key=key, task=task.name, task_digest=task.digest))  # last: marks it done
+            results.append(done)
+        results = gather_in_order(tasks, results)  # every rank's tasks, once all are done
+        return results, write_summary(results, out) if is_main() else []
+
+
+UNIT_FILE = "unit.json"
+
+
+def write_summary(results: Sequence[CleaningResult], out_dir: str | Path) -> list[Path]:
+    """summary.json / .csv (one row per task + mean) and the summary plot."""
+    from icl_circuits.viz.plots import plot_cleaning_summary
+
+    out = Path(out_dir)
+    rows = summary_rows(results)
+    return [write_json(out / "summary.json", rows), write_csv(out / "summary.csv", rows), *plot_cleaning_summary(rows, out / "summary")]
+
+
+def load_results(out_dir: str | Path) -> list[CleaningResult]:
+    """Every finished task under out_dir (e.g. to summarise a run that is still going)."""
+    found = []
+    for folder in sorted(Path(out_dir).iterdir()):
+        if (folder / "cleaning.json").is_file():
+            found.append(load_cleaning(folder))
+    return found
+
+
+def _load_if_same(folder: Path, cfg: CleaningConfig, layer: int, sae_spec: str, key: str | None = None) -> CleaningResult | None:
+    """The finished result in `folder` if it was made from the same task content and settings (`key`), else None."""
+    if key is not None:
+        try:
+            if read_json(folder / UNIT_FILE).get("key") != key:
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None
+    from safetensors import SafetensorError
+
+    try:
+        r = load_cleaning(folder)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # missing or damaged: redo it
+        return None
+    config = {**CleaningConfig().to_dict(), **r.config}  # fields added since the result was written take their defaults
+    same = config == cfg.to_dict() and r.layer == layer and r.sae_spec == sae_spec and "tvc" in r.scores
+    return r if same else None
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+def l1_sweep(
+    lm: LM, sae: JumpReLUSAE, tasks: Sequence[Task], layer: int, out_dir: str | Path,
+    l1_coeffs: Sequence[float] = L1_GRID, cfg: CleaningConfig = CleaningConfig(),
+    tv_cfg: TaskVectorConfig = TaskVectorConfig(), *, sae_spec: str = "", progress: bool = True,
+) -> tuple[list[dict], list[Path]]:  # fmt: skip
+    """λ sweep (App. D.1, Fig. 3, 14, 17): per task, baselines once and TVC for every λ; resumable per task."""
+    from icl_circuits.viz.plots import plot_l1_sweep, plot_tv_loss_delta
+
+    out = Path(out_dir)
+    header = dict(model=lm.name, layer=layer, sae=sae_spec, l1=list(l1_coeffs), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    log = ResumeLog(out / "l1_sweep.jsonl", header)
+    bar = tqdm(tasks, desc="λ sweep", disable=not progress)
+    for task in bar:
+        if task.name in log.done:
+            continue
+        bar.set_postfix(task=task.name)
+        setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
+        base = baseline_scores(setup, sae)
+        l0_tv = base["sae_reconstruction"]["l0"]
+        rows = [_sweep_row(task.name, m, None, s, base, l0_tv) for m, s in base.items() if m != "zero_shot"]
+        for l1 in l1_coeffs:
+            r = clean_vector(
+                sae, setup.train, layer, setup.vector, replace(cfg, l1_coeff=l1), setup.evaluation, task=task.name,
+                init=setup.initial_latents(sae, cfg),
+            )  # fmt: skip
+            rows.append(_sweep_row(task.name, "tvc", l1, r.scores["tvc"], base, l0_tv, steps=r.steps))
+        log.add(task.name, rows)
+    rows = [row for t in tasks for row in log.done[t.name]]
+    files = [write_csv(out / "l1_sweep.csv", rows), write_json(out / "l1_sweep.json", dict(**header, rows=rows))]
+    files += plot_l1_sweep(rows, out / "l1_sweep") + plot_tv_loss_delta(rows, out / "tv_loss_delta")
+    return rows, files
+
+
+def _sweep_row(task: str, method: str, l1: float | None, s: dict, base: dict, l0_tv: float, steps: int = 0) -> dict:
+    zero, tv = base["zero_shot"]["nll"], base["tv"]["nll"]
+    return dict(
+        task=task, method=method, l1_coeff=l1, l0=s["l0"], l0_fraction=None if s["l0"] is None else s["l0"] / max(l0_tv, 1),
+        relative_loss_decrease=s["relative_loss_decrease"], accuracy=s["accuracy"],
+        tv_loss_delta=(tv - s["nll"]) / zero,  # App. D.1: improvement over the TV, relative to the zero-shot loss
+        steps=steps,
+    )  # fmt: skip
+
+
+def layer_comparison(
+    lm: LM, saes: dict[int, JumpReLUSAE], tasks: Sequence[Task], out_dir: str | Path,
+    cfg: CleaningConfig = CleaningConfig(), tv_cfg: TaskVectorConfig = TaskVectorConfig(), *, progress: bool = True,
+) -> tuple[list[dict], list[Path]]:  # fmt: skip
+    """Fig. 2: every method at every layer that has a residual SAE, averaged over tasks; resumable per task."""
+    from icl_circuits.viz.plots import plot_layer_comparison
+
+    out = Path(out_dir)
+    layers = sorted(saes)
+    header = dict(model=lm.name, layers=layers, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    log = ResumeLog(out / "layer_comparison.jsonl", header)
+    bar = tqdm(tasks, desc="layer comparison", disable=not progress)
+    for task in bar:
+        if task.name in log.done:
+            continue
+        bar.set_postfix(task=task.name)
+        rows = []
+        for layer in layers:
+            r = clean_task(lm, saes[layer], task, layer, cfg, tv_cfg, effects=False)
+            rows += [dict(task=task.name, layer=layer, method=m, **s) for m, s in r.scores.items() if m != "zero_shot"]
+        log.add(task.name, rows)
+    rows = [row for t in tasks for row in log.done[t.name]]
+    files = [write_csv(out / "layer_comparison.csv", rows)] + plot_layer_comparison(rows, out / "layer_comparison")
+    return rows, files
+
+
+def load_summary(out_dir: str | Path) -> list[dict]:
+    return read_json(Path(out_dir) / "summary.json")
+
+
+def sae_downstream(
+    lm: LM, saes: dict[str, JumpReLUSAE], tasks: Sequence[Task], layer: int, out_dir: str | Path,
+    cfg: CleaningConfig = CleaningConfig(), tv_cfg: TaskVectorConfig = TaskVectorConfig(), *,
+    ito_l0s: Sequence[int] = (20,), progress: bool = True,
+) -> tuple[list[dict], list[Path]]:  # fmt: skip
+    """Several SAEs of one layer side by side: per task, the relative loss decrease of the TV, its SAE
+    reconstruction and ITO-k, all on the same evaluation prompts (resumable per task)."""
+    out = Path(out_dir)
+    header = dict(model=lm.name, layer=layer, saes=sorted(saes), ito=list(ito_l0s), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    log = ResumeLog(out / "downstream.jsonl", header)
+    bar = tqdm(tasks, desc=f"SAEs downstream (layer {layer})", disable=not progress)
+    for task in bar:
+        if task.name in log.done:
+            continue
+        bar.set_postfix(task=task.name)
+        setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
+        row: dict = dict(task=task.name)
+        for name, sae in saes.items():
+            s = baseline_scores(setup, sae, ito_l0s)
+            row["tv"] = s["tv"]["relative_loss_decrease"]
+            row[f"{name}_sae_reconstruction"] = s["sae_reconstruction"]["relative_loss_decrease"]
+            row[f"{name}_sae_l0"] = s["sae_reconstruction"]["l0"]
+            for k in ito_l0s:
+                row[f"{name}_ito_{k}"] = s[f"ito_{k}"]["relative_loss_decrease"]
+        log.add(task.name, row)
+    rows = [log.done[t.name] for t in tasks]
+    mean = {"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}
+    rows.append(mean)
+    return rows, [write_csv(out / "downstream.csv", rows), write_json(out / "downstream.json", dict(**header, rows=rows))]

@@ -1,0 +1,86 @@
+"""The claims' rules on hand-made result files, each with its verdict worked out by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from icl_circuits.experiments import claims
+
+
+def _write(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_most_is_a_strict_majority():
+    assert [claims.most(k, 4) for k in (0, 1, 2, 3)] == ["no", "partly", "partly", "yes"]
+    assert claims.most(0, 0) == "not measured"
+
+
+def test_tv_layer_takes_the_best_mean_over_tasks(tmp_path: Path):
+    rows = [dict(task=t, layer=l, relative_loss_decrease=v) for t, vals in (("a", [0.1, 0.5, 0.2, 0.0]), ("b", [0.0, 0.1, 0.6, 0.1]))
+            for l, v in enumerate(vals)]  # fmt: skip
+    _write(tmp_path / "task_vectors" / "sweep.json", dict(rows=rows))
+    ours, verdict = claims.tv_layer({"task_vectors": tmp_path / "task_vectors"})
+    # means: 0.05, 0.30, 0.40, 0.05 -> layer 2 of 0-3, 2/3 of the depth: in the middle half
+    assert ours.startswith("layer 2 of 0-3 (mean relative loss decrease 0.400") and verdict == "yes"
+
+
+def test_tvc_needs_all_three_conditions_per_task(tmp_path: Path):
+    good = dict(task="a", tv=0.5, tvc=0.6, sae_reconstruction=0.4, ito_5=0.3, ito_20=0.55, l0_tv=20, l0_tvc=5)
+    too_many = {**good, "task": "b", "l0_tvc": 11}  # 11 > 20 / 2
+    beaten = {**good, "task": "c", "ito_20": 0.61}
+    _write(tmp_path / "t" / "summary.json", [good, too_many, beaten])
+    ours, verdict = claims.tvc({"tvc_execution": tmp_path / "t"})
+    assert ours.startswith("1 of 3 tasks meet all three") and ours.endswith("on 2") and verdict == "partly"
+
+
+def test_negative_counts_features_whose_worst_task_is_their_own(tmp_path: Path):
+    neg = dict(tasks=["a", "b", "c"], features=[7, 8], owners={"7": ["a"], "8": ["a"]},
+               drop=[[0.5, 0.1], [0.2, 0.3], [0.0, 0.0]])  # feature 7 hurts a most (own); 8 hurts b most (not own)
+    _write(tmp_path / "h" / "negative.json", neg)
+    assert claims.negative({"negative_steering": tmp_path / "h"}) == ("1 of 2 executors hurt their own task most", "partly")
+
+
+def test_link_needs_a_large_own_drop_for_yes(tmp_path: Path):
+    link = dict(detector_tasks=["a", "b"], executor_tasks=["a", "b", "c"], drop=[[0.3, 0.1, 0.0], [0.0, 0.2, 0.1]])
+    _write(tmp_path / "d" / "link.json", link)
+    ours, verdict = claims.link({"detectors": tmp_path / "d"})
+    assert ours == "own executor drops most for 2 of 2 detectors; largest own drop 0.30" and verdict == "partly"
+    link["drop"][0][0] = 0.9
+    _write(tmp_path / "d" / "link.json", link)
+    assert claims.link({"detectors": tmp_path / "d"})[1] == "yes"
+
+
+def test_nodes_needed_against_the_papers_limit(tmp_path: Path):
+    for task, n in (("a", 40), ("b", 3000), ("c", None)):
+        _write(tmp_path / "c" / task / "summary.json", dict(task=task, nodes_for_target=n))
+    ours, verdict = claims.sfc_11_12({"circuits": tmp_path / "c"})
+    assert ours == "reached by 2 of 3 tasks (40-3,000 feature nodes, median 1,520)" and verdict == "partly"
+    _write(tmp_path / "c" / "c" / "summary.json", dict(task="c", nodes_for_target=2000))
+    assert claims.sfc_11_12({"circuits": tmp_path / "c"})[1] == "partly"  # 1 of 3 within 60
+    _write(tmp_path / "c" / "a" / "summary.json", dict(task="a", nodes_for_target=100))
+    assert claims.sfc_11_12({"circuits": tmp_path / "c"})[1] == "no (reached, but with more nodes)"
+
+
+def test_cross_task_reads_rows_as_the_ablated_task(tmp_path: Path):
+    ct = dict(tasks=["a", "b"], reached={"a": True, "b": True}, change=[[-0.7, -0.2], [-0.9, -0.7]])
+    _write(tmp_path / "c" / "cross_task.json", ct)
+    # ablating a's circuit hurts a most; ablating b's hurts a (-0.9) more than b itself
+    assert claims.cross_task({"circuits": tmp_path / "c"}) == (
+        "1 of 2 tasks whose circuit reached the target hurt themselves most (2 tasks)", "partly")
+
+
+def test_a_claim_whose_stage_did_not_run_says_so(tmp_path: Path):
+    rows = {r["key"]: r for r in claims.judge_all({"circuits": tmp_path / "circuits"}, {"circuits": "done"})}
+    assert rows["sfc_11_12"]["holds"] == "not run" and "missing file" in rows["sfc_11_12"]["ours"]
+    assert rows["tvc"]["holds"] == "not run" and "not in the recipe" in rows["tvc"]["ours"]
+
+
+def test_an_unfinished_stage_is_judged_on_what_it_wrote_and_says_so(tmp_path: Path):
+    for task, n in (("a", 40), ("b", 50)):
+        _write(tmp_path / "circuits" / task / "summary.json", dict(task=task, nodes_for_target=n))
+    rows = {r["key"]: r for r in claims.judge_all({"circuits": tmp_path / "circuits"}, {"circuits": "not run"})}
+    assert rows["sfc_11_12"]["holds"] == "yes" and rows["sfc_11_12"]["ours"].endswith("[stage circuits unfinished: from the units it has written so far]")
+    assert rows["cross_task"]["holds"] == "not run" and "unfinished" in rows["cross_task"]["ours"]

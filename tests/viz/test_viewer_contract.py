@@ -1,0 +1,137 @@
+"""The viewer reads what the commands write: `clean`, `heatmap` and `circuit` run on a tiny model saved to
+a folder (as in test_cli.py), and their run directories go to the viewer's data layer and HTTP handlers.
+
+Every expected value is read back from the files the commands wrote (cleaning.json, heatmap.json,
+graph.json, faithfulness.json), not from the viewer, so a key the viewer misreads fails here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from icl_circuits.cli import main
+from icl_circuits.viz.viewer import RunData, make_server
+
+from tests.helpers import MANY, _lm, _sae
+
+
+def _fmt(x: float) -> str:
+    """How the pages print a float (4 significant digits)."""
+    return f"{x:.4g}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN/clean/<task>/cleaning.json, RUN/heatmap/heatmap.json, RUN/circuit/many/graph.json, by the CLI."""
+    from icl_circuits.sae.formats import save_sae
+
+    tmp = tmp_path_factory.mktemp("contract")
+    lm = _lm("llama")
+    model_dir = tmp / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    for layer in (0, 1):  # the circuit's two SAEs (edges run from resid.0 to resid.1); TVC uses resid.1
+        sae = _sae(lm, layer=layer, scale=3.0, seed=layer)
+        sae.cfg.model = str(model_dir)  # the name load_model gives a folder
+        save_sae(sae, tmp / f"sae{layer}")
+    tasks = []
+    for name, pairs in (("many", MANY), ("flipped", [(y, x) for x, y in MANY])):
+        (tmp / f"{name}.json").write_text(json.dumps(dict(pairs)))
+        tasks.append(str(tmp / f"{name}.json"))
+    root = tmp / "run"
+    common = ["--model", str(model_dir), "--n-prompts", "2", "--n-shots", "3", "--quiet"]
+    assert main(["clean", *common, "--tasks", ",".join(tasks), "--layer", "1", "--sae", str(tmp / "sae1"), "--n-train", "4", "--n-eval", "4",
+                 "--max-steps", "6", "--patience", "3", "--l1", "1e-4", "--out", str(root / "clean")]) == 0  # fmt: skip
+    assert main(["heatmap", "--model", str(model_dir), "--results", str(root / "clean"), "--n-eval", "4", "--scale-grid", "1,4",
+                 "--out", str(root / "heatmap"), "--quiet"]) == 0  # fmt: skip
+    assert main(["circuit", *common, "--task", tasks[0], "--layers", "0-1", "--kinds", "resid",
+                 "--sae", f"resid.0={tmp / 'sae0'}", "--sae", f"resid.1={tmp / 'sae1'}",
+                 "--edge-k", "2", "--ie-quality", "0", "--no-cross-task", "--out", str(root / "circuit")]) == 0  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(run: Path):
+    srv = make_server(run, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(server, path: str) -> str:
+    con = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=20)
+    con.request("GET", path)
+    r = con.getresponse()
+    body = r.read().decode("utf-8")
+    con.close()
+    assert r.status == 200, (path, r.status, body[:300])
+    return body
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_data_layer_reads_every_result_file(run: Path):
+    data = RunData(run)
+    assert not [p for p in data.problems if re.search(r"(cleaning|graph|heatmap|faithfulness)\.json", p)], data.problems
+    assert sorted(data.tasks) == ["flipped", "many"]
+    for name, t in data.tasks.items():
+        written = _json(run / "clean" / name / "cleaning.json")
+        assert (t.task, t.layer, t.setting) == (written["task"], written["layer"], written["setting"])
+        assert [(f.latent, _fmt(f.weight)) for f in t.features] == [(f["index"], _fmt(f["weight"])) for f in written["features"]]
+        assert len(t.tv_features) == written["initial_l0"] and t.scores == written["scores"]
+        assert t.summary["steps"] == written["steps"] and t.curves["l0_history"] == written["l0_history"]
+    heat = _json(run / "heatmap" / "heatmap.json")
+    (h,) = data.heatmaps
+    assert h.tasks == heat["tasks"] and h.features == heat["features"] and h.sae == f"resid_{heat['config']['layer']}"
+    for i, task in enumerate(heat["tasks"]):
+        assert data.task_steering(task, "execution") == pytest.approx(dict(zip(heat["features"], heat["raw"][i])))
+    graph = _json(run / "circuit" / "many" / "graph.json")
+    (c,) = data.circuits
+    assert c.task == graph["task"] == "many" and [n.label for n in c.nodes] == [n["name"] for n in graph["nodes"]]
+    assert [(e.source, e.target, e.weight) for e in c.edges] == [(str(e["source"]), str(e["target"]), e["effect"]) for e in graph["edges"]]
+    faith = _json(run / "circuit" / "many" / "faithfulness.json")
+    finite = [(x, y) for x, y in zip(faith["sizes"], faith["faith_C"]) if y == y]
+    shown = c.curve.get("circuit C_N", [])
+    assert [x for x, _ in shown] == [x for x, _ in finite] and [y for _, y in shown] == pytest.approx([y for _, y in finite])
+
+
+def test_task_page_shows_the_written_values(run: Path, server):
+    heat = _json(run / "heatmap" / "heatmap.json")
+    for name in ("many", "flipped"):
+        written = _json(run / "clean" / name / "cleaning.json")
+        body = get(server, f"/task/{name}")
+        tvc = written["scores"]["tvc"]["relative_loss_decrease"]
+        assert "<td>tvc</td>" in body and f"<td>{_fmt(tvc)}</td>" in body  # the TVC score, in the scores table
+        assert f"<td>{_fmt(written['scores']['tv']['relative_loss_decrease'])}</td>" in body
+        i = heat["tasks"].index(name)
+        for f in written["features"]:  # each cleaned feature: its weight and its steering effect from the heatmap
+            effect = heat["raw"][i][heat["features"].index(f["index"])]
+            assert re.search(rf"#{f['index']}</td><td>{re.escape(_fmt(f['weight']))}</td><td>[^<]*</td><td>{re.escape(_fmt(effect))}</td>", body), f
+        assert "id='tvc-curves'" in body and "class='chart tvc-l0'" in body
+    index = get(server, "/")
+    assert "Tasks (2)" in index and "Circuits (1)" in index and "Files not shown" not in index
+
+
+def test_circuit_and_feature_pages_show_the_written_values(run: Path, server):
+    graph = _json(run / "circuit" / "many" / "graph.json")
+    body = get(server, "/circuit/0")
+    assert graph["edges"], "resid.0 -> resid.1 edges"
+    assert f"{len(graph['nodes'])} nodes, {len(graph['edges'])} edges" in body
+    for n in graph["nodes"]:
+        assert re.search(rf"<td>{re.escape(n['name'])}</td><td>[^<]*</td><td>{n['layer']}</td><td>{n['token_type']}</td>"
+                         rf"<td>{re.escape(_fmt(n['effect']))}</td>", body), n  # fmt: skip
+    assert "id='faithfulness-curve'" in body and "faithfulness.json" in body
+    heat = _json(run / "heatmap" / "heatmap.json")
+    latent = heat["features"][0]
+    body = get(server, f"/feature/resid_1/{latent}")
+    assert "id='steering'" in body and all(t in body for t in heat["tasks"])  # the heatmap row of this feature
+    assert "In cleaned task vectors" in body
