@@ -3,15 +3,13 @@
 Layout rules (tests/test_layout.py checks the first one):
   * No test file imports another test file, and none imports a conftest: a helper or constant that more
     than one test file uses lives here, and every test file (the one it came from too) imports it from here:
-    `from .helpers import ...` in tests/, `from ..helpers import ...` in tests/reliability/.
+    `from tests.helpers import ...` (`from .helpers import ...` in tests/conftest.py).
   * conftest.py files hold fixtures only; the plain functions their fixtures need are imported from here.
-  * Tests mirror the package tree: tests/test_<module>.py tests src/icl_circuits/<module>.py or the package
-    src/icl_circuits/<module>/ (test_viewer.py: icl_circuits/viz/viewer/); a module of a sub-package,
-    src/icl_circuits/<package>/<module>.py, is tested by tests/test_<package>_<module>.py
-    (test_sae_training.py: icl_circuits/sae/training.py). A new test goes in the file its module maps to.
-    Tests that cut across modules are named for what they check (test_device.py, test_browser.py,
-    test_layout.py; tests/reliability/ for fault injection). Older files that do not follow the rule yet
-    (e.g. test_activations.py for icl_circuits/sae/activations.py) keep their names until they are moved.
+  * Tests mirror the package tree: tests/<package>/test_<module>.py tests src/icl_circuits/<package>/<module>.py
+    (tests/core/test_model.py: icl_circuits/core/model.py; tests/sae/test_sae_training.py: icl_circuits/sae/training.py).
+    A new test goes in the folder of the package it tests. Tests that cut across packages stay in tests/ and are
+    named for what they check (test_device.py, test_bundled.py, test_layout.py; tests/reliability/ for fault
+    injection).
 
 Sections below are named after the test file each helper was moved from; names that clashed between
 files got a prefix (CIRCUIT_WORDS, VIEWER_WORDS, DASHBOARD_WORDS, EXAMPLE_WORDS, dashboard_lm, ...).

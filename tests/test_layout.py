@@ -104,3 +104,20 @@ from tests.test_task_vectors import _setup
     ]  # fmt: skip
     lines = [int(line.split(":")[1]) for line in bad_imports(path)]
     assert lines == [5, 6, 7, 8, 9, 10, 11, 15, 20]  # the line of each import in the file
+
+
+PKG = ROOT / "src" / "icl_circuits"
+CROSS_CUTTING = {"test_device.py", "test_bundled.py", "test_layout.py"}  # named for what they check, not a module
+
+
+def test_tests_mirror_the_package_tree():
+    """Each test folder is a subpackage of icl_circuits (tests/reliability/ aside); only cross-cutting tests sit at the top."""
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    for d in TESTS.rglob("*"):
+        if not d.is_dir() or d.name in ("__pycache__", "fixtures") or "fixtures" in d.parts or d.name == "reliability":
+            continue
+        rel = d.relative_to(TESTS)
+        assert (PKG / rel / "__init__.py").is_file(), f"tests/{rel}/ mirrors no package src/icl_circuits/{rel}/ (packages: {sorted(packages)})"
+        assert (d / "__init__.py").is_file(), f"tests/{rel}/ needs an __init__.py (test folders are packages: same file names may repeat)"
+    top = {f.name for f in TESTS.glob("test_*.py")}
+    assert top <= CROSS_CUTTING, f"move {sorted(top - CROSS_CUTTING)} into the tests/<package>/ folder of the code it tests"
