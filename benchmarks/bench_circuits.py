@@ -21,8 +21,15 @@ import torch
 from _timing import timed
 
 from icl_circuits import load_model, load_task
-from icl_circuits.methods.ablation import CircuitRunConfig, circuit_batches
-from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, metric_of, metric_scoring, node_effects
+from icl_circuits.methods.circuits import (
+    CircuitConfig,
+    CircuitRunConfig,
+    circuit_batches,
+    circuit_saes,
+    metric_of,
+    metric_scoring,
+    node_effects,
+)
 from icl_circuits.core.sites import Site
 
 

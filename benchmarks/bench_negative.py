@@ -6,8 +6,9 @@ is the argmax at its arrow. All three compute the same accuracies (checked below
 
   naive : HF CausalLM forward from layer 0 (2 prompts a pass), a forward-pre-hook subtracts the
           direction, full-vocab logits at every position, log-softmax, argmax at the arrows.
-  before: the implementation this replaces: PromptSteering (resid_pre[layer] cached, blocks layer..end,
-          one vector a pass), fp32 log-softmax over the vocabulary at both scored tokens of every output.
+  before: the generic steering scorer, Steerer(scoring='all', prefix_cache=False) (resid_pre[layer] cached,
+          blocks layer..end, one vector a pass), fp32 log-softmax over the vocabulary at both scored tokens of
+          every output (the implementation this replaced also ran 2 prompts a pass).
   ours  : negative_steering: ArrowAccuracy (cut after the last arrow, prompts sorted by length, several
           vectors a pass, only the arrows unembedded) + ArgmaxCheck (bf16 screen with an error bound,
           exact fp32 logits for the few tokens that may beat the target).
@@ -28,9 +29,11 @@ import torch
 
 from icl_circuits import load_model, load_task
 from icl_circuits.data.prompts import icl_prompts
-from icl_circuits.methods.steering import (
-    ArgmaxCheck, ArrowAccuracy, FeatureSet, NegativeConfig, PromptSteering, feature_directions, negative_steering, sae_from_spec,
-)  # fmt: skip
+from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
+from icl_circuits.interventions.steer import Steerer, feature_directions
+from icl_circuits.methods.heatmaps import FeatureSet
+from icl_circuits.methods.negative import ArgmaxCheck, ArrowAccuracy, NegativeConfig, negative_steering
+from icl_circuits.sae.registry import SAERef
 
 
 def main() -> None:
@@ -49,14 +52,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
-    sae = sae_from_spec(lm, f"resid:{args.layer}")
+    sae = SAERef.parse(f"resid:{args.layer}").resolve(lm, train_if_missing=False)
     task = load_task(args.task)
     feats = list(range(args.features))
     scales = tuple(float(s) for s in args.scales.split(","))
     dirs = feature_directions(sae, feats)  # [n_features, d_model]
     cfg = NegativeConfig(layer=args.layer, n_prompts=args.n_prompts, n_shots=args.n_shots, scales=scales, min_drop=2.0,
                          vectors_per_pass=args.vectors_per_pass)  # min_drop > 1: every scale is evaluated  # fmt: skip
-    batch = icl_prompts(lm.tokenizer, task.split(0.5, cfg.seed)[0], cfg.n_prompts, cfg.n_shots, seed=cfg.seed)
+    batch = icl_prompts(lm.tokenizer, task.split(DEFAULT_EVAL_SHARE, cfg.seed)[0], cfg.n_prompts, cfg.n_shots, seed=cfg.seed)
     arrows = batch.arrow_mask("all")  # [batch, seq]
     n_evals = len(feats) * len(scales)
 
@@ -67,8 +70,8 @@ def main() -> None:
         return [res.baseline_accuracy[task.name] - float(d) for d in res.drop[0]]  # accuracy at the last scale
 
     def before_run() -> list[float]:  # the previous negative_steering loop, for one task
-        st = PromptSteering(lm, batch, args.layer, arrows, "all", vectors_per_pass=1, prompts_per_pass=2)
-        acc = [float(st.score(v[None], need_accuracy=True).accuracy[0]) for v in vectors]  # type: ignore[index]
+        st = Steerer(lm, batch, [args.layer], steer_at=arrows, prefix_cache=False, scoring="all")
+        acc = [float(st.score(args.layer, v[None], need_accuracy=True).accuracy[0]) for v in vectors]  # type: ignore[index]
         return acc[len(scales) - 1 :: len(scales)]
 
     @torch.no_grad()
@@ -103,10 +106,10 @@ def main() -> None:
     assert all(abs(a - b) < 1e-6 for a, b in zip(acc, ref)), (acc, ref)
     # per evaluation, caches already built
     ev = ArrowAccuracy(lm, batch, args.layer, ArgmaxCheck(lm), cfg.prompts_per_pass, cfg.vectors_per_pass)
-    st = PromptSteering(lm, batch, args.layer, arrows, "all", vectors_per_pass=1, prompts_per_pass=2)
+    st = Steerer(lm, batch, [args.layer], steer_at=arrows, prefix_cache=False, scoring="all")
     w, c, acc_ours = clock(ev.accuracy, vectors)
     rows.append(("ours, evaluations only", w, c, n_evals))
-    w, c, acc_before = clock(lambda: [float(st.score(v[None], need_accuracy=True).accuracy[0]) for v in vectors])  # type: ignore[index]
+    w, c, acc_before = clock(lambda: [float(st.score(args.layer, v[None], need_accuracy=True).accuracy[0]) for v in vectors])  # type: ignore[index]
     rows.append(("before, evaluations only", w, c, n_evals))
     assert torch.allclose(acc_ours, torch.tensor(acc_before), atol=1e-6, rtol=0), (acc_ours, acc_before)
     if args.naive:

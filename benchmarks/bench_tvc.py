@@ -12,7 +12,7 @@ at the query arrow. Compared in the same process, on the same prompts and vector
              full-vocabulary logits at every position, NLL taken from them
   start-L    LM.run from the cached resid_pre[12] (blocks 0-11 skipped), log-probs only where scored
   ours       start-L plus the prefix cache (only tokens from the arrow on are re-run; one
-             unembedding for all prompt groups): what ZeroShotSteering does by default
+             unembedding for all prompt groups): what Steerer does by default
 The script checks that all three give the same loss, then times a full `clean_task` (setup,
 baselines, TVC with the default config, per-feature effects) twice in the same process:
   before     the previous way: one suffix pass per distinct prompt shape (pass_cost=0), and every
@@ -20,7 +20,7 @@ baselines, TVC with the default config, per-feature effects) twice in the same p
              the feature effects) a separate `evaluate` call
   now        `clean_task` as it is: prompt shapes merged into fewer suffix passes (prefix_cache.PASS_COST),
              the evaluation snapshots scored after the loop, and all evaluations of a phase scored as
-             one batch of vectors (`ZeroShotSteering.evaluate_many`)
+             one batch of vectors (`Steerer.score`)
 and checks that both give the same steps, features and scores. Use --threads 1 for the docs' figures;
 wall time depends on what else runs on the machine, so the CPU seconds of this process are printed too.
 """
@@ -48,7 +48,7 @@ def main() -> None:
     from icl_circuits.methods.cleaning import CleaningConfig, frozen_decoder, jumprelu
     from icl_circuits.methods.cleaning_runs import clean_task, cleaning_setup
     from icl_circuits.sae.suite import starter_sae
-    from icl_circuits.methods.task_vectors import ZeroShotSteering
+    from icl_circuits.interventions.steer import Steerer
 
     lm = load_model("gemma-3-270m")
     sae = starter_sae(lm, f"resid:{args.layer}")
@@ -56,10 +56,10 @@ def main() -> None:
     cfg = CleaningConfig()
     setup = cleaning_setup(lm, task, args.layer, cfg)
     ours_bf16 = setup.train  # what TVC trains with: merged suffix passes, bf16 unembedding
-    ours = ZeroShotSteering(lm, ours_bf16.batch, [args.layer])  # the same in float32, comparable with the naive pass
+    ours = Steerer(lm, ours_bf16.batch, [args.layer])  # the same in float32, comparable with the naive pass
     # the previous TVC step: one suffix pass per prompt shape, bf16 unembedding
-    shapes_bf16 = ZeroShotSteering(lm, ours.batch, [args.layer], unembed_dtype=torch.bfloat16, pass_cost=0.0)
-    start_l = ZeroShotSteering(lm, ours.batch, [args.layer], prefix_cache=False)
+    shapes_bf16 = Steerer(lm, ours.batch, [args.layer], unembed_dtype=torch.bfloat16, pass_cost=0.0)
+    start_l = Steerer(lm, ours.batch, [args.layer], prefix_cache=False)
     decode = frozen_decoder(sae)
     theta0 = sae.pre_acts(setup.vector).detach()
     block = lm.adapter.blocks(lm.model)[args.layer]
@@ -133,7 +133,13 @@ def _clean_task_before(lm, sae, task, layer, cfg):  # type: ignore[no-untyped-de
 
     setup = cleaning_setup(lm, task, layer, cfg, pass_cost=0.0)
     ev = setup.evaluation
-    ev.evaluate_many = lambda layer, vectors, **kw: [ev.evaluate(layer, v) for v in vectors]  # one pass per vector
+    from icl_circuits.interventions.steer import SteeringScores
+
+    def one_by_one(layer: int, vectors: torch.Tensor, need_accuracy: bool = False, **kw: object) -> SteeringScores:
+        s = [ev.evaluate(layer, v) for v in vectors]  # one pass per vector
+        return SteeringScores(torch.tensor([x.nll for x in s], dtype=torch.float64), torch.tensor([x.accuracy for x in s], dtype=torch.float64))
+
+    ev.score = one_by_one
     r = clean_vector(sae, setup.train, layer, setup.vector, cfg, ev, task=task.name, init=setup.initial_latents(sae, cfg))
     r.scores = {**baseline_scores(setup, sae), **r.scores}
     r.feature_effects = feature_effects_one_by_one(setup, sae, r)

@@ -94,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # task vector at one layer and its steering score on zero-shot prompts
-        from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors, task_batches
+        from icl_circuits.interventions.steer import Steerer
+        from icl_circuits.methods.task_vectors import TaskVectorConfig, extract_task_vectors, held_out_prompts, icl_batch
 
         tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, n_eval=16)
 
         def task_vector() -> tuple[torch.Tensor, float]:
-            icl, zero = task_batches(lm, task, tv_cfg)
+            icl, zero = icl_batch(lm, task, tv_cfg), held_out_prompts(lm, task, tv_cfg)
             tv = extract_task_vectors(lm, icl, [args.layer])[args.layer]  # [d_model]
-            st = ZeroShotSteering(lm, zero, [args.layer])
+            st = Steerer(lm, zero.batch, [args.layer], steer_at=zero.steer_at)
             return tv, st.relative_loss_decrease(st.evaluate(args.layer, tv))
 
         tv, rld = stage("task vector + steering", task_vector)
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    TVC: L0 {len(res.initial_features)} -> {res.l0}, relative loss decrease {res.scores['tvc']['relative_loss_decrease']:.3f}")
 
         # circuit node effects at two layers, and two faithfulness points (SAEs spliced in)
-        from icl_circuits.methods.ablation import SplicedModel, faithfulness_curve
-        from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, node_effects
+        from icl_circuits.methods.circuits import CircuitConfig, SplicedModel, circuit_saes, faithfulness_curve, node_effects
         from icl_circuits.data.prompts import icl_prompts
 
         layers = tuple(int(x) for x in args.circuit_layers.split(","))

@@ -32,16 +32,15 @@ import transformers as tf
 from torch.overrides import TorchFunctionMode
 
 from icl_circuits import LM, Task, zero_shot_prompts
-from icl_circuits.methods.ablation import FaithfulnessCurve
-from icl_circuits.methods.circuits import ERROR, KIND_SITES, CircuitConfig, Edge, NodeEffects, circuit_graph, circuit_saes, save_graph
+from icl_circuits.methods.circuits import ERROR, KIND_SITES, CircuitConfig, Edge, FaithfulnessCurve, NodeEffects, circuit_graph, circuit_saes, save_graph
 from icl_circuits.methods.cleaning import CleaningConfig, CleaningResult
 from icl_circuits.methods.dashboards import DashboardConfig, DashboardStore, build_dashboards
 from icl_circuits.methods.examples import ExampleConfig, ExampleStore, build_example_store
 from icl_circuits.data.prompts import icl_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
-from icl_circuits.methods.steering import HeatmapConfig, HeatmapResult
+from icl_circuits.methods.heatmaps import HeatmapConfig, HeatmapResult
 from icl_circuits.core.storage import write_json
-from icl_circuits.methods.task_vectors import ZeroShotSteering
+from icl_circuits.interventions.steer import Steerer
 
 
 # -- from tests/conftest.py ------------------------------------------------------------------------------------
@@ -197,10 +196,10 @@ def _sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0)
     return JumpReLUSAE(cfg, tensors).to(lm.dtype)
 
 
-def _steering(lm, layer: int = 1, n: int = 6) -> ZeroShotSteering:
+def _steering(lm, layer: int = 1, n: int = 6) -> Steerer:
     """Zero-shot steering at `layer` over `n` ANTONYMS prompts (what TVC cleaning optimises through)."""
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n, seed=1)
-    return ZeroShotSteering(lm, zero, layers=[layer])
+    return Steerer(lm, zero, layers=[layer])
 
 
 # -- from tests/test_circuits.py -------------------------------------------------------------------------------
@@ -341,6 +340,15 @@ def circuit_graph_of(task: str, d_sae: int) -> dict:
     return {**circuit_graph(eff, edges), "task": task}  # run_circuit_task adds the task name
 
 
+def hf_metric(lm, batch, pairs="all_but_first") -> float:
+    """Mean log-prob of the scored targets from a plain transformers forward with full logits (the spliced model's reference)."""
+    sc = batch.scoring(pairs)
+    with torch.no_grad():
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    lp = torch.log_softmax(logits.double(), -1)[sc.positions]
+    return float(lp.gather(-1, sc.targets[:, None]).mean())
+
+
 # -- from tests/test_dashboards.py -----------------------------------------------------------------------------
 
 MARKUP = "<b>x</b>"  # a token carrying markup
@@ -380,12 +388,12 @@ def dashboard_tasks():
 
 def make_real_run(root: Path, d_sae: int = 24) -> dict:
     """A run directory written by the package's own code, as the CLI commands would leave it."""
-    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuit_task
-    from icl_circuits.methods.circuits import CircuitConfig, circuit_saes
+    from icl_circuits.experiments.circuits import run_circuit_task
+    from icl_circuits.methods.circuits import CircuitConfig, CircuitRunConfig, circuit_saes
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.methods.cleaning_runs import run_cleaning
     from icl_circuits.methods.examples import ExampleConfig, build_example_store
-    from icl_circuits.methods.steering import HeatmapConfig, load_feature_sets, positive_heatmap
+    from icl_circuits.methods.heatmaps import HeatmapConfig, load_feature_sets, positive_heatmap
     from icl_circuits.core.storage import write_json
     from icl_circuits.methods.task_vectors import TaskVectorConfig
 
@@ -521,13 +529,13 @@ FACTORIES = ("zeros", "ones", "full", "empty", "tensor", "arange", "rand", "rand
 CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("data/prompts.py", "collate"): "prompt token ids / types: LM.run moves them",
     ("core/prefix_cache.py", "__init__"): "row bookkeeping of the prefix groups (index tensors)",
-    ("methods/steering.py", "_score"): "per-vector NLL / hit sums: small results kept on the CPU",
-    ("methods/ablation.py", "ablation"): "node ablation patterns (bookkeeping), moved in SplicedModel._run",
-    ("methods/ablation.py", "circuit_order"): "error-node mask over the CPU node effects",
-    ("methods/ablation.py", "empty"): "the all-ablated pattern, moved in SplicedModel._run",
-    ("methods/ablation.py", "pearson"): "correlation of Python floats (IE quality)",
-    ("methods/ablation.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
-    ("methods/ablation.py", "plot_cross_task"): "figure data",
+    ("interventions/steer.py", "score"): "per-vector NLL / hit sums: small results kept on the CPU",
+    ("methods/circuits/spliced.py", "ablation"): "node ablation patterns (bookkeeping), moved in SplicedModel._run",
+    ("methods/circuits/faithfulness_curves.py", "circuit_order"): "error-node mask over the CPU node effects",
+    ("methods/circuits/spliced.py", "empty"): "the all-ablated pattern, moved in SplicedModel._run",
+    ("methods/circuits/ie_check.py", "pearson"): "correlation of Python floats (IE quality)",
+    ("methods/circuits/ie_check.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
+    ("viz/circuit_plots.py", "plot_cross_task"): "figure data",
     ("sae/activations.py", "_pad"): "token batches of the corpus: LM.run moves them",
     ("sae/activations.py", "_refill"): "the shuffle comes from the store's seeded CPU generator, then .to(device)",
     ("methods/detection.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
@@ -537,13 +545,13 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("sae/evaluation.py", "__init__"): "the fired-latents mask of _Acc (filled with .cpu())",
     ("sae/trainers/gated.py", "_arch_params"): "as SAETrainer.__init__",
     # result tables built from Python floats of finished runs (JSON), for figures and CSVs
-    ("methods/steering.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
-    ("methods/steering.py", "negative_steering"): "drop table from the run's JSON state",
-    ("methods/steering.py", "marks"): "bool marks of the heatmap figure",
-    ("methods/steering.py", "plot_negative"): "marks of the figure",
-    ("methods/steering.py", "from_dict"): "a heatmap read back from JSON",
+    ("methods/heatmaps.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
+    ("methods/negative.py", "negative_steering"): "drop table from the run's JSON state",
+    ("methods/heatmaps.py", "marks"): "bool marks of the heatmap figure",
+    ("viz/steering_plots.py", "plot_negative"): "marks of the figure",
+    ("methods/heatmaps.py", "from_dict"): "a heatmap read back from JSON",
     ("methods/detection.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
-    # SAE files load on the CPU; starter_sae, sae_from_spec, the CLI and circuit_saes move them to the model
+    # SAE files load on the CPU; starter_sae, SAERef.resolve, the CLI and circuit_saes move them to the model
     ("sae/formats/saelens.py", "load_saelens"): "tensors read from a file",
     # max-activating examples and dashboards copy latents to the CPU right after SAE.encode; what
     # follows is selection / statistics on the CPU, and their token batches are moved by LM.run

@@ -138,7 +138,7 @@ def _on_model(t: torch.Tensor, lm) -> bool:  # noqa: ANN001
 
 def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     """Run every public entry point on a tiny model in `dtype`; returns what they produced."""
-    from icl_circuits.methods.ablation import SplicedModel, faithfulness_curve
+    from icl_circuits.methods.circuits import SplicedModel, faithfulness_curve
     from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, edge_effects_from, edge_targets, node_effects
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.methods.cleaning_runs import clean_task
@@ -150,8 +150,8 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     from icl_circuits.sae.evaluation import evaluate_saes
     from icl_circuits.sae.trainers import SAETrainer, TrainerConfig
     from icl_circuits.core.sites import Site
-    from icl_circuits.methods.steering import PromptSteering, feature_directions
-    from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, extract_task_vectors
+    from icl_circuits.interventions.steer import Steerer, feature_directions
+    from icl_circuits.methods.task_vectors import TaskVectorConfig, extract_task_vectors
 
     out: dict[str, object] = {}
     lm = _lm("gemma3", dtype)
@@ -161,9 +161,9 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     icl = icl_prompts(lm.tokenizer, task, 3, 3, seed=0)
     out["tv"] = extract_task_vectors(lm, icl, [1])[1]
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 4, seed=1)
-    out["steered_logprobs"] = ZeroShotSteering(lm, zero, [1]).logprobs(1, out["tv"])
-    ps = PromptSteering(lm, zero, 1, zero.arrow_mask("last"))
-    out["prompt_steering"] = ps.score(feature_directions(sae, [0, 1]), need_accuracy=True).nll
+    out["steered_logprobs"] = Steerer(lm, zero, [1]).logprobs(1, out["tv"])
+    ps = Steerer(lm, zero, [1])
+    out["prompt_steering"] = ps.score(1, feature_directions(sae, [0, 1]), need_accuracy=True).nll
     # TVC with its baselines (ITO) and per-feature effects
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -248,7 +248,7 @@ def test_examples_and_dashboards_make_no_stray_cpu_tensors(run, tmp_path, one_th
 def _planted_tvc(dtype: torch.dtype, targets: torch.Tensor | None = None):  # noqa: ANN202
     """TVC on the planted-directions task of test_cleaning (a vector that clearly steers), model in dtype."""
     from icl_circuits.methods.cleaning import CleaningConfig, clean_vector
-    from icl_circuits.methods.task_vectors import ZeroShotSteering
+    from icl_circuits.interventions.steer import Steerer
 
     lm = _lm("gemma3", dtype)
     sae = _sae(lm, d_sae=24, seed=4, scale=4.0).float()  # the CLI's SAEs stay float32 with a bf16 model
@@ -256,7 +256,7 @@ def _planted_tvc(dtype: torch.dtype, targets: torch.Tensor | None = None):  # no
     w_true = torch.zeros(24)
     w_true[[1, 7, 20]] = torch.tensor([3.0, 2.5, 2.0])
     tv = w_true @ sae.W_dec.detach() + sae.b_dec.detach()  # [d_model]
-    st = ZeroShotSteering(lm, zero, layers=[1])
+    st = Steerer(lm, zero, layers=[1])
     if targets is None:  # the task: whatever the planted vector makes the fp32 model say
         with torch.no_grad():
             targets = st.logprobs(1, tv).argmax(-1)

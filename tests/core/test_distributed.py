@@ -31,7 +31,7 @@ def _clean(out: Path):  # noqa: ANN202
 
 
 def _heatmap(out: Path):  # noqa: ANN202
-    from icl_circuits.methods.steering import FeatureSet, HeatmapConfig, positive_heatmap
+    from icl_circuits.methods.heatmaps import FeatureSet, HeatmapConfig, positive_heatmap
 
     from tests.helpers import ANTONYMS, UPPER
     from tests.helpers import _steering_sae as steering_sae

@@ -101,3 +101,35 @@ def test_tokenizer_that_merges_across_pairs_is_refused():
 
 def test_type_ids_are_stable():
     assert TYPE_ID == {"bos": 0, "prompt": 1, "input": 2, "arrow": 3, "output": 4, "newline": 5, "extra": 6}
+
+
+def test_eval_prompts_are_the_held_out_or_training_pairs_as_before():
+    """The one builder of evaluation prompts: the same prompts as zero_shot_prompts / fake_pair_prompts of the split
+    (seed + 1 for 'eval', seed + 2 for 'calibration'), steered at the query arrow or the fake pair's output."""
+    import random
+
+    from icl_circuits import Task
+    from icl_circuits.data.prompts import eval_prompts, fake_pair_prompts, zero_shot_prompts
+    from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
+
+    from tests.helpers import ANTONYMS, UPPER
+
+    tok = word_tokenizer(["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)])
+    task = Task("mix", tuple(ANTONYMS + UPPER))
+    train, held = task.split(DEFAULT_EVAL_SHARE, 3)
+    ex = eval_prompts(tok, task, "execution", "eval", 5, seed=3)
+    assert torch.equal(ex.batch.input_ids, zero_shot_prompts(tok, held, 5, seed=4).input_ids)
+    assert torch.equal(ex.steer_at, ex.batch.arrow_mask("last"))
+    cal = eval_prompts(tok, task, "detection", "calibration", 5, seed=3)
+    assert torch.equal(cal.batch.input_ids, fake_pair_prompts(tok, train, 5, seed=5).input_ids)
+    assert torch.equal(cal.steer_at, cal.batch.output_mask("first"))
+    # valid_only: the first n of a seeded shuffle of the split's pairs; take() re-collates a part
+    shuffled = list(held.pairs)
+    random.Random(9).shuffle(shuffled)
+    v = eval_prompts(tok, task, "execution", "eval", 4, seed=3, prompt_seed=9, valid_only=True)
+    assert [p.text for p in v.batch.prompts] == [build_prompt(tok, [p]).text for p in shuffled[:4]]
+    assert torch.equal(v.take(1, 3).batch.input_ids, PromptBatch.collate(v.batch.prompts[1:3], v.batch.pad_id).input_ids)
+    with pytest.raises(ValueError, match="setting"):
+        eval_prompts(tok, task, "bogus")
+    with pytest.raises(ValueError, match="split"):
+        eval_prompts(tok, task, split="test")

@@ -160,7 +160,7 @@ def test_transcoder_splice_matches_a_manual_hook(family, reads):
     want = _logits(lm, ids, [(norm, "pre", keep_norm_input), (getattr(block, mlp), "post", mlp_hook)])
     torch.testing.assert_close(_spliced_logits(lm, ids, splice(tc, pos)), want, **TOL)
 
-    # error kept, one latent zeroed at some positions and the error zeroed at others (the spliced model of ablation.py)
+    # error kept, one latent zeroed at some positions and the error zeroed at others (the spliced model of methods/circuits/spliced.py)
     a_f = torch.zeros(*ids.shape, tc.d_sae, dtype=torch.bool)
     a_f[0, 3:, 2] = a_f[1, :5, 7] = True
     a_e = torch.zeros(*ids.shape, 1, dtype=torch.bool)

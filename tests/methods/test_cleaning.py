@@ -16,12 +16,13 @@ from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clea
 from icl_circuits.methods.cleaning_runs import cleaning_setup, clean_task, l1_sweep, run_cleaning
 from icl_circuits.methods.ito import gradient_pursuit, ito_weights
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
-from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering
+from icl_circuits.interventions.steer import Steerer
+from icl_circuits.methods.task_vectors import TaskVectorConfig
 
 from tests.helpers import ANTONYMS, MANY, _lm, _sae, _steering
 
 
-def _direct_loss(lm, steering: ZeroShotSteering, layer: int, v: torch.Tensor) -> float:
+def _direct_loss(lm, steering: Steerer, layer: int, v: torch.Tensor) -> float:
     """Reference NLL: each prompt alone through plain transformers from layer 0, a forward-pre-hook adding v
     at the query arrow, full-vocabulary logits at every position."""
     block = lm.adapter.blocks(lm.model)[layer]
@@ -57,7 +58,7 @@ def test_tvc_gradient_matches_finite_differences_of_a_direct_forward(family, eps
     active = (theta > sae.threshold.detach() + 1e-3).nonzero().flatten()
     assert len(active) >= 3
 
-    # ours: the exact loss clean_vector optimises, differentiated by autograd through ZeroShotSteering
+    # ours: the exact loss clean_vector optimises, differentiated by autograd through Steerer
     t = theta.clone().requires_grad_(True)
     w = jumprelu(sae, t)
     loss = steering.loss(1, w @ W + b) + l1 * w.sum()
@@ -113,7 +114,7 @@ def test_planted_directions_on_a_real_tiny_model():
     w_true[planted] = torch.tensor([3.0, 2.5, 2.0])
     tv = w_true @ sae.W_dec.detach() + sae.b_dec.detach()
     # relabel each prompt's target as the steered model's top token at the arrow
-    base = ZeroShotSteering(lm, zero, layers=[1])
+    base = Steerer(lm, zero, layers=[1])
     with torch.no_grad():
         top = base.logprobs(1, tv).argmax(-1)
     base.scoring.targets = top
@@ -428,13 +429,13 @@ def test_eval_loss_snapshots_scored_after_the_loop_equal_scoring_each_at_its_ste
     cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=23, patience=50, l1_coeff=0.001, eval_every=5)
     setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, cfg, TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5))
     seen: list[torch.Tensor] = []
-    many = setup.evaluation.evaluate_many
+    many = setup.evaluation.score
 
     def record(layer, vectors, *a, **k):
         seen.extend(vectors)
         return many(layer, vectors, *a, **k)
 
-    setup.evaluation.evaluate_many = record
+    setup.evaluation.score = record
     r = clean_vector(sae, setup.train, 1, setup.vector, cfg, setup.evaluation)
     assert [s for s, _ in r.eval_loss] == [1, 6, 11, 16, 21, 23]
     assert len(seen) == len(r.eval_loss)

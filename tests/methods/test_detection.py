@@ -60,9 +60,9 @@ def test_activation_masses_match_a_per_token_loop_and_sum_to_one():
     for r in rows:
         assert sum(r[t] for t in MASS_TYPES) == pytest.approx(1.0)
     # reference for one row: every prompt alone, unpadded, a plain loop over tokens
-    from icl_circuits.methods.task_vectors import TaskVectorConfig, task_batches
+    from icl_circuits.methods.task_vectors import TaskVectorConfig, icl_batch
 
-    icl, _ = task_batches(lm, tasks[1], TaskVectorConfig(n_prompts=3, n_shots=2))
+    icl = icl_batch(lm, tasks[1], TaskVectorConfig(n_prompts=3, n_shots=2))
     mass = {t: 0.0 for t in MASS_TYPES}
     for p in icl.prompts:
         x = lm.run(torch.tensor([p.ids]), read=["resid_pre.0"]).acts[Site(0, "resid_pre")][0]
@@ -148,11 +148,11 @@ def test_latent_ablation_removes_the_latent_times_its_decoder_row():
 
 def _manual_link(lm, tasks, det, ex, dets, execs, ablate):
     """Reference: per task batch a clean and a frozen-attention ablated pass, drops summed by hand."""
-    from icl_circuits.methods.task_vectors import TaskVectorConfig, task_batches
+    from icl_circuits.methods.task_vectors import TaskVectorConfig, icl_batch
 
     tot, cnt = torch.zeros(len(dets), len(execs)), torch.zeros(len(dets), len(execs))
     for task in tasks:
-        icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=3, n_shots=3))
+        icl = icl_batch(lm, task, TaskVectorConfig(n_prompts=3, n_shots=3))
         for i, d in enumerate(dets):
             with FrozenAttention(lm, [0]) as fa:
                 fa.record()

@@ -101,9 +101,9 @@ def _fake_result(task):
 
 
 def test_circuits_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
-    import icl_circuits.methods.ablation as ab
-    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuits
-    from icl_circuits.methods.circuits import CircuitConfig
+    import icl_circuits.experiments.circuits as ab
+    from icl_circuits.experiments.circuits import run_circuits
+    from icl_circuits.methods.circuits import CircuitConfig, CircuitRunConfig
 
     from ..helpers import PAIRS, setup, tiny_saes, toy_batch, toy_task
 

@@ -10,7 +10,9 @@ from icl_circuits.cli.common import add_layers, check_layers, floats, load_lm, p
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
-    from icl_circuits.methods.steering import NegativeConfig, run_heatmap, specificity
+    from icl_circuits.experiments.heatmap import run_heatmap
+    from icl_circuits.methods.heatmaps import specificity
+    from icl_circuits.methods.negative import NegativeConfig
 
     tasks = None if args.tasks == "all" else words(args.tasks)
     overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=floats(args.scale_grid, "--scale-grid"),
@@ -22,7 +24,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     neg_features = "top" if top else ([int(f) for f in floats(args.negative_features, "--negative-features")] if args.negative_features else None)
     positive = None
     if args.positive:  # negative steering as a step of its own, on a finished positive heatmap
-        from icl_circuits.methods.steering import HeatmapResult
+        from icl_circuits.methods.heatmaps import HeatmapResult
         from icl_circuits.core.storage import read_json
 
         positive = HeatmapResult.from_dict(read_json(args.positive))
@@ -76,8 +78,8 @@ def cmd_detectors(args: argparse.Namespace) -> int:
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from icl_circuits.methods.ablation import CircuitRunConfig, run_circuits
-    from icl_circuits.methods.circuits import CircuitConfig
+    from icl_circuits.experiments.circuits import run_circuits
+    from icl_circuits.methods.circuits import CircuitConfig, CircuitRunConfig
     from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load

@@ -13,8 +13,7 @@ tokens; one with an earlier e runs a few tokens after its last scored one, which
 ignores. Since a pass on CPU costs about the same for 1 or 10 tokens (it reads every block weight),
 `_partition` merges prompt shapes into as few passes as pays (PASS_COST); pass_cost=0 gives one
 group per (s, e). Each evaluation works on a copy of the cache: the model appends the suffix's
-keys and values to whatever cache it is given. `hidden_many` runs k vectors in the same passes,
-each group repeated k times.
+keys and values to whatever cache it is given.
 """
 
 from __future__ import annotations
@@ -105,34 +104,6 @@ class PrefixCache:
             parts.append(out.hidden)
         # one unembedding for all groups (by the caller): it reads the whole [vocab, d_model] matrix, the CPU's main cost
         return torch.cat(parts)[self.inverse]
-
-    def hidden_many(
-        self, layer: int, start_resid: torch.Tensor, steer_at: torch.Tensor, vectors: torch.Tensor
-    ) -> torch.Tensor:
-        """[k, n_scored, d_model]: `hidden` for k vectors [k, d_model] each added at `steer_at` [batch, seq] of
-        resid_pre[layer], in one pass per group: the group's suffixes (and prefix keys/values) are repeated k
-        times, vector-major, so copy j of the group holds rows j*g..(j+1)*g-1. Row for row the same computation
-        as k calls of `hidden` (only the matmul batch sizes differ, i.e. float summation order)."""
-        k = vectors.shape[0]
-        parts = []
-        for g in self.groups:
-            n, s, e = len(g.rows), g.start, g.end
-            cache = None
-            if g.cache is not None:
-                cache = copy.deepcopy(g.cache)
-                cache.reorder_cache(torch.arange(n, device=self.lm.device).repeat(k))  # [k*n]: copy j of prompt i = row j*n + i
-            value = vectors[:, None, None, :].expand(k, n, 1, vectors.shape[1]).reshape(k * n, 1, -1)  # [k*n, 1, d_model]
-            out = self.lm.run(
-                self.input_ids[g.rows, s:e].repeat(k, 1),
-                start_layer=layer,
-                start_resid=start_resid[g.rows, s:e].repeat(k, 1, 1),
-                interventions=[Intervention(Site(layer, "resid_pre"), steer_at[g.rows, s:e].repeat(k, 1), value)],
-                logprob_positions=self.scored[g.rows, s:e].repeat(k, 1),
-                past_key_values=cache,
-                unembed=False,
-            )
-            parts.append(out.hidden.reshape(k, -1, out.hidden.shape[-1]))  # [k, scored in group, d_model]
-        return torch.cat(parts, 1)[:, self.inverse]
 
 
 def _partition(first: torch.Tensor, end: torch.Tensor, pass_cost: float) -> list[tuple[torch.Tensor, int, int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from icl_circuits.data.tasks import Task
+from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE, Task
 
 TOKEN_TYPES: tuple[str, ...] = ("bos", "prompt", "input", "arrow", "output", "newline", "extra")
 TYPE_ID = {t: i for i, t in enumerate(TOKEN_TYPES)}
@@ -258,3 +258,68 @@ def fake_pair_prompts(
     pairs = task.sample(min(n_prompts, len(task)), random.Random(seed))
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     return PromptBatch.collate([build_prompt(tokenizer, [fake, p], fmt) for p in pairs], pad)
+
+
+# -- the prompts every steering evaluation is scored on ---------------------------------------------
+
+SETTINGS: tuple[str, ...] = ("execution", "detection")  # zero-shot prompts (steer the query arrow); fake pair first (its output)
+SPLITS: tuple[str, ...] = ("eval", "calibration")  # the task's held-out pairs; its training pairs
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Prompts to steer and score: `batch`, and where the steering goes (`steer_at`, from the setting)."""
+
+    batch: PromptBatch
+    setting: str
+
+    @property
+    def steer_at(self) -> torch.Tensor:
+        """[batch, seq] bool: the query arrow (execution) or the fake pair's output token (detection, App. G)."""
+        return self.batch.arrow_mask("last") if self.setting == "execution" else self.batch.output_mask("first")
+
+    def take(self, start: int, stop: int) -> "EvalSet":
+        """Prompts start..stop as their own set (re-collated)."""
+        return EvalSet(self.batch.slice(start, stop), self.setting)
+
+
+def eval_prompts(
+    tokenizer: object, task: Task, setting: str = "execution", split: str = "eval", n: int = 32, seed: int = 0,
+    eval_share: float = DEFAULT_EVAL_SHARE, fmt: PromptFormat = PromptFormat(), fake: tuple[str, str] = FAKE_PAIR, *,
+    prompt_seed: int | None = None, valid_only: bool = False,
+) -> EvalSet:  # fmt: skip
+    """n one-query prompts (zero-shot, or after the fake pair) of the task's held-out pairs ('eval') or of its
+    training pairs ('calibration', disjoint from 'eval'), split by task.split(eval_share, seed).
+
+    The pairs: a seeded sample of min(n, pairs) of them (prompt_seed, by default seed + 1 for 'eval' and
+    seed + 2 for 'calibration'); with valid_only, the first n of a seeded shuffle that the tokenizer can
+    label (pairs it cannot are skipped: fewer than n prompts may come back).
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    train, held_out = task.split(eval_share, seed)
+    pairs = held_out if split == "eval" else train
+    rng = random.Random((seed + 1 if split == "eval" else seed + 2) if prompt_seed is None else prompt_seed)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+
+    def prompt(p: tuple[str, str]) -> Prompt:
+        return build_prompt(tokenizer, [p] if setting == "execution" else [fake, p], fmt)
+
+    if not valid_only:
+        return EvalSet(PromptBatch.collate([prompt(p) for p in pairs.sample(min(n, len(pairs)), rng)], pad), setting)
+    order = list(pairs.pairs)
+    rng.shuffle(order)
+    prompts = []
+    for p in order:
+        if len(prompts) == n:
+            break
+        try:
+            prompts.append(prompt(p))
+        except ValueError:  # the tokenizer cannot label this pair's tokens
+            continue
+    if not prompts:
+        kind = "held-out" if split == "eval" else "training"
+        raise ValueError(f"task {task.name}: 0 valid {kind} prompts (of {len(pairs)} pairs)")
+    return EvalSet(PromptBatch.collate(prompts, pad), setting)

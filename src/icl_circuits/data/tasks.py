@@ -28,6 +28,7 @@ PAPER_TASKS: tuple[str, ...] = (
 ALGO_TASKS = {"algo_first": 0, "algo_second": 1, "algo_last": 3}
 ALGO_SEED = 1234
 ALGO_SIZE = 200
+DEFAULT_EVAL_SHARE = 0.5  # share of a task's pairs held out for evaluation (the rest: demonstrations, calibration)
 FORBIDDEN = ("\n", "->")  # would break the prompt format and token typing
 
 
@@ -56,7 +57,7 @@ class Task:
         blob = json.dumps([self.name, self.pairs], ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
-    def split(self, n_eval: int | float = 0.5, seed: int = 0) -> tuple["Task", "Task"]:
+    def split(self, n_eval: int | float = DEFAULT_EVAL_SHARE, seed: int = 0) -> tuple["Task", "Task"]:
         """Disjoint (train, eval) tasks after a seeded shuffle; n_eval is a count or a fraction."""
         k = int(round(len(self) * n_eval)) if isinstance(n_eval, float) else int(n_eval)
         if not 0 < k < len(self):

@@ -21,8 +21,9 @@ Gradients (grad=...):
 The splice is an `Intervention` (mode 'fn'): pass it to `LM.run(interventions=[...])`. After a pass it
 holds what the SAE saw there: `latents`, `error` (computed on first use), `latent_leaf`, `error_leaf`.
 
-Used by sae/evaluation.py (CE loss recovered), ablation.py (the spliced model of faithfulness and IE
-quality), circuits.py (edge effects) and detection.py (latent ablation of the detector -> executor link).
+Used by sae/evaluation.py (CE loss recovered), methods/circuits/spliced.py (the spliced model of faithfulness
+and IE quality), methods/circuits/edges.py (edge effects) and detection.py (latent ablation of the detector ->
+executor link).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ As in the authors' code, θ lives in pre-activation space and passes through the
 activation: a latent whose pre-activation falls below its threshold is exactly zero, so L0
 really drops (Adam on raw weights would only make them small). Latents are measured with the
 decoder rows scaled to unit norm (`unit_norm_latents`), as the paper's SAEs have. The steering setting is a
-`ZeroShotSteering`: the query arrow of zero-shot prompts for task execution, or the fake
+`Steerer`: the query arrow of zero-shot prompts for task execution, or the fake
 pair's output for task detection (App. G). Only blocks L.. run at each step.
 """
 
@@ -28,13 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from icl_circuits.data.prompts import N_SCORE_TOKENS
+from icl_circuits.data.prompts import N_SCORE_TOKENS, SETTINGS
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.core.sites import Site, same_site
 from icl_circuits.core.storage import atomic_write_bytes, read_json, write_json
-from icl_circuits.methods.task_vectors import Score, ZeroShotSteering
-
-SETTINGS: tuple[str, ...] = ("execution", "detection")
+from icl_circuits.interventions.steer import Score, Steerer
 
 INITS: tuple[str, ...] = ("auto", "encode_mean", "mean_encode", "ito")
 
@@ -199,7 +197,7 @@ def frozen_decoder(sae: JumpReLUSAE) -> Callable[[torch.Tensor], torch.Tensor]:
     return decode
 
 
-def check_steering_sae(sae: JumpReLUSAE, steering: ZeroShotSteering, layer: int) -> None:
+def check_steering_sae(sae: JumpReLUSAE, steering: Steerer, layer: int) -> None:
     """The SAE must read the residual stream the vector is added to."""
     sae.check_compatible(steering.lm)
     if sae.cfg.kind != "resid" or not same_site(sae.cfg.site, Site(layer, "resid_pre")):  # resid_post.L-1 counts
@@ -211,11 +209,11 @@ def check_steering_sae(sae: JumpReLUSAE, steering: ZeroShotSteering, layer: int)
 
 def clean_vector(
     sae: JumpReLUSAE,
-    train: ZeroShotSteering,
+    train: Steerer,
     layer: int,
     vector: torch.Tensor,  # [d_model]
     cfg: CleaningConfig = CleaningConfig(),
-    evaluation: ZeroShotSteering | None = None,
+    evaluation: Steerer | None = None,
     *,
     task: str = "",
     sae_spec: str = "",
@@ -283,7 +281,7 @@ def clean_vector(
     bar = tqdm(range(cfg.max_steps), desc=f"cleaning {task or 'vector'}", disable=not progress, leave=False)
     step = 0
 
-    # evaluation snapshots: scored after the loop (or on divergence) in batches by `evaluate_many`, not one
+    # evaluation snapshots: scored after the loop (or on divergence) in batches by `Steerer.score`, not one
     # by one every eval_every steps; they do not feed back into the optimisation, so the result is the same
     pending: list[tuple[int, torch.Tensor]] = []  # (step, weights [d_sae])
 
@@ -292,7 +290,7 @@ def clean_vector(
         if pending and evaluation is not None:
             with torch.no_grad():
                 vectors = torch.stack([decode(w) for _, w in pending])  # [n_snapshots, d_model]
-                scores = evaluation.evaluate_many(layer, vectors)
+                scores = evaluation.score(layer, vectors, need_accuracy=True).as_scores()
             evals.extend((at, sc.nll) for (at, _), sc in zip(pending, scores))
         pending.clear()
         return scores
@@ -361,7 +359,7 @@ def clean_vector(
     return out
 
 
-def method_score(steering: ZeroShotSteering, score: Score, l0: int | None) -> dict[str, float | None]:
+def method_score(steering: Steerer, score: Score, l0: int | None) -> dict[str, float | None]:
     """Scores of one steering vector on the evaluation prompts; l0 is None for a dense vector (the raw TV)."""
     rel = steering.relative_loss_decrease(score)
     return dict(

@@ -13,7 +13,6 @@ method is scored on the same evaluation prompts (Sec. 3.1, App. D.1):
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,10 +25,11 @@ from icl_circuits.core.distributed import gather_in_order, is_main, my_share, sh
 from icl_circuits.methods.ito import ito_weights
 from icl_circuits.core.model import LM
 from icl_circuits.core.prefix_cache import PASS_COST
-from icl_circuits.data.prompts import FAKE_PAIR, Prompt, PromptBatch, PromptFormat, build_prompt, icl_prompts
+from icl_circuits.data.prompts import PromptFormat, eval_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.core.storage import ResumeLog, read_json, write_csv, write_json
-from icl_circuits.methods.task_vectors import TaskVectorConfig, ZeroShotSteering, collect_resid, mean_at
+from icl_circuits.interventions.steer import Steerer
+from icl_circuits.methods.task_vectors import TaskVectorConfig, collect_resid, icl_batch, mean_at
 from icl_circuits.data.tasks import Task, check_unique_names, is_builtin, save_task
 
 ITO_L0S: tuple[int, ...] = (5, 20)
@@ -42,8 +42,8 @@ class CleaningSetup:
     layer: int
     setting: str
     vector: torch.Tensor  # [d_model] raw task / detection vector
-    train: ZeroShotSteering  # the n_train prompts optimised on
-    evaluation: ZeroShotSteering  # the n_eval held-out prompts every method is scored on
+    train: Steerer  # the n_train prompts optimised on
+    evaluation: Steerer  # the n_eval held-out prompts every method is scored on
     tokens: torch.Tensor  # [n_tokens, d_model] the residuals averaged into `vector`
 
     def initial_latents(self, sae: JumpReLUSAE, cfg: CleaningConfig) -> torch.Tensor | None:
@@ -58,17 +58,6 @@ class CleaningSetup:
             return sae.encode(self.tokens).float().mean(0)  # [d_sae]
 
 
-def _prompts(tokenizer: object, pairs: Sequence[tuple[str, str]], setting: str, fmt: PromptFormat) -> list[Prompt]:
-    """One prompt per pair (zero-shot, or after the fake pair); pairs the tokenizer cannot label are skipped."""
-    out = []
-    for p in pairs:
-        try:
-            out.append(build_prompt(tokenizer, [p] if setting == "execution" else [FAKE_PAIR, p], fmt))
-        except ValueError:
-            continue
-    return out
-
-
 def cleaning_setup(
     lm: LM, task: Task, layer: int, cfg: CleaningConfig = CleaningConfig(),
     tv_cfg: TaskVectorConfig = TaskVectorConfig(), fmt: PromptFormat = PromptFormat(), *, pass_cost: float = PASS_COST,
@@ -77,34 +66,29 @@ def cleaning_setup(
     suffix passes (`prefix_cache._partition`; it changes speed only, 0 = one pass per distinct prompt shape)."""
     if not 0 <= layer < lm.n_layers:
         raise ValueError(f"layer {layer} outside 0..{lm.n_layers - 1}")
-    train_pairs, held_out = task.split(tv_cfg.eval_share, tv_cfg.seed)
+    train_pairs = task.split(tv_cfg.eval_share, tv_cfg.seed)[0]
     if len(train_pairs) < tv_cfg.n_shots + 1:
         raise ValueError(f"task {task.name}: {len(train_pairs)} training pairs, need n_shots + 1 = {tv_cfg.n_shots + 1}")
-    pairs = list(held_out.pairs)
-    random.Random(cfg.seed + 1).shuffle(pairs)
-    prompts = _prompts(lm.tokenizer, pairs, cfg.setting, fmt)
+    # optimisation and evaluation prompts: the first n_train + n_eval valid ones of a shuffle of the held-out pairs
     need = cfg.n_train + cfg.n_eval
-    if len(prompts) < need:
+    prompts = eval_prompts(lm.tokenizer, task, cfg.setting, "eval", need, tv_cfg.seed, tv_cfg.eval_share, fmt,
+                           prompt_seed=cfg.seed + 1, valid_only=True)  # fmt: skip
+    if len(prompts.batch) < need:
+        n_pairs = len(task.split(tv_cfg.eval_share, tv_cfg.seed)[1])
         raise ValueError(
-            f"task {task.name}: {len(prompts)} valid held-out prompts (of {len(pairs)} pairs), "
+            f"task {task.name}: {len(prompts.batch)} valid held-out prompts (of {n_pairs} pairs), "
             f"need n_train + n_eval = {need}; use a bigger task or smaller n_train/n_eval"
         )
-    icl = icl_prompts(lm.tokenizer, train_pairs, tv_cfg.n_prompts, tv_cfg.n_shots, seed=tv_cfg.seed, fmt=fmt)
+    icl = icl_batch(lm, task, tv_cfg, fmt)
     resid, _ = collect_resid(lm, icl, [layer], tv_cfg.batch_size)
     # task vector: arrows (Sec. 2.3); detection vector: the demonstrations' output tokens (App. G)
     mask = icl.arrow_mask(tv_cfg.arrows) if cfg.setting == "execution" else icl.output_mask("demos")
     tokens = resid[layer][mask.to(resid[layer].device)]  # [n_tokens, d_model]
     vector = mean_at(resid[layer], mask)
 
-    pad = getattr(lm.tokenizer, "pad_token_id", None) or 0
-    batches = [PromptBatch.collate(prompts[: cfg.n_train], pad), PromptBatch.collate(prompts[cfg.n_train : need], pad)]
     steer = [
-        ZeroShotSteering(
-            lm, b, [layer], cfg.n_score_tokens,
-            steer_at=b.arrow_mask("last") if cfg.setting == "execution" else b.output_mask("first"),
-            unembed_dtype=dtype, pass_cost=pass_cost,
-        )
-        for b, dtype in zip(batches, (getattr(torch, cfg.train_unembed), None))
+        Steerer(lm, e.batch, [layer], cfg.n_score_tokens, e.steer_at, unembed_dtype=dtype, pass_cost=pass_cost)
+        for e, dtype in zip((prompts.take(0, cfg.n_train), prompts.take(cfg.n_train, need)), (getattr(torch, cfg.train_unembed), None))
     ]  # fmt: skip
     return CleaningSetup(task.name, layer, cfg.setting, vector, steer[0], steer[1], tokens)
 
@@ -116,9 +100,9 @@ def baseline_scores(setup: CleaningSetup, sae: JumpReLUSAE, ito_l0s: Sequence[in
     decode = frozen_decoder(sae)
     f = sae.encode(setup.vector).float()  # [d_sae]
     ito = [ito_weights(sae, setup.vector, k) for k in ito_l0s]  # [d_sae] each
-    # every method's vector scored in one batched evaluation (`evaluate_many`) instead of one pass each
+    # every method's vector scored in one batched evaluation (`Steerer.score`) instead of one pass each
     vectors = torch.stack([setup.vector.float(), decode(f), *(decode(w) for w in ito)])  # [2 + len(ito_l0s), d_model]
-    tv, rec, *ito_scores = ev.evaluate_many(layer, vectors)
+    tv, rec, *ito_scores = ev.score(layer, vectors, need_accuracy=True).as_scores()
     scores = {
         "zero_shot": method_score(ev, ev.baseline, 0),
         "tv": method_score(ev, tv, None),
@@ -135,7 +119,7 @@ def feature_effects(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResu
     every decoded vector has), and how much the cleaned vector's effect drops without it.
 
     All 2 * L0 + 1 vectors (bias only, each feature alone, each feature left out) are scored in one
-    batched evaluation (`ZeroShotSteering.evaluate_many`); `feature_effects_one_by_one` is the direct loop."""
+    batched evaluation (`Steerer.score`); `feature_effects_one_by_one` is the direct loop."""
     ev, layer = setup.evaluation, setup.layer
     decode = frozen_decoder(sae)
     w = result.weights.to(sae.device).float()  # [d_sae]
@@ -150,7 +134,7 @@ def feature_effects(setup: CleaningSetup, sae: JumpReLUSAE, result: CleaningResu
     scored = result.scores.get("tvc")  # clean_vector already scored the cleaned vector on these prompts
     if not scored:
         codes = torch.cat([codes, w[None]])  # [2 + 2n, d_sae]
-    rel = [ev.relative_loss_decrease(sc) for sc in ev.evaluate_many(layer, decode(codes))]
+    rel = [ev.relative_loss_decrease(sc) for sc in ev.score(layer, decode(codes), need_accuracy=True).as_scores()]
     full = scored["relative_loss_decrease"] if scored else rel[-1]
     bias_only, n = rel[0], len(feats)
     return [

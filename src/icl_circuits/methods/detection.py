@@ -82,7 +82,7 @@ def activation_masses(
     """
     from tqdm.auto import tqdm
 
-    from icl_circuits.methods.task_vectors import TaskVectorConfig, collect_resid, task_batches
+    from icl_circuits.methods.task_vectors import TaskVectorConfig, collect_resid, icl_batch
 
     for role, (sae, _) in roles.items():
         if Site.parse(sae.cfg.site).canonical().kind != "resid_pre":
@@ -90,7 +90,7 @@ def activation_masses(
     layers = sorted({Site.parse(sae.cfg.site).canonical().layer for sae, _ in roles.values()})
     rows = []
     for task in tqdm(tasks, desc="activation masses", disable=not progress):
-        icl, _ = task_batches(lm, task, TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed))
+        icl = icl_batch(lm, task, TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed))
         resid, _ = collect_resid(lm, icl, layers, cfg.batch_size)
         for role, (sae, sets) in roles.items():
             feats = sets.get(task.name, [])
@@ -133,11 +133,12 @@ def mass_table(rows: list[dict]) -> list[dict]:
 
 def detection_sweep_task(lm: LM, task: Any, layers: Sequence[int], cfg: Any) -> list[dict]:
     """Per layer: relative loss decrease from adding the detection vector at the fake pair's output."""
-    from icl_circuits.methods.task_vectors import ZeroShotSteering, detection_batches, extract_detection_vectors
+    from icl_circuits.interventions.steer import Steerer
+    from icl_circuits.methods.task_vectors import extract_detection_vectors, held_out_prompts, icl_batch
 
-    icl, fake = detection_batches(lm, task, cfg)
+    icl, fake = icl_batch(lm, task, cfg), held_out_prompts(lm, task, cfg, "detection")
     vecs = extract_detection_vectors(lm, icl, layers, batch_size=cfg.batch_size)
-    st = ZeroShotSteering(lm, fake, layers, cfg.n_score_tokens, steer_at=fake.output_mask("first"))
+    st = Steerer(lm, fake.batch, layers, cfg.n_score_tokens, fake.steer_at)
     rows = []
     for layer in layers:
         s = st.evaluate(layer, vecs[layer])
@@ -166,7 +167,7 @@ def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.
 
 def direction_ablation(sae: JumpReLUSAE, feature: int, amount: float, positions: torch.Tensor) -> Intervention:
     """Subtract `amount` x the feature's unit-norm decoder direction at `positions` (the authors' link ablation)."""
-    from icl_circuits.methods.steering import feature_directions
+    from icl_circuits.interventions.steer import feature_directions
 
     return Intervention(Site.parse(sae.cfg.site), positions, -amount * feature_directions(sae, [feature])[0])
 
@@ -254,7 +255,7 @@ def detector_executor_link(
     state: dict[str, Any] = {**key, "done": {}}
     run = None
     if path:  # one writer; the SAEs and model are part of the run's identity too
-        from icl_circuits.methods.ablation import sae_digest
+        from icl_circuits.sae.dictionary import sae_digest
 
         ident = dict(**key, model=lm.name, saes=[sae_digest(det_sae), sae_digest(exec_sae)])
         run = open_shared(path.parent, ident, kind="detector-executor link", name="link_run")  # (torchrun: all ranks)
@@ -285,11 +286,11 @@ def _link_tasks(
 ) -> None:  # fmt: skip
     from tqdm.auto import tqdm
 
-    from icl_circuits.methods.task_vectors import task_batches
+    from icl_circuits.methods.task_vectors import icl_batch
 
     # under torchrun: this rank's share of *all* tasks (the same on every rank, whatever each read from disk)
     for task in tqdm([t for t in my_share(tasks) if unit[t.name] not in state["done"]], desc="detector->executor", disable=not progress):
-        icl, _ = task_batches(lm, task, tv_cfg)
+        icl = icl_batch(lm, task, tv_cfg)
         d_feats = [int(detectors[t]) for t in d_tasks]
         unique = list(dict.fromkeys(d_feats))  # tasks often share a detector: ablate each feature once
         sums, counts = link_on_batch(lm, icl, unique, e_feats, det_sae, exec_sae, cfg)
@@ -353,7 +354,7 @@ def _link_title(cfg: dict) -> str:
 
 def plot_link(result: LinkResult, stem: str | Path, order: Sequence[str] | None = None) -> list[Path]:
     """Fig. 11: detector task (rows) x executor task (columns), effect = relative executor drop."""
-    from icl_circuits.methods.steering import plot_feature_heatmap
+    from icl_circuits.viz.steering_plots import plot_feature_heatmap
 
     order = list(order) if order else result.detector_tasks
     rows = [result.detector_tasks.index(t) for t in order if t in result.detector_tasks]
@@ -377,7 +378,7 @@ def top_features(results_dir: str | Path, heatmap_json: str | Path | None, tasks
     a positive effect on its own task qualifies (the authors'); a task with none has no top feature.
     Returns ({task: feature}, source)."""
     from icl_circuits.methods.cleaning import load_cleaning
-    from icl_circuits.methods.steering import HeatmapResult, load_feature_sets
+    from icl_circuits.methods.heatmaps import HeatmapResult, load_feature_sets
 
     sets, _ = load_feature_sets(results_dir, tasks)
     out = {}
@@ -407,7 +408,8 @@ def run_detectors(
     """The `detectors` command: detection-layer sweep, token-type masses (Tables 1-2), detector->executor link (Fig. 11)."""
     from tqdm.auto import tqdm
 
-    from icl_circuits.methods.steering import cluster_order, load_feature_sets, sae_from_spec
+    from icl_circuits.methods.heatmaps import cluster_order, load_feature_sets
+    from icl_circuits.sae.registry import SAERef
     from icl_circuits.core.storage import write_csv
     from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import list_tasks, load_task, task_of_result
@@ -442,7 +444,7 @@ def run_detectors(
             raise ValueError("masses and link need --executors and --detectors (folders of TVC results)")
         ex_sets, ex_meta = load_feature_sets(executor_dir, tasks)
         de_sets, de_meta = load_feature_sets(detector_dir, tasks)
-        ex_sae, de_sae = sae_from_spec(lm, ex_meta["sae_spec"]), sae_from_spec(lm, de_meta["sae_spec"])
+        ex_sae, de_sae = (SAERef.parse(m["sae_spec"]).resolve(lm, train_if_missing=False) for m in (ex_meta, de_meta))
         names = [n for n in ex_sets if n in de_sets]
         task_objs = [task_of_result(Path(executor_dir) / n, n) for n in names]
         ex_top, ex_src = top_features(executor_dir, exec_heatmap, names)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import tensor_digest
 
 SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")
 TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
@@ -327,3 +328,8 @@ def gated_to_jumprelu(
     threshold = b_mag - scale * b_gate  # [d_sae]
     tensors = {"W_enc": W, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
     return JumpReLUSAE(cfg, tensors, where="gated_to_jumprelu")
+
+
+def sae_digest(sae: JumpReLUSAE) -> str:
+    """Identity of an SAE for resume keys: its site and a content hash of its tensors."""
+    return f"{sae.cfg.site}:{tensor_digest(*sae.tensors().values())}"

@@ -26,7 +26,7 @@ from icl_circuits.methods.dashboards import FILE_NAME as DASHBOARD_FILE
 from icl_circuits.methods.dashboards import DashboardStore
 from icl_circuits.methods.examples import Example, ExampleStore
 from icl_circuits.viz.report import walk_files
-from icl_circuits.methods.steering import HeatmapResult
+from icl_circuits.methods.heatmaps import HeatmapResult
 from icl_circuits.viz.viewer.formats import (
     CLEANING_FILE, FAITHFULNESS_FILE, GRAPH_FILE, HEATMAP_FILE, CircuitView, HeatmapView, TaskView, faithfulness_series, sae_key, starter_ref,
 )  # fmt: skip

@@ -5,7 +5,7 @@ exactly what the commands write and no key name of those files is repeated here:
 
     <task>/cleaning.json + cleaning.safetensors   cleaning.load_cleaning -> CleaningResult -> TaskView
     heatmap.json                                  steering.HeatmapResult.from_dict -> HeatmapView
-    <task>/faithfulness.json                      ablation.FaithfulnessCurve.from_dict -> CircuitView.curve
+    <task>/faithfulness.json                      circuits.FaithfulnessCurve.from_dict -> CircuitView.curve
     <task>/graph.json                             circuits.circuit_graph's dict -> CircuitView (below)
 
 graph.json has no typed reader in icl_circuits.methods.circuits (`load_graph` returns the dict), so its keys
@@ -19,11 +19,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from icl_circuits.methods.ablation import FaithfulnessCurve
-from icl_circuits.methods.circuits import ERROR, Edge
+from icl_circuits.methods.circuits import ERROR, Edge, FaithfulnessCurve
 from icl_circuits.methods.cleaning import CleaningResult
 from icl_circuits.sae.registry import SAERef
-from icl_circuits.methods.steering import HeatmapResult
+from icl_circuits.methods.heatmaps import HeatmapResult
 
 CLEANING_FILE = "cleaning.json"
 GRAPH_FILE = "graph.json"

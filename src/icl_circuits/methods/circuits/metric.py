@@ -1,0 +1,43 @@
+"""The circuit metric m and the token-type bookkeeping shared by node effects, edges and the spliced model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from icl_circuits.core.model import RunOutput
+from icl_circuits.data.prompts import TYPE_ID, PromptBatch, Scoring
+from icl_circuits.methods.circuits.config import CircuitConfig
+
+
+def metric_scoring(batch: PromptBatch, cfg: CircuitConfig) -> Scoring:
+    scoring = batch.scoring(cfg.metric_pairs, cfg.n_score_tokens)
+    if not scoring.positions.any():
+        raise ValueError(f"metric {cfg.metric_pairs!r} scores no position: prompts need >= 2 pairs for 'all_but_first'")
+    return scoring
+
+
+def metric_of(out: RunOutput, n_copies: int = 1) -> torch.Tensor:
+    """[n_copies] mean target log-prob per copy (copies are stacked along the batch)."""
+    lp = out.target_logprobs  # [n_copies * n]
+    assert lp is not None
+    return lp.view(n_copies, -1).mean(-1)
+
+
+def type_index(batch: PromptBatch, node_types: Sequence[str]) -> torch.Tensor:
+    """[batch, seq] long: index into node_types, or -1 where the token is not a node (bos, padding)."""
+    idx = torch.full_like(batch.token_types, -1)
+    for i, t in enumerate(node_types):
+        idx[batch.token_types == TYPE_ID[t]] = i
+    return idx
+
+
+def aggregate_by_type(per_position: torch.Tensor, tix: torch.Tensor, n_types: int) -> torch.Tensor:
+    """Sum per-position values over the positions of each token type.
+
+    per_position [batch, seq, n], tix [batch, seq] (-1 = not a node) -> [n_types, n].
+    """
+    onehot = torch.zeros(*tix.shape, n_types + 1, dtype=per_position.dtype, device=per_position.device)
+    onehot.scatter_(-1, (tix.to(per_position.device) % (n_types + 1)).unsqueeze(-1), 1.0)  # -1 -> last column
+    return torch.einsum("bst,bsn->tn", onehot[..., :n_types], per_position)
