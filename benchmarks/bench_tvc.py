@@ -46,7 +46,7 @@ def main() -> None:
 
     from icl_circuits import load_model, load_task
     from icl_circuits.methods.cleaning import CleaningConfig, frozen_decoder, jumprelu
-    from icl_circuits.methods.cleaning_runs import clean_task, cleaning_setup
+    from icl_circuits.methods.cleaning_task import clean_task, cleaning_setup
     from icl_circuits.sae.suite import starter_sae
     from icl_circuits.interventions.steer import Steerer
 
@@ -129,7 +129,7 @@ def main() -> None:
 def _clean_task_before(lm, sae, task, layer, cfg):  # type: ignore[no-untyped-def]
     """clean_task the previous way (see the module docstring), for the timing comparison."""
     from icl_circuits.methods.cleaning import clean_vector
-    from icl_circuits.methods.cleaning_runs import baseline_scores, cleaning_setup, feature_effects_one_by_one
+    from icl_circuits.methods.cleaning_task import baseline_scores, cleaning_setup, feature_effects_one_by_one
 
     setup = cleaning_setup(lm, task, layer, cfg, pass_cost=0.0)
     ev = setup.evaluation

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Task Vector Cleaning (+ SAE reconstruction and ITO baselines, per-feature effects)
         from icl_circuits.methods.cleaning import CleaningConfig
-        from icl_circuits.methods.cleaning_runs import clean_task
+        from icl_circuits.methods.cleaning_task import clean_task
 
         ccfg = CleaningConfig(n_train=8, n_eval=8, max_steps=args.tvc_steps, patience=args.tvc_steps)
         res = stage(f"TVC ({args.tvc_steps} steps)", lambda: clean_task(lm, sae, task, args.layer, ccfg, tv_cfg, sae_spec=f"resid:{args.layer}"))

@@ -2,7 +2,7 @@
 
 For each task: the relative loss decrease (vs. zero-shot) of steering the evaluation prompts with the
 raw task vector, with its plain SAE reconstruction, and with ITO-k (gradient pursuit, k latents), for
-every SAE, on the same prompts (`cleaning_runs.sae_downstream`; resumable per task).
+every SAE, on the same prompts (`experiments.clean.sae_downstream`; resumable per task).
 
     python scripts/sae_downstream.py --sae v1=path/to/v1/resid_12 --sae v2=starter --layer 12 --out runs/downstream
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from icl_circuits.methods.cleaning_runs import sae_downstream
+from icl_circuits.experiments.clean import sae_downstream
 from icl_circuits.core.loading import load_model
 from icl_circuits.sae.formats import load_any
 from icl_circuits.sae.suite import starter_sae

@@ -391,7 +391,7 @@ def make_real_run(root: Path, d_sae: int = 24) -> dict:
     from icl_circuits.experiments.circuits import run_circuit_task
     from icl_circuits.methods.circuits import CircuitConfig, CircuitRunConfig, circuit_saes
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.methods.cleaning_runs import run_cleaning
+    from icl_circuits.experiments.clean import run_cleaning
     from icl_circuits.methods.examples import ExampleConfig, build_example_store
     from icl_circuits.methods.heatmaps import HeatmapConfig, load_feature_sets, positive_heatmap
     from icl_circuits.core.storage import write_json
@@ -538,7 +538,7 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("viz/circuit_plots.py", "plot_cross_task"): "figure data",
     ("sae/activations.py", "_pad"): "token batches of the corpus: LM.run moves them",
     ("sae/activations.py", "_refill"): "the shuffle comes from the store's seeded CPU generator, then .to(device)",
-    ("methods/detection.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
+    ("methods/link.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
     ("sae/trainers/base.py", "__init__"): "SAE init on the CPU (seeded, device-independent), then SAETrainer.to",
     ("sae/trainers/base.py", "_arch_params"): "as __init__ (each arch's extra parameters)",
     ("sae/trainers/base.py", "_export_tensors"): "export is on the CPU (to_jumprelu)",
@@ -550,7 +550,7 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("methods/heatmaps.py", "marks"): "bool marks of the heatmap figure",
     ("viz/steering_plots.py", "plot_negative"): "marks of the figure",
     ("methods/heatmaps.py", "from_dict"): "a heatmap read back from JSON",
-    ("methods/detection.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
+    ("methods/link.py", "<genexpr>"): "link sums / counts read back from the run's JSON state",
     # SAE files load on the CPU; starter_sae, SAERef.resolve, the CLI and circuit_saes move them to the model
     ("sae/formats/saelens.py", "load_saelens"): "tensors read from a file",
     # max-activating examples and dashboards copy latents to the CPU right after SAE.encode; what
@@ -596,3 +596,22 @@ def device_audit(check: bool = True) -> Iterator[FactoryAudit]:
         yield mode
     if check:
         mode.check()
+
+
+# -- from tests/methods/test_link.py (masses, frozen attention, the link) --------------------------------------
+
+
+def detection_lm(family: str = "gemma3") -> LM:
+    """A tiny model with a word tokenizer over the antonym / upper-case pairs and the prompt words."""
+    lm, _ = make_tiny(family)
+    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
+    lm.tokenizer = word_tokenizer(words)
+    return lm
+
+
+def detection_sae(lm, layer: int, d_sae: int = 10, seed: int = 0) -> JumpReLUSAE:
+    """A random resid_pre SAE with scaled input / output (model units differ from the SAE's)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, input_scale=0.7, output_scale=0.7)
+    return JumpReLUSAE(cfg, {"W_enc": torch.randn(lm.d_model, d_sae, generator=g), "W_dec": torch.randn(d_sae, lm.d_model, generator=g)})
+

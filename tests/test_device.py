@@ -141,8 +141,9 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     from icl_circuits.methods.circuits import SplicedModel, faithfulness_curve
     from icl_circuits.methods.circuits import CircuitConfig, circuit_saes, edge_effects_from, edge_targets, node_effects
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.methods.cleaning_runs import clean_task
-    from icl_circuits.methods.detection import MassConfig, activation_masses, link_on_batch
+    from icl_circuits.methods.cleaning_task import clean_task
+    from icl_circuits.methods.masses import MassConfig, activation_masses
+    from icl_circuits.methods.link import link_on_batch
     from icl_circuits.methods.ito import ito_weights
     from icl_circuits.data.prompts import icl_prompts
     from icl_circuits.sae.activations import ActivationStore

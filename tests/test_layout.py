@@ -121,3 +121,60 @@ def test_tests_mirror_the_package_tree():
         assert (d / "__init__.py").is_file(), f"tests/{rel}/ needs an __init__.py (test folders are packages: same file names may repeat)"
     top = {f.name for f in TESTS.glob("test_*.py")}
     assert top <= CROSS_CUTTING, f"move {sorted(top - CROSS_CUTTING)} into the tests/<package>/ folder of the code it tests"
+
+
+# The layers of docs/architecture.md, lowest first: a module may import its own layer and the ones before it.
+# Paths relative to src/icl_circuits; a folder covers everything below it; the first match wins.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("core/",)),
+    ("data", ("data/",)),
+    ("sae format", ("sae/dictionary.py", "sae/sparse.py")),
+    ("interventions", ("interventions/",)),
+    ("sae", ("sae/",)),
+    ("methods", ("methods/",)),
+    ("viz", ("viz/",)),
+    ("runs", ("experiments/task_vectors.py", "experiments/clean.py", "experiments/heatmap.py",
+              "experiments/detectors.py", "experiments/circuits.py")),
+    ("cli and reproduce", ("cli/", "experiments/")),  # reproduce's stages are CLI command lines; the CLI runs reproduce
+]
+
+
+def _layer(rel: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in prefixes):
+            return i
+    raise AssertionError(f"{rel} is in no layer of LAYERS (docs/architecture.md): add it")
+
+
+def _module_file(dotted: str) -> str | None:
+    """icl_circuits.a.b -> 'a/b.py' or 'a/b/__init__.py' (None for the top package or a name inside a module)."""
+    parts = dotted.split(".")[1:]
+    while parts:
+        p = "/".join(parts)
+        if (PKG / f"{p}.py").is_file():
+            return f"{p}.py"
+        if (PKG / p / "__init__.py").is_file():
+            return f"{p}/__init__.py"
+        parts = parts[:-1]
+    return None
+
+
+def test_every_import_follows_the_layers_of_architecture_md():
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG).as_posix()
+        if rel == "__init__.py":
+            continue  # the top package re-exports core and data names
+        mine = _layer(rel)
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                bad.append(f"{rel}:{node.lineno}: a relative import (the package imports absolutely: icl_circuits.<layer>...)")
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])  # fmt: skip
+            for name in names:
+                if not name.startswith("icl_circuits."):
+                    continue
+                target = _module_file(name)
+                if target is not None and target != "__init__.py" and _layer(target) > mine:
+                    bad.append(f"{rel}:{node.lineno} ({LAYERS[mine][0]}) imports {name} ({LAYERS[_layer(target)][0]})")
+    assert not bad, "imports against the layers (docs/architecture.md):\n  " + "\n  ".join(bad)

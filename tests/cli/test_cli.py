@@ -117,7 +117,7 @@ def test_clean_command_on_local_folder(tmp_path, capsys):
 @pytest.mark.device_audit  # no stray CPU tensors in the whole command (tests/test_device.py)
 def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
     """clean (execution at layer 1, detection at layer 0) -> heatmap (+ negative on one feature) -> detectors."""
-    from icl_circuits.methods.detection import MASS_TYPES
+    from icl_circuits.methods.masses import MASS_TYPES
     from icl_circuits.sae.formats import save_sae
 
     from tests.helpers import MANY, _lm, _sae

@@ -24,7 +24,7 @@ CFG = CleaningConfig(n_train=4, n_eval=4, max_steps=8, patience=3)
 
 
 def _clean(out: Path):  # noqa: ANN202
-    from icl_circuits.methods.cleaning_runs import run_cleaning
+    from icl_circuits.experiments.clean import run_cleaning
 
     lm = _lm()
     return run_cleaning(lm, _sae(lm, scale=3.0), TASKS, 1, out, CFG, TV_CFG, sae_spec="tiny", progress=False)
@@ -93,7 +93,7 @@ def test_two_ranks_split_tasks_into_one_run_dir(tmp_path, monkeypatch, one_threa
         unit = lambda d: json.loads((d / t.name / "unit.json").read_text())  # noqa: E731
         assert unit(tmp_path / "dist") == unit(tmp_path / "single")
     # ... so one process resumes the distributed run without recomputing a task
-    monkeypatch.setattr("icl_circuits.methods.cleaning_runs.clean_task", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("icl_circuits.experiments.clean.clean_task", lambda *a, **k: pytest.fail("recomputed"))
     assert [r.task for r in _clean(tmp_path / "dist")[0]] == ["many", "many2"]
 
 

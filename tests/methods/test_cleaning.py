@@ -13,7 +13,8 @@ import torch
 from icl_circuits import Task, zero_shot_prompts
 from icl_circuits.data.prompts import PromptFormat
 from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector, jumprelu, load_cleaning
-from icl_circuits.methods.cleaning_runs import cleaning_setup, clean_task, l1_sweep, run_cleaning
+from icl_circuits.methods.cleaning_task import cleaning_setup, clean_task
+from icl_circuits.experiments.clean import l1_sweep, run_cleaning
 from icl_circuits.methods.ito import gradient_pursuit, ito_weights
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.interventions.steer import Steerer
@@ -271,7 +272,7 @@ def test_detection_setting_steers_the_fake_pair_output():
 
 
 def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
-    import icl_circuits.methods.cleaning_runs as runs
+    import icl_circuits.experiments.clean as runs
 
     lm = _lm()
     sae = _sae(lm, scale=3.0)
@@ -300,7 +301,8 @@ def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
 
 
 def test_layer_comparison_scores_every_method_at_every_layer(tmp_path):
-    from icl_circuits.methods.cleaning_runs import METHODS, layer_comparison
+    from icl_circuits.methods.cleaning_task import METHODS
+    from icl_circuits.experiments.clean import layer_comparison
 
     lm = _lm()
     saes = {0: _sae(lm, layer=0, scale=3.0), 1: _sae(lm, layer=1, scale=3.0, seed=1)}
@@ -390,7 +392,7 @@ def test_a_resid_post_sae_of_the_layer_before_cleans_resid_pre():
 
 def test_batched_feature_effects_and_baselines_equal_one_evaluation_per_vector():
     from icl_circuits.methods.cleaning import frozen_decoder
-    from icl_circuits.methods.cleaning_runs import baseline_scores, feature_effects, feature_effects_one_by_one
+    from icl_circuits.methods.cleaning_task import baseline_scores, feature_effects, feature_effects_one_by_one
 
     lm = _lm()
     sae = _sae(lm, scale=3.0)

@@ -68,7 +68,7 @@ def test_logit_lens_equals_direct_computation(run):
 
 
 def test_neighbours_density_and_masses_equal_direct_computation(run):
-    from icl_circuits.methods.detection import MASS_TYPES, token_type_masses
+    from icl_circuits.methods.masses import MASS_TYPES, token_type_masses
     from icl_circuits.data.prompts import TYPE_ID, icl_prompts
     from icl_circuits.core.sites import Site
 

@@ -56,7 +56,7 @@ def test_bad_inputs():
 
 
 def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
-    from icl_circuits.methods import sweep as sweep_mod
+    from icl_circuits.experiments import task_vectors as sweep_mod
 
     lm = _setup()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]

@@ -148,7 +148,7 @@ def test_garbage_or_non_utf8_model_config_names_the_file(tmp_path, capsys, conte
 def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
     """A damaged finished result (kill during a copy, bad disk) is redone, not a crash on every rerun."""
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.methods.cleaning_runs import run_cleaning
+    from icl_circuits.experiments.clean import run_cleaning
     from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import Task
 

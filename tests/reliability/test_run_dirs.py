@@ -36,7 +36,7 @@ def _counting(monkeypatch, module, name):
 
 def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
     """Issue 18 #1: a user file that shares a finished task's name gets its own results, never the old ones."""
-    from icl_circuits.methods import sweep as sweep_mod
+    from icl_circuits.experiments import task_vectors as sweep_mod
 
     lm = tiny_lm()
     first = sweep_mod.run_layer_sweep(lm, [Task("ant", tuple(ANTONYMS))], [0, 1], CFG, tmp_path, progress=False)
@@ -54,7 +54,7 @@ def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
 
 
 def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
-    import icl_circuits.methods.cleaning_runs as runs
+    import icl_circuits.experiments.clean as runs
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.data.tasks import task_of_result
 
@@ -76,7 +76,7 @@ def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
 
 def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
     """A user file named like a built-in task (antonyms.json): its folder must say which pairs it holds."""
-    import icl_circuits.methods.cleaning_runs as runs
+    import icl_circuits.experiments.clean as runs
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.data.tasks import task_of_result
 
@@ -119,7 +119,7 @@ def test_circuits_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
 
 def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
     """Issue 18 #2: run A (--layers 0) then B (--layers 1) into one folder must not mix; B is refused."""
-    from icl_circuits.methods.sweep import run_layer_sweep
+    from icl_circuits.experiments.task_vectors import run_layer_sweep
 
     lm = tiny_lm()
     tasks = [Task("ant", tuple(ANTONYMS))]
@@ -149,7 +149,7 @@ def test_resume_under_another_config_is_refused_on_the_cli(tmp_path, capsys):
 
 
 def test_detection_sweep_resume_refuses_other_layers(tmp_path, monkeypatch):
-    import icl_circuits.methods.detection as det
+    import icl_circuits.experiments.detectors as det
 
     calls = []
     monkeypatch.setattr(det, "detection_sweep_task", lambda lm, t, layers, cfg: calls.append(t.name) or
@@ -183,7 +183,7 @@ def test_torn_log_line_is_never_glued_to_the_next_record(tmp_path):
 
 
 def test_torn_line_task_is_redone_once_not_on_every_rerun(tmp_path, monkeypatch):
-    from icl_circuits.methods import sweep as sweep_mod
+    from icl_circuits.experiments import task_vectors as sweep_mod
 
     lm = tiny_lm()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
@@ -204,7 +204,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from tests.helpers import _setup, ANTONYMS
-from icl_circuits.methods import sweep
+from icl_circuits.experiments import task_vectors as sweep
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 from icl_circuits.data.tasks import Task
 real = sweep.sweep_task
@@ -220,7 +220,7 @@ sweep.run_layer_sweep(_setup(), [Task("ant", tuple(ANTONYMS))], [0], TaskVectorC
 
 def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
     """Issue 18 #2: one writer per run directory; kill -9 of that writer frees the folder at once."""
-    from icl_circuits.methods.sweep import run_layer_sweep
+    from icl_circuits.experiments.task_vectors import run_layer_sweep
 
     out, mark = tmp_path / "R", tmp_path / "started"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -46,7 +46,9 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def cmd_detectors(args: argparse.Namespace) -> int:
-    from icl_circuits.methods.detection import LinkConfig, MassConfig, run_detectors
+    from icl_circuits.methods.link import LinkConfig
+    from icl_circuits.methods.masses import MassConfig
+    from icl_circuits.experiments.detectors import run_detectors
 
     tasks = None if args.tasks == "all" else words(args.tasks)
     steps = words(args.steps)

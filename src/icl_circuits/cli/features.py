@@ -29,6 +29,7 @@ def load_saes(lm, specs: str, progress: bool) -> dict:  # type: ignore[no-untype
 def cmd_examples(args: argparse.Namespace) -> int:
     from icl_circuits.data.corpus import from_spec
     from icl_circuits.methods.examples import ExampleConfig, build_example_store, summarize_store
+    from icl_circuits.viz.plots import plot_latent_density
     from icl_circuits.viz.report import Section, write_report
 
     cfg = ExampleConfig(
@@ -46,6 +47,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
         docs = list(itertools.islice(docs, args.max_docs))
     store = build_example_store(lm, saes, docs, args.out / "examples.sqlite", cfg, progress=not args.quiet)
     rows = summarize_store(store, args.out)
+    plot_latent_density(store, args.out / "latent_density")
     for r in rows:
         print(f"{r['sae']:14s} {r['site']:14s} {r['latents_fired']:5d}/{r['d_sae']} latents fired, {r['examples']:,} examples")
     print(f"store: {store.path}\nreport: {write_report(args.out, 'Max-activating examples', [Section('Stores', table=rows)])}")

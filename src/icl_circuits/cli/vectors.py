@@ -24,7 +24,7 @@ def default_layer(model: str, setting: str) -> int:
 
 
 def cmd_task_vectors(args: argparse.Namespace) -> int:
-    from icl_circuits.methods.sweep import run_layer_sweep
+    from icl_circuits.experiments.task_vectors import run_layer_sweep
     from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import load_tasks
 
@@ -66,7 +66,7 @@ def _clean_sae(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_clean(args: argparse.Namespace) -> int:
     """Task Vector Cleaning for one or many tasks (or a λ sweep / a layer comparison), resumable."""
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.methods.cleaning_runs import l1_sweep, layer_comparison, run_cleaning
+    from icl_circuits.experiments.clean import l1_sweep, layer_comparison, run_cleaning
     from icl_circuits.sae.registry import SAERef
     from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import load_tasks
@@ -144,7 +144,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _print_cleaning(args: argparse.Namespace, results: list, files: list, layer: int, spec: str) -> None:
-    from icl_circuits.methods.cleaning_runs import summary_rows
+    from icl_circuits.methods.cleaning_task import summary_rows
     from icl_circuits.viz.report import Section, write_report
 
     table = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in summary_rows(results)]

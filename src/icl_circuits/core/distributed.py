@@ -4,7 +4,7 @@ Everything here is the identity in a single process (no `torch.distributed` grou
 no rank checks of their own.
 
 Multi-task experiments split their tasks over the ranks and write into ONE run directory: TVC over
-tasks (`cleaning_runs.run_cleaning`), circuits over tasks (`experiments.circuits.run_circuits`), the positive
+tasks (`experiments.clean.run_cleaning`), circuits over tasks (`experiments.circuits.run_circuits`), the positive
 steering heatmap's cells (`steering.positive_heatmap`), the detection sweep and the detector ->
 executor link (`detection.run_detectors`). The pattern:
 

@@ -90,7 +90,7 @@ def tvc(f: dict[str, Path]) -> tuple[str, str]:
 
 
 def _masses(f: dict[str, Path], role: str, token: str) -> tuple[str, str]:
-    from icl_circuits.methods.detection import MASS_TYPES, mean_masses
+    from icl_circuits.methods.masses import MASS_TYPES, mean_masses
 
     rows = [r for r in _json(f["detectors"] / "masses.json") if r["total_mass"] > 0]
     shares = {rl: mean_masses(rows, rl) for rl in (role, f"top_{role}") if any(r["role"] == rl for r in rows)}

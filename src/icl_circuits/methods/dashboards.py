@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from icl_circuits.methods.detection import MASS_TYPES
+from icl_circuits.methods.masses import MASS_TYPES
 from icl_circuits.core.model import LM
 from icl_circuits.data.prompts import TOKEN_TYPES, TYPE_ID, icl_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE

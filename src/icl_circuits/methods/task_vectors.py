@@ -7,7 +7,7 @@ metric is the NLL of the output's first n tokens, compared with the unsteered NL
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,4 +133,17 @@ def sweep_task(lm: LM, task: Task, layers: list[int], cfg: TaskVectorConfig) -> 
                 tv_norm=tv.norm().item(),
             )
         )
+    return rows
+
+
+def detection_sweep_task(lm: LM, task: Task, layers: Sequence[int], cfg: TaskVectorConfig) -> list[dict]:
+    """Per layer: relative loss decrease from adding the detection vector at the fake pair's output."""
+    icl, fake = icl_batch(lm, task, cfg), held_out_prompts(lm, task, cfg, "detection")
+    vecs = extract_detection_vectors(lm, icl, layers, batch_size=cfg.batch_size)
+    st = Steerer(lm, fake.batch, layers, cfg.n_score_tokens, fake.steer_at)
+    rows = []
+    for layer in layers:
+        s = st.evaluate(layer, vecs[layer])
+        rows.append(dict(task=task.name, layer=layer, fake_pair_nll=st.baseline.nll, fake_pair_accuracy=st.baseline.accuracy,
+                         steered_nll=s.nll, steered_accuracy=s.accuracy, relative_loss_decrease=st.relative_loss_decrease(s)))  # fmt: skip
     return rows

@@ -146,9 +146,6 @@ def run_compare(
     write_json(out / "compare.json", {"runs": results, "at_target_l0": rows})
     write_csv(out / "runs.csv", [_flat(r) for r in results])
     write_csv(out / "compare.csv", rows)
-    from icl_circuits.viz.plots import plot_sae_compare
-
-    plot_sae_compare(results, out / "compare")
     return rows
 
 

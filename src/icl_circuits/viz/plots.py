@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -204,6 +205,28 @@ def plot_layer_comparison(rows: list[dict], stem: str | Path) -> list[Path]:
     ax.set_ylabel("mean relative loss decrease vs. zero-shot")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def plot_latent_density(store: Any, stem: str | Path) -> list[Path]:
+    """Histograms of every SAE's latent firing densities and max activations in an ExampleStore."""
+    import numpy as np
+
+    tokens = max(store.progress()["tokens"], 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for s in store.saes():
+        table = store.latent_table(s["name"])
+        if table:
+            axes[0].hist(np.log10(np.array([r["n_fired"] / tokens for r in table])), bins=50, histtype="step", label=s["name"])
+            axes[1].hist([r["max_act"] for r in table], bins=50, histtype="step", label=s["name"])
+    axes[0].set_xlabel("log10 firing density (share of tokens)")
+    axes[1].set_xlabel("max activation")
+    for ax in axes:
+        ax.set_ylabel("latents")
+        ax.legend()
+    fig.suptitle(f"Latents on {tokens:,} corpus tokens")
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths

@@ -137,17 +137,12 @@ class ExampleStore(ReadOnlySQLite):
 
 
 def summarize_store(store: ExampleStore, out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Per-SAE summary rows, written as summary.csv, plus a plot of latent densities and max activations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from icl_circuits.core.storage import save_figure, write_csv
+    """Per-SAE summary rows (latents fired, median firing density, max activation), written as summary.csv.
+    The figure of the densities is `viz.plots.plot_latent_density`."""
+    from icl_circuits.core.storage import write_csv
 
     tokens = max(store.progress()["tokens"], 1)
     rows = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for s in store.saes():
         table = store.latent_table(s["name"])
         dens = np.array([r["n_fired"] / tokens for r in table])
@@ -156,17 +151,5 @@ def summarize_store(store: ExampleStore, out_dir: str | os.PathLike) -> list[dic
             "examples": store.count(s["name"]), "median_density": float(np.median(dens)) if len(dens) else 0.0,
             "max_act": max((r["max_act"] for r in table), default=0.0),
         })  # fmt: skip
-        if len(dens):
-            axes[0].hist(np.log10(dens), bins=50, histtype="step", label=s["name"])
-            axes[1].hist([r["max_act"] for r in table], bins=50, histtype="step", label=s["name"])
-    axes[0].set_xlabel("log10 firing density (share of tokens)")
-    axes[1].set_xlabel("max activation")
-    for ax in axes:
-        ax.set_ylabel("latents")
-        ax.legend()
-    fig.suptitle(f"Latents on {tokens:,} corpus tokens")
-    save_figure(fig, Path(out_dir) / "latent_density")
-    plt.close(fig)
     write_csv(Path(out_dir) / "summary.csv", rows)
     return rows
-

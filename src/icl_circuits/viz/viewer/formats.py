@@ -92,7 +92,7 @@ class TaskView:
     tv_features: list[EncodedFeature]  # largest |initial weight| first
     summary: dict[str, Any]  # the scalars of cleaning.json, named as its writer names them
     scores: dict[str, dict[str, float]]  # method -> l0, nll, accuracy, relative_loss_decrease
-    feature_effects: list[dict[str, float]]  # per cleaned feature (cleaning_runs.feature_effects)
+    feature_effects: list[dict[str, float]]  # per cleaned feature (methods.cleaning_task.feature_effects)
     curves: dict[str, list[Any]] = field(default_factory=dict)  # l0_history, train_loss, eval_loss (non-empty only)
 
     @classmethod
