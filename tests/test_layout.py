@@ -134,7 +134,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("methods/",)),
     ("viz", ("viz/",)),
     ("runs", ("experiments/task_vectors.py", "experiments/clean.py", "experiments/heatmap.py",
-              "experiments/detectors.py", "experiments/circuits.py")),
+              "experiments/detectors.py", "experiments/circuits.py", "experiments/sae_compare.py")),
     ("cli and reproduce", ("cli/", "experiments/")),  # reproduce's stages are CLI command lines; the CLI runs reproduce
 ]
 

@@ -128,7 +128,7 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
 
 def cmd_sae_compare(args: argparse.Namespace) -> int:
     from icl_circuits.sae.cache import HarvestRun
-    from icl_circuits.sae.compare import CompareConfig, run_compare, winner
+    from icl_circuits.experiments.sae_compare import CompareConfig, run_compare, winner
 
     specs = train_specs(args.sae, "--sae")
     if len(specs) != 1:
@@ -149,10 +149,6 @@ def cmd_sae_compare(args: argparse.Namespace) -> int:
     held = run.held_out_docs(lm)
     batches = eval_batches(lm, held, min(args.eval_ce_docs, len(held)), 128)
     rows = run_compare(lm, cfg, run.train, run.eval, batches, args.out, progress=not args.quiet)
-    from icl_circuits.core.storage import read_json
-    from icl_circuits.viz.plots import plot_sae_compare
-
-    plot_sae_compare(read_json(args.out / "compare.json")["runs"], args.out / "compare")  # the finished runs
     print(f"\n{'recipe':12s} {'L0':>5s} {'FVE':>6s} {'CE rec.':>7s} {'dead':>6s} {'tok/s':>7s} {'arrow':>6s} {'input':>6s} {'output':>6s}")
     for r in rows:
         print(f"{r['arch']:12s} {r['target_l0']:5d} {r['fve']:6.3f} {r['ce_loss_recovered']:7.3f} {r['dead_fraction']:6.3f} "

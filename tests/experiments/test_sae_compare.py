@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from icl_circuits.sae import compare as C
+from icl_circuits.experiments import sae_compare as C
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
 from icl_circuits.sae.training import SAESpec, TrainConfig, train_from_cache

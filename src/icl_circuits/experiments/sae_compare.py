@@ -27,6 +27,7 @@ from icl_circuits.sae.cache import ActivationCache
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.sae.evaluation import TOKEN_TYPES_SCORED as TYPES, evaluate_saes, held_out_stats, icl_rows, icl_stats
 from icl_circuits.sae.training import SAESpec, TrainConfig, cache_fingerprint, train_from_cache
+from icl_circuits.viz.plots import plot_sae_compare
 
 K_RECIPES = ("topk", "batchtopk", "matryoshka")
 PENALTY_RECIPES = ("gated", "relu", "jumprelu")
@@ -146,6 +147,7 @@ def run_compare(
     write_json(out / "compare.json", {"runs": results, "at_target_l0": rows})
     write_csv(out / "runs.csv", [_flat(r) for r in results])
     write_csv(out / "compare.csv", rows)
+    plot_sae_compare(results, out / "compare")
     return rows
 
 
