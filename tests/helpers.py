@@ -615,3 +615,19 @@ def detection_sae(lm, layer: int, d_sae: int = 10, seed: int = 0) -> JumpReLUSAE
     cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, input_scale=0.7, output_scale=0.7)
     return JumpReLUSAE(cfg, {"W_enc": torch.randn(lm.d_model, d_sae, generator=g), "W_dec": torch.randn(d_sae, lm.d_model, generator=g)})
 
+
+
+# -- a tiny llama with a word tokenizer and random documents (examples, activation stores, the device audit) -----
+
+
+def word_lm(words: list[str], family: str = "llama") -> LM:
+    """A tiny random model of `family` whose tokenizer knows exactly `words`."""
+    lm, _ = make_tiny(family)
+    lm.tokenizer = word_tokenizer(words)
+    return lm
+
+
+def random_docs(words: list[str], n: int = 30, max_words: int = 40, seed: int = 0) -> list[str]:
+    """n documents of 0..max_words random words: some shorter than min_tokens, some spanning several chunks."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(0, max_words))) for _ in range(n)]

@@ -25,7 +25,7 @@ from icl_circuits import Task, zero_shot_prompts
 from icl_circuits.cli import build_parser, main
 from icl_circuits.core.loading import DTYPES, resolve_device, resolve_dtype
 
-from tests.helpers import ANTONYMS, MANY, _lm, _sae, device_audit, make_tiny, tiny_saes, toy_batch, word_tokenizer
+from tests.helpers import ANTONYMS, MANY, _lm, _sae, device_audit, make_tiny, tiny_saes, toy_batch
 
 # -- 1. the CLI ---------------------------------------------------------------------------------
 
@@ -220,15 +220,9 @@ def test_entry_points_on_the_models_device_and_dtype(dtype, one_thread):
 
 
 def _examples_run(tmp_path: Path) -> None:
-    import random
+    from tests.helpers import EXAMPLE_WORDS, cli_examples_end_to_end, random_docs, word_lm
 
-    from tests.helpers import EXAMPLE_WORDS, cli_examples_end_to_end
-
-    lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(EXAMPLE_WORDS)
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(EXAMPLE_WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
-    cli_examples_end_to_end(lm, docs, tmp_path)  # `icl-circuits examples`
+    cli_examples_end_to_end(word_lm(EXAMPLE_WORDS), random_docs(EXAMPLE_WORDS), tmp_path)  # `icl-circuits examples`
 
 
 def _dashboards_run(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import sqlite3
 
 import pytest
@@ -12,8 +11,8 @@ from icl_circuits import Site
 from icl_circuits.methods.examples import ExampleConfig, ExampleStore, build_example_store, sample_keys
 from icl_circuits.sae.activations import token_batches
 
-from tests.helpers import EXAMPLE_WORDS as WORDS
-from tests.helpers import cli_examples_end_to_end, make_tiny, word_tokenizer
+from tests.helpers import EXAMPLE_WORDS as WORDS, random_docs, word_lm
+from tests.helpers import cli_examples_end_to_end
 from tests.helpers import example_sae as tiny_sae
 
 CFG = ExampleConfig(seq_len=12, batch_size=3, top_k=3, per_bin=2, max_bins=6, context_before=3, context_after=2,
@@ -22,15 +21,12 @@ CFG = ExampleConfig(seq_len=12, batch_size=3, top_k=3, per_bin=2, max_bins=6, co
 
 @pytest.fixture(scope="module")
 def lm():
-    lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(WORDS)
-    return lm
+    return word_lm(WORDS)
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
+    return random_docs(WORDS)
 
 
 def fmix_key(uid: int, latent: int, seed: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from icl_circuits.sae import cache as C
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
 
-from tests.helpers import make_tiny, word_tokenizer
+from tests.helpers import make_tiny, random_docs, word_lm
 
 torch.set_num_threads(1)
 
@@ -25,15 +24,12 @@ KW = {"seq_len": SEQ, "batch_size": BATCH, "shard_rows": SHARD, "progress": Fals
 
 @pytest.fixture(scope="module")
 def lm():
-    lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(WORDS)
-    return lm
+    return word_lm(WORDS)
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
+    return random_docs(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from icl_circuits import Site
 from icl_circuits.data.corpus import CorpusError, generated, skip_docs, text_files
 from icl_circuits.sae.activations import ActivationStore, held_out_batches, token_batches
 
-from tests.helpers import make_tiny, word_tokenizer
+from tests.helpers import make_tiny, random_docs, word_lm, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]  # 4 specials + 120 pieces < VOCAB
 SITES = [Site(0, "resid_mid"), Site(0, "mlp_out"), Site(1, "resid_mid"), Site(1, "mlp_out")]
@@ -22,16 +21,13 @@ SEQ, BATCH = 12, 3
 
 @pytest.fixture(scope="module")
 def lm():
-    lm, _ = make_tiny("llama")
-    lm.tokenizer = word_tokenizer(WORDS)
-    return lm
+    return word_lm(WORDS)
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
     """Random documents of 0..40 words: some shorter than min_tokens, some spanning several chunks."""
-    rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(30)]
+    return random_docs(WORDS)
 
 
 def _store(lm, docs, **kw) -> ActivationStore:
