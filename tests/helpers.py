@@ -145,10 +145,10 @@ def _setup(family: str = "gemma3"):
     return lm
 
 
-# -- from tests/test_steering.py ---------------------------------------------------------------------------------
+# -- steering: a tiny model with the prompt words -------------------------------------------------------------------------------
 
-def _steering_setup(family: str = "gemma3"):
-    """test_steering.py's _setup: as _setup, with "X" and "Y" in the vocabulary too."""
+def steering_lm(family: str = "gemma3"):
+    """A tiny model whose tokenizer knows the prompt words, "X" and "Y" (fake pairs) and the antonym / upper-case pairs."""
     lm, _ = make_tiny(family)
     words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
     lm.tokenizer = word_tokenizer(words)
@@ -599,14 +599,6 @@ def device_audit(check: bool = True) -> Iterator[FactoryAudit]:
 
 
 # -- from tests/methods/test_link.py (masses, frozen attention, the link) --------------------------------------
-
-
-def detection_lm(family: str = "gemma3") -> LM:
-    """A tiny model with a word tokenizer over the antonym / upper-case pairs and the prompt words."""
-    lm, _ = make_tiny(family)
-    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
 
 
 def detection_sae(lm, layer: int, d_sae: int = 10, seed: int = 0) -> JumpReLUSAE:

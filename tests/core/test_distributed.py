@@ -35,7 +35,7 @@ def _heatmap(out: Path):  # noqa: ANN202
 
     from tests.helpers import ANTONYMS, UPPER
     from tests.helpers import _steering_sae as steering_sae
-    from tests.helpers import _steering_setup as _setup
+    from tests.helpers import steering_lm as _setup
 
     lm = _setup()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]

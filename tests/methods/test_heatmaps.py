@@ -23,7 +23,7 @@ from icl_circuits.viz.steering_plots import heatmap_figures
 
 from tests.helpers import ANTONYMS, UPPER
 from tests.helpers import _steering_sae as _sae
-from tests.helpers import _steering_setup as _setup
+from tests.helpers import steering_lm as _setup
 
 
 def test_normalisation_matches_hand_worked_example():

@@ -14,7 +14,7 @@ from icl_circuits.methods.negative import PAPER_NEGATIVE_SCALES, NegativeConfig,
 
 from tests.helpers import ANTONYMS, UPPER
 from tests.helpers import _steering_sae as _sae
-from tests.helpers import _steering_setup as _setup
+from tests.helpers import steering_lm as _setup
 
 
 def test_negative_steering_picks_smallest_scale_reaching_the_drop():

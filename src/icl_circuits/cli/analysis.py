@@ -27,7 +27,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         from icl_circuits.methods.heatmaps import HeatmapResult
         from icl_circuits.core.storage import read_json
 
-        positive = HeatmapResult.from_dict(read_json(args.positive))
+        positive = HeatmapResult.from_dict(read_json(args.positive), str(args.positive))
     lm = load_lm(args)
     out = run_heatmap(lm, args.results, args.out, args.figures, args.name, tasks, args.top_k, overrides,
                       floor=args.floor, min_effect=args.min_effect, negative=negative, all_rows=args.all_rows,

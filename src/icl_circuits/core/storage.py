@@ -69,6 +69,33 @@ def read_json(path: str | os.PathLike) -> Any:
         raise BadFile(f"{path}: is a folder, expected a JSON file") from None
 
 
+# Result files that a viewer, the claims or a later stage read carry "schema": "<kind>/<version>". A reader
+# refuses a file of another kind or of a newer version; a file without the key predates the stamps (version 1).
+RESULT_VERSIONS: dict[str, int] = {"cleaning": 1, "heatmap": 1, "negative": 1, "link": 1, "faithfulness": 1, "cross_task": 1}
+
+
+def stamp(kind: str, d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with its schema stamp first (see RESULT_VERSIONS)."""
+    return {"schema": f"{kind}/{RESULT_VERSIONS[kind]}", **d}
+
+
+def check_schema(kind: str, d: Any, where: str = "") -> dict[str, Any]:
+    """`d` without its stamp, after checking that it is a `kind` result this version can read (BadFile if not)."""
+    where = where or f"a {kind} result"
+    if not isinstance(d, dict):
+        raise BadFile(f"{where}: expected a JSON object (a {kind} result), got {type(d).__name__}")
+    d = dict(d)
+    s = d.pop("schema", None)
+    if s is None:
+        return d  # written before the stamps: version 1
+    got, _, version = str(s).partition("/")
+    if got != kind:
+        raise BadFile(f"{where}: holds a {got} result, not a {kind} result")
+    if not version.isdigit() or int(version) > RESULT_VERSIONS[kind]:
+        raise BadFile(f"{where}: {kind} result version {version!r}; this icl-circuits reads up to version {RESULT_VERSIONS[kind]}")
+    return d
+
+
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     buf = io.StringIO()
     if rows:

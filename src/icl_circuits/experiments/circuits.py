@@ -196,12 +196,12 @@ def _read_cross_task(path: Path, tasks: list[str]) -> CrossTask | None:
     (a resume with fewer or reordered tasks finds every task finished yet must not reuse it)."""
     if not path.is_file():
         return None
-    ct = CrossTask(**read_json(path))
+    ct = CrossTask.from_dict(read_json(path), str(path))
     return ct if ct.tasks == tasks else None
 
 
 def _read_curve(path: Path) -> FaithfulnessCurve:
-    return FaithfulnessCurve.from_dict(read_json(path))
+    return FaithfulnessCurve.from_dict(read_json(path), str(path))
 
 
 def _read_csv(path: Path) -> list[dict]:

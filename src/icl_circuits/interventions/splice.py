@@ -22,7 +22,7 @@ The splice is an `Intervention` (mode 'fn'): pass it to `LM.run(interventions=[.
 holds what the SAE saw there: `latents`, `error` (computed on first use), `latent_leaf`, `error_leaf`.
 
 Used by sae/evaluation.py (CE loss recovered), methods/circuits/spliced.py (the spliced model of faithfulness
-and IE quality), methods/circuits/edges.py (edge effects) and detection.py (latent ablation of the detector ->
+and IE quality), methods/circuits/edges.py (edge effects) and methods/link.py (latent ablation of the detector ->
 executor link).
 """
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from icl_circuits.data.prompts import N_SCORE_TOKENS, SETTINGS
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.core.sites import Site, same_site
-from icl_circuits.core.storage import atomic_write_bytes, read_json, write_json
+from icl_circuits.core.storage import atomic_write_bytes, check_schema, read_json, stamp, write_json
 from icl_circuits.interventions.steer import Score, Steerer
 
 INITS: tuple[str, ...] = ("auto", "encode_mean", "mean_encode", "ito")
@@ -131,7 +131,7 @@ class CleaningResult:
         d["initial_l0"] = len(self.initial_features)
         d["start_l0"] = len(self.initial_features) if self.start_weights is None else int((self.start_weights > 0).sum())
         d["collapsed"] = self.collapsed
-        return d
+        return stamp("cleaning", d)
 
     def save(self, folder: str | Path) -> Path:
         """Write cleaning.safetensors, then cleaning.json (the json's presence marks a complete result)."""
@@ -152,7 +152,7 @@ def load_cleaning(folder: str | Path) -> CleaningResult:
     folder = Path(folder)
     if not (folder / "cleaning.json").is_file() or not (folder / "cleaning.safetensors").is_file():
         raise FileNotFoundError(f"{folder}: no cleaning.json + cleaning.safetensors (not a cleaning result)")
-    d = read_json(folder / "cleaning.json")
+    d = check_schema("cleaning", read_json(folder / "cleaning.json"), str(folder / "cleaning.json"))
     t = load_file(str(folder / "cleaning.safetensors"))
     d.pop("features", None)
     d.pop("initial_l0", None)

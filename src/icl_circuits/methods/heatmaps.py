@@ -24,7 +24,7 @@ import torch
 from icl_circuits.core.distributed import is_main, merge_across_ranks, my_share
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import read_json, write_json
+from icl_circuits.core.storage import check_schema, read_json, stamp, write_json
 from icl_circuits.data.prompts import N_SCORE_TOKENS, eval_prompts
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import Steerer, feature_directions
@@ -135,16 +135,17 @@ class HeatmapResult:
         return in_tv.reshape(len(self.tasks), len(self.features)), kept.reshape(len(self.tasks), len(self.features))
 
     def to_dict(self) -> dict:
-        return dict(
+        return stamp("heatmap", dict(
             tasks=self.tasks, features=self.features, raw=self.raw.tolist(), scales=self.scales,
             owners={str(k): v for k, v in self.owners.items()},
             in_task_vector={str(k): v for k, v in self.in_task_vector.items()},
             baselines=self.baselines, grid={t: {str(f): v for f, v in g.items()} for t, g in self.grid.items()},
             config=self.config, shared_scale=self.shared_scale,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeatmapResult":
+    def from_dict(cls, d: dict, where: str = "") -> "HeatmapResult":
+        d = check_schema("heatmap", d, where)
         return cls(
             d["tasks"], [int(f) for f in d["features"]], torch.tensor(d["raw"]).reshape(len(d["tasks"]), len(d["features"])),
             [float(s) for s in d["scales"]], {int(k): v for k, v in d["owners"].items()},

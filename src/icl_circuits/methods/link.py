@@ -20,7 +20,7 @@ from icl_circuits.core.distributed import is_main, merge_across_ranks, my_share,
 from icl_circuits.core.frozen_attention import FrozenAttention
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Intervention, Site
-from icl_circuits.core.storage import canonical, diff_keys, fingerprint, read_json, write_json
+from icl_circuits.core.storage import canonical, check_schema, diff_keys, fingerprint, read_json, stamp, write_json
 from icl_circuits.data.prompts import TYPE_ID, PromptBatch
 from icl_circuits.interventions.splice import splice
 from icl_circuits.sae.dictionary import JumpReLUSAE
@@ -76,8 +76,16 @@ class LinkResult:
     config: dict
 
     def to_dict(self) -> dict:
-        return dict(detector_tasks=self.detector_tasks, executor_tasks=self.executor_tasks, detectors=self.detectors,
-                    executors=self.executors, drop=self.drop.tolist(), n_active=self.n_active.tolist(), config=self.config)  # fmt: skip
+        return stamp("link", dict(detector_tasks=self.detector_tasks, executor_tasks=self.executor_tasks, detectors=self.detectors,
+                     executors=self.executors, drop=self.drop.tolist(), n_active=self.n_active.tolist(), config=self.config))  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "LinkResult":
+        d = check_schema("link", d, where)
+        shape = (len(d["detector_tasks"]), len(d["executor_tasks"]))
+        return cls(d["detector_tasks"], d["executor_tasks"], {t: int(f) for t, f in d["detectors"].items()},
+                   {t: int(f) for t, f in d["executors"].items()}, torch.tensor(d["drop"]).reshape(shape),
+                   torch.tensor(d["n_active"]).reshape(shape), d["config"])  # fmt: skip
 
 
 def _executor_acts(sae: JumpReLUSAE, x: torch.Tensor, feats: list[int]) -> torch.Tensor:
@@ -222,7 +230,7 @@ def top_features(results_dir: str | Path, heatmap_json: str | Path | None, tasks
     sets, _ = load_feature_sets(results_dir, tasks)
     out = {}
     if heatmap_json and Path(heatmap_json).is_file():
-        hm = HeatmapResult.from_dict(read_json(heatmap_json))
+        hm = HeatmapResult.from_dict(read_json(heatmap_json), str(heatmap_json))
         for t, fs in sets.items():
             if fs.features and t in hm.tasks:
                 try:

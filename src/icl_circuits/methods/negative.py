@@ -24,7 +24,7 @@ import torch
 from icl_circuits.core.adapters import logit_softcap
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import read_json, write_json
+from icl_circuits.core.storage import check_schema, read_json, stamp, write_json
 from icl_circuits.data.prompts import PromptBatch
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import add_vectors, feature_directions
@@ -78,8 +78,14 @@ class NegativeResult:
     config: dict
 
     def to_dict(self) -> dict:
-        return dict(tasks=self.tasks, features=self.features, drop=self.drop.tolist(), scales=self.scales,
-                    baseline_accuracy=self.baseline_accuracy, owners={str(k): v for k, v in self.owners.items()}, config=self.config)
+        return stamp("negative", dict(tasks=self.tasks, features=self.features, drop=self.drop.tolist(), scales=self.scales,
+                     baseline_accuracy=self.baseline_accuracy, owners={str(k): v for k, v in self.owners.items()}, config=self.config))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "NegativeResult":
+        d = check_schema("negative", d, where)
+        return cls(d["tasks"], [int(f) for f in d["features"]], torch.tensor(d["drop"]).reshape(len(d["tasks"]), len(d["features"])),
+                   [float(s) for s in d["scales"]], d["baseline_accuracy"], {int(k): v for k, v in d["owners"].items()}, d["config"])
 
 
 _BF16_EPS = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from icl_circuits.core.storage import check_schema, stamp
 from icl_circuits.methods.circuits.faithfulness_curves import (
     FaithfulnessCurve,
     circuit_order,
@@ -28,7 +29,12 @@ class CrossTask:
     #                                                         circuit (every candidate node) was ablated instead
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return stamp("cross_task", asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "CrossTask":
+        d = check_schema("cross_task", d, where)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def cross_task_ablation(

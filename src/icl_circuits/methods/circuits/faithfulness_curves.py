@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from icl_circuits.core.storage import check_schema, stamp
 from icl_circuits.methods.circuits.config import DEFAULT_SIZES, ERROR
 from icl_circuits.methods.circuits.nodes import NodeEffects, ranking
 from icl_circuits.methods.circuits.spliced import SplicedModel, check_same_nodes, faithfulness
@@ -42,11 +43,12 @@ class FaithfulnessCurve:
         return [faithfulness(m, self.m_full, self.m_empty) for m in self.m_M]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "faith_C": self.faith_C, "faith_M": self.faith_M}
+        return stamp("faithfulness", {**asdict(self), "faith_C": self.faith_C, "faith_M": self.faith_M})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FaithfulnessCurve":
+    def from_dict(cls, d: dict, where: str = "") -> "FaithfulnessCurve":
         """The inverse of to_dict: derived keys (faith_C, faith_M, nodes_for_target) are recomputed or dropped."""
+        d = check_schema("faithfulness", d, where)
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -125,7 +125,7 @@ class RunData:
         elif p.name == GRAPH_FILE:
             self.circuits.append(self._circuit(p, obj, len(self.circuits)))
         elif p.name == HEATMAP_FILE:
-            self.heatmaps.append(HeatmapView.from_result(HeatmapResult.from_dict(obj), self.rel(p), p.stem))
+            self.heatmaps.append(HeatmapView.from_result(HeatmapResult.from_dict(obj, str(p)), self.rel(p), p.stem))
 
     def _add_task(self, task: TaskView) -> None:
         same = [t for t in self.tasks.values() if t.task == task.task]
