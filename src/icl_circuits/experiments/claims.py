@@ -272,6 +272,14 @@ def _md_cell(x: Any) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it lies inside it (reports do not name the machine's folders)."""
+    try:
+        return Path(path).absolute().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple[list[dict], Path]:
     """<docs>/report.md and report.html: the claims table first, then each stage's figures, the tasks and wall times."""
     from icl_circuits.viz.report import Section, write_report
@@ -285,7 +293,8 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
     statuses = {s.name: s.status for s in result.stages}
     from icl_circuits.experiments.reproduce import _cosmetic
 
-    commands = {s.name: "icl-circuits " + " ".join(_cosmetic(s.argv)) for s in result.stages}
+    out = _shown(Path(result.out))  # the run folder as the user would type it (relative to the working folder)
+    commands = {s.name: "icl-circuits " + " ".join(_cosmetic(s.argv)).replace(str(result.out), out) for s in result.stages}
     rows = judge_all(folders, statuses)
     write_json(docs / "claims.json", rows)
     save_manifest(result, recipe, tasks, cfg)
@@ -295,7 +304,7 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
 
     md = [f"# {recipe.title}", "",
           f"Model `{cfg.model}`, recipe `{recipe.path.name}` (digest {recipe.digest}), seed {cfg.seed}, {cfg.device}/{cfg.dtype}. "
-          f"Made by `icl-circuits reproduce --recipe {cfg.recipe} --out {result.out}`; every row names the stage whose command "
+          f"Made by `icl-circuits reproduce --recipe {cfg.recipe} --out {out}`; every row names the stage whose command "
           "made it (the commands are listed below and in manifest.json).", "",
           "## Claims", "",
           "| claim | where in the paper | paper (Gemma 1 2B) | ours | holds? | rule | stage |", "|---|---|---|---|---|---|---|"]  # fmt: skip
