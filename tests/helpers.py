@@ -546,7 +546,7 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("sae/trainers/gated.py", "_arch_params"): "as SAETrainer.__init__",
     # result tables built from Python floats of finished runs (JSON), for figures and CSVs
     ("methods/heatmaps.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
-    ("methods/negative.py", "negative_steering"): "drop table from the run's JSON state",
+    ("methods/negative.py", "_negative_rounds"): "drop table from the run's saved progress (Python floats)",
     ("methods/heatmaps.py", "marks"): "bool marks of the heatmap figure",
     ("viz/steering_plots.py", "plot_negative"): "marks of the figure",
     ("methods/heatmaps.py", "from_dict"): "a heatmap read back from JSON",

@@ -81,6 +81,11 @@ def test_link_default_is_the_authors_clipped_direction_ablation(tmp_path, monkey
     monkeypatch.setattr("icl_circuits.methods.link.link_on_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = detector_executor_link(lm, tasks, {"ant": 2, "upper": 6}, {"ant": 1, "upper": 8}, det, ex, cfg, out_dir=tmp_path, progress=False)
     assert torch.equal(again.drop, res.drop)
+    assert len((tmp_path / "link_progress.jsonl").read_text().splitlines()) == 1 + len(tasks)  # header + a line per task
+    for other in (dict(detectors={"ant": 3, "upper": 6}), dict(det_sae=detection_sae(lm, 0, seed=5)), dict(cfg=LinkConfig(multiple=10.0))):
+        kw = dict(detectors={"ant": 2, "upper": 6}, executors={"ant": 1, "upper": 8}, det_sae=det, exec_sae=ex, cfg=cfg) | other
+        with pytest.raises(ValueError, match="other settings"):  # never served the saved result
+            detector_executor_link(lm, tasks, out_dir=tmp_path, progress=False, **kw)
 
 
 def test_link_zero_ablation_option_matches_manual_frozen_ablation():

@@ -10,7 +10,7 @@ import torch
 from icl_circuits import Task, icl_prompts
 from icl_circuits.interventions.steer import Steerer, feature_directions
 from icl_circuits.methods.heatmaps import FeatureSet
-from icl_circuits.methods.negative import PAPER_NEGATIVE_SCALES, NegativeConfig, negative_steering, paper_negative_scales
+from icl_circuits.methods.negative import PAPER_NEGATIVE_SCALES, ArrowAccuracy, NegativeConfig, negative_steering, paper_negative_scales
 
 from tests.helpers import ANTONYMS, UPPER
 from tests.helpers import _steering_sae as _sae
@@ -123,8 +123,30 @@ def test_negative_steering_matches_slow_direct_computation(family, tmp_path):
     assert other.scales == res.scales and torch.equal(other.drop, res.drop)
     again = negative_steering(lm, tasks, sets, sae, replace(cfg, vectors_per_pass=2), out_dir=tmp_path, progress=False)
     assert again.scales == res.scales and torch.equal(again.drop, res.drop)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="other settings.*min_drop"):
         negative_steering(lm, tasks, sets, sae, replace(cfg, min_drop=0.2), out_dir=tmp_path, progress=False)
+    other_sae = _sae(lm, layer=1, seed=1)  # same feature numbers, another SAE: never served the saved result
+    with pytest.raises(ValueError, match="other settings.*sae"):
+        negative_steering(lm, tasks, sets, other_sae, cfg, out_dir=tmp_path, progress=False)
+
+
+def test_negative_steering_resume_redoes_no_finished_feature(tmp_path, monkeypatch):
+    lm = _taught("gemma3")
+    sae = _sae(lm, layer=1)
+    tasks = [Task("up", tuple(UPPER)), Task("ant", tuple(ANTONYMS))]
+    sets = {"up": FeatureSet("up", [3, 5]), "ant": FeatureSet("ant", [7])}
+    cfg = NegativeConfig(layer=1, n_prompts=3, n_shots=3, scales=(0.5, 8.0), min_drop=0.1)
+    first = negative_steering(lm, tasks, sets, sae, cfg, out_dir=tmp_path, progress=False)
+    lines = (tmp_path / "negative_progress.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 3  # the header, then one line per feature
+    # an interrupted run: the last feature's line is lost; the resume computes that feature only
+    (tmp_path / "negative_progress.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    seen = []
+    real = ArrowAccuracy.accuracy
+    monkeypatch.setattr(ArrowAccuracy, "accuracy", lambda self, v: seen.append(len(v)) or real(self, v))
+    again = negative_steering(lm, tasks, sets, sae, cfg, out_dir=tmp_path, progress=False)
+    assert seen and max(seen) == 1  # one feature's vector per call: the two finished ones were read back
+    assert again.scales == first.scales and torch.equal(again.drop, first.drop)
 
 
 def test_argmax_check_agrees_with_full_argmax_on_large_vocab_and_ties():

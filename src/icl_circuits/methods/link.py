@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from icl_circuits.core.distributed import is_main, merge_across_ranks, my_share, open_shared
+from icl_circuits.core.distributed import main_first, merge_across_ranks, my_share, open_shared
 from icl_circuits.core.frozen_attention import FrozenAttention
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Intervention, Site
-from icl_circuits.core.storage import canonical, check_schema, diff_keys, fingerprint, read_json, stamp, write_json
+from icl_circuits.core.storage import AppendLog, canonical, check_schema, fingerprint, read_json, stamp
 from icl_circuits.data.prompts import TYPE_ID, PromptBatch
 from icl_circuits.interventions.splice import splice
-from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 
 
 def latent_ablation(sae: JumpReLUSAE, features: Sequence[int], positions: torch.Tensor) -> Intervention:
@@ -105,7 +105,8 @@ def detector_executor_link(
     the detector layer with the detector ablated (see LinkConfig) and those patterns frozen. Drop =
     clip(1 - ablated / clean, 0, 1) at `measure_at` positions where the executor was active on the clean
     run, averaged over all such positions of all prompt tasks. A detector that never fires on a batch
-    (mean activation < 1e-6) is skipped there, as the authors did. Resumes from out_dir/link_progress.json.
+    (mean activation < 1e-6) is skipped there, as the authors did. With out_dir, resumes through a RunDir there
+    (a line of link_progress.jsonl per prompt task; a rerun under other settings, features, SAEs or model is refused).
     """
     from icl_circuits.methods.task_vectors import TaskVectorConfig
 
@@ -124,29 +125,21 @@ def detector_executor_link(
     e_feats = [int(executors[t]) for t in e_tasks]
     if any(not 0 <= f < exec_sae.d_sae for f in e_feats):
         raise ValueError(f"executor features {e_feats} outside 0..{exec_sae.d_sae - 1}")
-    path = Path(out_dir) / "link_progress.json" if out_dir else None
     key = canonical(dict(config=cfg.to_dict(), detectors=detectors, executors=executors))
-    state: dict[str, Any] = {**key, "done": {}}
-    run = None
-    if path:  # one writer; the SAEs and model are part of the run's identity too
-        from icl_circuits.sae.dictionary import sae_digest
-
-        ident = dict(**key, model=lm.name, saes=[sae_digest(det_sae), sae_digest(exec_sae)])
-        run = open_shared(path.parent, ident, kind="detector-executor link", name="link_run")  # (torchrun: all ranks)
-    if path and path.is_file():
-        saved = read_json(path)
-        diffs = diff_keys({k: saved.get(k) for k in key}, key)
-        if diffs:
-            raise ValueError(f"{path} was written with another config / feature choice ({'; '.join(diffs)}); use a new --out or delete it")
-        state = saved
     unit = {t.name: fingerprint(key, lm.name, t.digest) for t in tasks}  # content key of each prompt task
+    run, log = None, None
+    if out_dir is not None:  # one writer; the SAEs and the model are part of the run's identity too
+        ident = dict(**key, model=lm.name, saes=[sae_digest(det_sae), sae_digest(exec_sae)])
+        run = open_shared(Path(out_dir), ident, kind="detector-executor link", name="link_run")  # (torchrun: all ranks)
+        log = main_first(lambda: run.log("link_progress.jsonl"))  # rank 0 creates or repairs it first
+    state: dict[str, Any] = dict(log.done) if log is not None else {}  # unit -> {task, sums, counts}
     tv_cfg = TaskVectorConfig(n_prompts=cfg.n_prompts, n_shots=cfg.n_shots, seed=cfg.seed)
     try:
-        _link_tasks(lm, tasks, d_tasks, detectors, e_feats, det_sae, exec_sae, cfg, tv_cfg, state, unit, path, progress)
+        _link_tasks(lm, tasks, d_tasks, detectors, e_feats, det_sae, exec_sae, cfg, tv_cfg, state, unit, log, progress)
     finally:
         if run is not None:
             run.close()
-    done = [state["done"][unit[t.name]] for t in tasks]
+    done = [state[unit[t.name]] for t in tasks]
     sums = sum(torch.tensor(v["sums"]) for v in done)
     counts = sum(torch.tensor(v["counts"]) for v in done)
     drop = sums / counts.clamp_min(1)  # [D, E]
@@ -156,24 +149,23 @@ def detector_executor_link(
 
 def _link_tasks(
     lm: LM, tasks: Sequence[Any], d_tasks: list[str], detectors: dict[str, int], e_feats: list[int], det_sae: JumpReLUSAE,
-    exec_sae: JumpReLUSAE, cfg: LinkConfig, tv_cfg: Any, state: dict[str, Any], unit: dict[str, str], path: Path | None, progress: bool,
+    exec_sae: JumpReLUSAE, cfg: LinkConfig, tv_cfg: Any, state: dict[str, Any], unit: dict[str, str], log: AppendLog | None, progress: bool,
 ) -> None:  # fmt: skip
     from tqdm.auto import tqdm
 
     from icl_circuits.methods.task_vectors import icl_batch
 
     # under torchrun: this rank's share of *all* tasks (the same on every rank, whatever each read from disk)
-    for task in tqdm([t for t in my_share(tasks) if unit[t.name] not in state["done"]], desc="detector->executor", disable=not progress):
+    for task in tqdm([t for t in my_share(tasks) if unit[t.name] not in state], desc="detector->executor", disable=not progress):
         icl = icl_batch(lm, task, tv_cfg)
         d_feats = [int(detectors[t]) for t in d_tasks]
         unique = list(dict.fromkeys(d_feats))  # tasks often share a detector: ablate each feature once
         sums, counts = link_on_batch(lm, icl, unique, e_feats, det_sae, exec_sae, cfg)
         rows = [unique.index(f) for f in d_feats]
-        state["done"][unit[task.name]] = {"task": task.name, "sums": sums[rows].tolist(), "counts": counts[rows].tolist()}
-        if path and is_main():  # under torchrun rank 0 saves its progress; the rest after the merge
-            write_json(path, state)
-    if merge_across_ranks(state["done"]) and path and is_main():  # every rank's tasks
-        write_json(path, state)
+        state[unit[task.name]] = {"task": task.name, "sums": sums[rows].tolist(), "counts": counts[rows].tolist()}
+        if log is not None:  # under torchrun every rank appends whole lines to the same log
+            log.add(unit[task.name], state[unit[task.name]])
+    merge_across_ranks(state)  # every rank's tasks
 
 
 def _positions(batch: PromptBatch, where: str) -> torch.Tensor:

@@ -24,12 +24,12 @@ import torch
 from icl_circuits.core.adapters import logit_softcap
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import check_schema, read_json, stamp, write_json
+from icl_circuits.core.storage import AppendLog, RunDir, check_schema, stamp
 from icl_circuits.data.prompts import PromptBatch
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import add_vectors, feature_directions
 from icl_circuits.methods.heatmaps import FeatureSet, _jsonable, log_grid
-from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 
 PAPER_SCALE = 15.0  # the paper's shared steering scale (Gemma 1 2B)
 PAPER_NEGATIVE_SCALES = log_grid(1.0, 10**1.5, 50)  # the authors' negative-steering scales, np.logspace(0, 1.5, 50)
@@ -235,12 +235,10 @@ def negative_steering(
     Scales are tried in ascending order; a feature stops at the first one that lowers accuracy by
     >= min_drop on some task (or the largest). Features advance together, one scale per round, so a
     forward pass carries several of them and no scale past a feature's stopping one is evaluated.
-    Resumes from out_dir/negative_progress.json (saved after every round).
+    With out_dir, resumes through a RunDir there (name 'negative_run': its config holds the settings but the speed-only
+    pass sizes, the features, the tasks' content, the model and the SAE's digest): each finished feature is a line of
+    negative_progress.jsonl, so a rerun under other settings is refused and an interrupted one redoes no finished feature.
     """
-    from tqdm.auto import tqdm
-
-    from icl_circuits.data.prompts import icl_prompts
-
     names = [t.name for t in tasks]
     owners: dict[int, list[str]] = {}
     for n in names:
@@ -254,16 +252,28 @@ def negative_steering(
     if cfg.scales is None:
         raise ValueError("NegativeConfig.scales is None: give scales, e.g. paper_negative_scales(shared_scale)")
     directions = feature_directions(sae, features)  # [n_features, d_model], unit norm
-    path = Path(out_dir) / "negative_progress.json" if out_dir else None
-    state: dict[str, Any] = {"config": _jsonable(cfg.to_dict()), "features": features, "done": {}}
-    if path and path.is_file():
-        saved = read_json(path)
-        same = {k: v for k, v in saved.get("config", {}).items() if k not in _SPEED_ONLY} == {
-            k: v for k, v in state["config"].items() if k not in _SPEED_ONLY
-        }  # fmt: skip
-        if not same or saved.get("features") != features:
-            raise ValueError(f"{path} was written with another config or feature list; use a new --out or delete it")
-        state = {**saved, "config": state["config"]}
+    run, log = None, None
+    if out_dir is not None:
+        header = dict(config={k: v for k, v in _jsonable(cfg.to_dict()).items() if k not in _SPEED_ONLY}, features=features,
+                      tasks={t.name: t.digest for t in tasks}, model=lm.name, sae=sae_digest(sae))  # fmt: skip
+        run = RunDir(out_dir, header, kind="negative steering", name="negative_run")
+        log = run.log("negative_progress.jsonl")
+    done: dict[str, Any] = dict(log.done) if log is not None else {}  # feature -> {scale, drop}
+    try:
+        return _negative_rounds(lm, tasks, names, features, owners, directions, cfg, done, log, progress)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _negative_rounds(
+    lm: LM, tasks: Sequence[Any], names: list[str], features: list[int], owners: dict[int, list[str]], directions: torch.Tensor,
+    cfg: NegativeConfig, done: dict[str, Any], log: AppendLog | None, progress: bool,
+) -> NegativeResult:  # fmt: skip
+    """negative_steering's rounds: every unfinished feature one scale further per round, until each has its scale."""
+    from tqdm.auto import tqdm
+
+    from icl_circuits.data.prompts import icl_prompts
 
     check = ArgmaxCheck(lm)
     evals: dict[str, ArrowAccuracy] = {}
@@ -272,7 +282,7 @@ def negative_steering(
         batch = icl_prompts(lm.tokenizer, train, cfg.n_prompts, cfg.n_shots, seed=cfg.seed)
         evals[task.name] = ArrowAccuracy(lm, batch, cfg.layer, check, cfg.prompts_per_pass, cfg.vectors_per_pass)
     base = {n: e.baseline for n, e in evals.items()}
-    step = {i: 0 for i, f in enumerate(features) if str(f) not in state["done"]}  # feature index -> index of its next scale
+    step = {i: 0 for i, f in enumerate(features) if str(f) not in done}  # feature index -> index of its next scale
     bar = tqdm(total=len(features), initial=len(features) - len(step), desc="negative steering", disable=not progress)
     while step:
         todo = list(step)
@@ -282,13 +292,13 @@ def negative_steering(
             scale = cfg.scales[step[i]]
             drops = [base[n] - float(acc[n][j]) for n in names]
             if max(drops) >= cfg.min_drop or step[i] == len(cfg.scales) - 1:
-                state["done"][str(features[i])] = {"scale": scale, "drop": drops}
+                done[str(features[i])] = {"scale": scale, "drop": drops}
+                if log is not None:
+                    log.add(str(features[i]), done[str(features[i])])
                 del step[i]
                 bar.update()
             else:
                 step[i] += 1
-        if path:
-            write_json(path, state)
     bar.close()
-    drop = torch.tensor([[state["done"][str(f)]["drop"][t] for f in features] for t in range(len(names))])
-    return NegativeResult(names, features, drop, [state["done"][str(f)]["scale"] for f in features], base, owners, cfg.to_dict())
+    drop = torch.tensor([[done[str(f)]["drop"][t] for f in features] for t in range(len(names))])
+    return NegativeResult(names, features, drop, [done[str(f)]["scale"] for f in features], base, owners, cfg.to_dict())
