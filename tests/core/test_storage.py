@@ -18,7 +18,8 @@ def _results() -> dict[str, object]:
                                  {5: ["b"]}, {"a": 1.5, "b": 2.5}, {"a": {3: [0.1, 0.2]}}, {"layer": 1}, 2.0),
         "negative": NegativeResult(["a"], [3, 5], torch.tensor([[0.2, 0.0]]), [1.0, 2.0], {"a": 0.75}, {3: ["a"]}, {"layer": 1}),
         "link": LinkResult(["a", "b"], ["a"], {"a": 1, "b": 2}, {"a": 7}, torch.tensor([[0.5], [0.0]]), torch.tensor([[3.0], [0.0]]), {"multiple": 50}),
-        "cross_task": CrossTask(["a", "b"], [[0.0, -0.5], [-0.25, 0.0]], 0.3, {"a": True, "b": False}),
+        "cross_task": CrossTask(tasks=["a", "b"], n_ablated={"a": 4, "b": None}, change=[[0.0, -0.5], [-0.25, 0.0]], target=0.3,
+                                reached={"a": True, "b": False}),
         "faithfulness": FaithfulnessCurve(task="a", sizes=[1, 2], m_C=[1.0, 2.0], m_M=[2.0, 1.0], m_full=2.0, m_empty=0.0,
                                           n_error_nodes=[0, 0], n_nonzero=2),
     }  # fmt: skip

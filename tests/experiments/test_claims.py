@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from icl_circuits.experiments import claims
+from icl_circuits.methods.circuits import CrossTask
+from icl_circuits.methods.link import LinkResult
+from icl_circuits.methods.negative import NegativeResult
 
 
 def _write(path: Path, obj: object) -> None:
@@ -37,19 +42,20 @@ def test_tvc_needs_all_three_conditions_per_task(tmp_path: Path):
 
 
 def test_negative_counts_features_whose_worst_task_is_their_own(tmp_path: Path):
-    neg = dict(tasks=["a", "b", "c"], features=[7, 8], owners={"7": ["a"], "8": ["a"]},
-               drop=[[0.5, 0.1], [0.2, 0.3], [0.0, 0.0]])  # feature 7 hurts a most (own); 8 hurts b most (not own)
-    _write(tmp_path / "h" / "negative.json", neg)
+    neg = NegativeResult(["a", "b", "c"], [7, 8], torch.tensor([[0.5, 0.1], [0.2, 0.3], [0.0, 0.0]]), [1.0, 2.0],
+                         {"a": 0.9, "b": 0.8, "c": 0.7}, {7: ["a"], 8: ["a"]}, {})  # 7 hurts a most (own); 8 hurts b most (not own)
+    _write(tmp_path / "h" / "negative.json", neg.to_dict())
     assert claims.negative({"negative_steering": tmp_path / "h"}) == ("1 of 2 executors hurt their own task most", "partly")
 
 
 def test_link_needs_a_large_own_drop_for_yes(tmp_path: Path):
-    link = dict(detector_tasks=["a", "b"], executor_tasks=["a", "b", "c"], drop=[[0.3, 0.1, 0.0], [0.0, 0.2, 0.1]])
-    _write(tmp_path / "d" / "link.json", link)
+    drop = torch.tensor([[0.3, 0.1, 0.0], [0.0, 0.2, 0.1]])
+    link = LinkResult(["a", "b"], ["a", "b", "c"], {"a": 1, "b": 2}, {"a": 3, "b": 4, "c": 5}, drop, torch.ones(2, 3), {})
+    _write(tmp_path / "d" / "link.json", link.to_dict())
     ours, verdict = claims.link({"detectors": tmp_path / "d"})
     assert ours == "own executor drops most for 2 of 2 detectors; largest own drop 0.30" and verdict == "partly"
-    link["drop"][0][0] = 0.9
-    _write(tmp_path / "d" / "link.json", link)
+    link.drop[0, 0] = 0.9
+    _write(tmp_path / "d" / "link.json", link.to_dict())
     assert claims.link({"detectors": tmp_path / "d"})[1] == "yes"
 
 
@@ -65,8 +71,8 @@ def test_nodes_needed_against_the_papers_limit(tmp_path: Path):
 
 
 def test_cross_task_reads_rows_as_the_ablated_task(tmp_path: Path):
-    ct = dict(tasks=["a", "b"], reached={"a": True, "b": True}, change=[[-0.7, -0.2], [-0.9, -0.7]])
-    _write(tmp_path / "c" / "cross_task.json", ct)
+    ct = CrossTask(tasks=["a", "b"], n_ablated={"a": 3, "b": 5}, change=[[-0.7, -0.2], [-0.9, -0.7]], target=0.3, reached={"a": True, "b": True})
+    _write(tmp_path / "c" / "cross_task.json", ct.to_dict())
     # ablating a's circuit hurts a most; ablating b's hurts a (-0.9) more than b itself
     assert claims.cross_task({"circuits": tmp_path / "c"}) == (
         "1 of 2 tasks whose circuit reached the target hurt themselves most (2 tasks)", "partly")

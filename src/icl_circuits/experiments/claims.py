@@ -130,25 +130,33 @@ def specific_detectors(f: dict[str, Path]) -> tuple[str, str]:
     return _specific(f["heatmap_detection"])
 
 
+def _result(cls: Any, path: Path) -> Any:
+    """A typed result read through its writer's own loader (`from_dict`, which checks the file's schema)."""
+    return cls.from_dict(_json(path), str(path))
+
+
 def negative(f: dict[str, Path]) -> tuple[str, str]:
-    d = _json(f["negative_steering"] / "negative.json")
+    from icl_circuits.methods.negative import NegativeResult
+
+    r = _result(NegativeResult, f["negative_steering"] / "negative.json")
     k = 0
-    for j, feat in enumerate(d["features"]):
-        col = [row[j] for row in d["drop"]]
-        worst = d["tasks"][max(range(len(col)), key=col.__getitem__)]
-        k += worst in d["owners"].get(str(feat), [])
-    n = len(d["features"])
+    for j, feat in enumerate(r.features):
+        worst = r.tasks[int(r.drop[:, j].argmax())]
+        k += worst in r.owners.get(feat, [])
+    n = len(r.features)
     return f"{k} of {n} executors hurt their own task most", most(k, n)
 
 
 def link(f: dict[str, Path]) -> tuple[str, str]:
-    d = _json(f["detectors"] / "link.json")
+    from icl_circuits.methods.link import LinkResult
+
+    r = _result(LinkResult, f["detectors"] / "link.json")
     own, best = [], 0.0
-    for i, t in enumerate(d["detector_tasks"]):
-        if t not in d["executor_tasks"]:
+    for i, t in enumerate(r.detector_tasks):
+        if t not in r.executor_tasks:
             continue
-        row = d["drop"][i]
-        o = row[d["executor_tasks"].index(t)]
+        row = r.drop[i].tolist()
+        o = row[r.executor_tasks.index(t)]
         own.append(o >= max(row))
         best = max(best, o)
     k, n = sum(own), len(own)
@@ -181,12 +189,14 @@ def sfc_10_17(f: dict[str, Path]) -> tuple[str, str]:
 
 
 def cross_task(f: dict[str, Path]) -> tuple[str, str]:
-    d = _json(f["circuits"] / "cross_task.json")
-    tasks = d["tasks"]
-    done = [a for a in tasks if d["reached"].get(a)]
+    from icl_circuits.methods.circuits import CrossTask
+
+    ct = _result(CrossTask, f["circuits"] / "cross_task.json")
+    tasks = ct.tasks
+    done = [a for a in tasks if ct.reached.get(a)]
     k = 0
     for a in done:
-        row = d["change"][tasks.index(a)]
+        row = ct.change[tasks.index(a)]
         own = row[tasks.index(a)]
         k += all(own <= c for c in row)
     return f"{k} of {len(done)} tasks whose circuit reached the target hurt themselves most ({len(tasks)} tasks)", most(k, len(done))
