@@ -623,3 +623,22 @@ def random_docs(words: list[str], n: int = 30, max_words: int = 40, seed: int = 
     """n documents of 0..max_words random words: some shorter than min_tokens, some spanning several chunks."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(0, max_words))) for _ in range(n)]
+
+
+# -- the viewer, served on a free port for the length of a block ---------------------------------------------------
+
+
+@contextmanager
+def serving(run_dir, host: str = "127.0.0.1", **kw) -> Iterator:
+    """make_server(run_dir, host, port 0, **kw) answering from a daemon thread; shut down and closed on exit."""
+    import threading
+
+    from icl_circuits.viz.viewer import make_server
+
+    srv = make_server(run_dir, host, 0, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
-from icl_circuits.viz.viewer import make_server
 
-from tests.helpers import SCRIPT, make_run
+from tests.helpers import SCRIPT, make_run, serving
 
 CHROMIUM = os.environ.get("ICL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ICL_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -43,11 +41,8 @@ pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("browser_run"))
-    srv = make_server(run, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(run) as srv:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +148,8 @@ def real(tmp_path_factory):
     from tests.helpers import real_run
 
     run = real_run()
-    srv = make_server(run["root"], "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield run, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(run["root"]) as srv:
+        yield run, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
 def _wait(d, cond, what: str = "") -> None:

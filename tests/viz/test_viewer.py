@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,9 +13,8 @@ import pytest
 from icl_circuits.methods.circuits import save_graph
 from icl_circuits.viz.report import write_report
 from icl_circuits.core.storage import write_json
-from icl_circuits.viz.viewer import make_server
 
-from tests.helpers import EVIL_TASK, SCRIPT, cleaning_result, circuit_graph_of, heatmap_result, make_run
+from tests.helpers import EVIL_TASK, SCRIPT, cleaning_result, circuit_graph_of, heatmap_result, make_run, serving
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +24,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    srv = make_server(run_dir, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(run_dir) as srv:
+        yield srv
 
 
 def get(server, path: str, headers: dict | None = None) -> tuple[int, str, dict]:
@@ -191,15 +185,10 @@ def test_symlinked_json_out_of_the_run_is_never_read(tmp_path):
     assert [c.task for c in data.circuits] == ["real"] and data.tasks == {}
     assert sum("leads outside the run directory" in p for p in data.problems) == 6  # 5 links, and half/cleaning.json
     assert any(p.startswith("half/cleaning.json: not understood") for p in data.problems)
-    srv = make_server(run, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(run) as srv:
         for path in ("/", "/circuits", "/circuit/0", "/tasks", "/feature/resid_0/0"):
             status, body, _ = get(srv, path)
             assert "LEAKED" not in body, (path, status)
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_goto_with_a_bad_latent_sends_one_status_line(server):
@@ -226,30 +215,15 @@ def test_every_response_carries_the_csp(server, request_bytes, status):
 
 def test_wildcard_bind_keeps_the_host_check(run_dir):
     """--host 0.0.0.0 answers loopback names, this machine's names and the names allowed, nothing else."""
-    srv = make_server(run_dir, "0.0.0.0", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    port = srv.server_address[1]
-    try:
+    with serving(run_dir, "0.0.0.0") as srv:
+        port = srv.server_address[1]
         assert get(srv, "/", headers={"Host": "evil.example"})[0] == 403
         assert get(srv, "/", headers={"Host": f"evil.example:{port}"})[0] == 403
         assert get(srv, "/", headers={"Host": f"localhost:{port}"})[0] == 200
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    srv = make_server(run_dir, "0.0.0.0", 0, allow_hosts=["viewer.lan"])
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    port = srv.server_address[1]
-    try:
+    with serving(run_dir, "0.0.0.0", allow_hosts=["viewer.lan"]) as srv:
+        port = srv.server_address[1]
         assert get(srv, "/", headers={"Host": "evil.example"})[0] == 403
         assert get(srv, "/", headers={"Host": f"viewer.lan:{port}"})[0] == 200
         assert get(srv, "/", headers={"Host": f"VIEWER.LAN:{port}"})[0] == 200
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    srv = make_server(run_dir, "127.0.0.1", 0)  # a named address answers itself only (plus loopback names)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(run_dir) as srv:  # a named address answers itself only (plus loopback names)
         assert get(srv, "/", headers={"Host": "viewer.lan"})[0] == 403
-    finally:
-        srv.shutdown()
-        srv.server_close()

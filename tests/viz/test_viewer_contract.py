@@ -10,15 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import threading
 from pathlib import Path
 
 import pytest
 
 from icl_circuits.cli import main
-from icl_circuits.viz.viewer import RunData, make_server
+from icl_circuits.viz.viewer import RunData
 
-from tests.helpers import MANY, _lm, _sae
+from tests.helpers import MANY, _lm, _sae, serving
 
 
 def _fmt(x: float) -> str:
@@ -58,11 +57,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run: Path):
-    srv = make_server(run, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(run) as srv:
+        yield srv
 
 
 def get(server, path: str) -> str:

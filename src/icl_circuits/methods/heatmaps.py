@@ -12,7 +12,6 @@ low maximum effect. Each task's vectors are scored in batches by `interventions.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ import torch
 from icl_circuits.core.distributed import is_main, merge_across_ranks, my_share
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import check_schema, read_json, stamp, write_json
+from icl_circuits.core.storage import canonical, check_schema, read_json, stamp, write_json
 from icl_circuits.data.prompts import N_SCORE_TOKENS, eval_prompts
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import Steerer, feature_directions
@@ -49,11 +48,6 @@ def feature_set_from_cleaning(result: Any, top_k: int | None = None) -> FeatureS
     w = result.weights
     in_tv = [int(i) for i in torch.as_tensor(result.initial_weights).nonzero().flatten().tolist()]
     return FeatureSet(result.task, feats, in_tv, [float(w[f]) for f in feats])
-
-
-def _jsonable(d: dict) -> dict:
-    """As it reads back from JSON (tuples become lists), so saved and current configs compare equal."""
-    return json.loads(json.dumps(d))
 
 
 def log_grid(lo: float, hi: float, n: int) -> tuple[float, ...]:
@@ -211,7 +205,7 @@ def positive_heatmap(
     directions = dict(zip(features, feature_directions(sae, features)))  # feature -> [d_model]
 
     # cells depend only on the prompts and the SAE; anything else may change between runs
-    key = _jsonable(dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
+    key = canonical(dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
                          n_score_tokens=cfg.n_score_tokens, directions="unit",
                          sae=sae.cfg.site, sae_model=sae.cfg.model, d_sae=sae.d_sae))  # fmt: skip
     path = Path(out_dir) / "heatmap_cells.json" if out_dir else None

@@ -28,7 +28,7 @@ from icl_circuits.core.storage import AppendLog, RunDir, check_schema, stamp
 from icl_circuits.data.prompts import PromptBatch
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import add_vectors, feature_directions
-from icl_circuits.methods.heatmaps import FeatureSet, _jsonable, log_grid
+from icl_circuits.methods.heatmaps import FeatureSet, log_grid
 from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 
 PAPER_SCALE = 15.0  # the paper's shared steering scale (Gemma 1 2B)
@@ -254,7 +254,7 @@ def negative_steering(
     directions = feature_directions(sae, features)  # [n_features, d_model], unit norm
     run, log = None, None
     if out_dir is not None:
-        header = dict(config={k: v for k, v in _jsonable(cfg.to_dict()).items() if k not in _SPEED_ONLY}, features=features,
+        header = dict(config={k: v for k, v in cfg.to_dict().items() if k not in _SPEED_ONLY}, features=features,
                       tasks={t.name: t.digest for t in tasks}, model=lm.name, sae=sae_digest(sae))  # fmt: skip
         run = RunDir(out_dir, header, kind="negative steering", name="negative_run")
         log = run.log("negative_progress.jsonl")
