@@ -103,13 +103,18 @@ def test_two_ranks_split_tasks_into_one_run_dir(tmp_path, monkeypatch, one_threa
         got = torch.load(tmp_path / f"heat-rank{r}.pt", weights_only=True)
         assert got["features"] == heat.features and got["scales"] == heat.scales
         torch.testing.assert_close(torch.tensor(got["raw"]), heat.raw, rtol=1e-6, atol=1e-9)
-    cells = lambda d: json.loads((d / "heatmap_cells.json").read_text())  # noqa: E731
+    def cells(d: Path) -> dict:  # the heatmap's resume log: {(split, task): {"feature@scale": effect}} + baselines
+        lines = (d / "heatmap_cells.jsonl").read_text().splitlines()[1:]
+        return {r["key"]: r["value"] for r in map(json.loads, lines)}  # the last record of a key wins
+
     want, got = cells(tmp_path / "heat1"), cells(tmp_path / "heat")
-    assert got.keys() == want.keys() and got["baselines"] == pytest.approx(want["baselines"])
-    for part in ("cells", "calibration"):  # {task: {"feature@scale": effect}}
-        assert got[part].keys() == want[part].keys()
-        for t in want[part]:
-            assert got[part][t] == pytest.approx(want[part][t])
+    assert got.keys() == want.keys() and len(want) == 4  # 2 tasks x (calibration, eval): keyed by content, not by rank
+    for k in want:
+        assert got[k]["task"] == want[k]["task"] and got[k]["cells"] == pytest.approx(want[k]["cells"])
+        if want[k]["baseline"] is None:  # a calibration record written before its task's evaluation
+            assert got[k]["baseline"] is None
+        else:
+            assert got[k]["baseline"] == pytest.approx(want[k]["baseline"])
 
 
 def test_single_process_helpers_are_the_identity(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from icl_circuits import Task
+from icl_circuits.core.storage import ConfigMismatch
 from icl_circuits.interventions.steer import feature_directions
 from icl_circuits.methods.heatmaps import (
     FeatureSet,
@@ -99,11 +100,40 @@ def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
     # the new feature's grid on its owner's calibration prompts, then its cell on every task's evaluation prompts
     assert grown.features == [3, 5, 9, 11] and calls == [("upper", "calibration"), ("ant", "eval"), ("upper", "eval")]
     torch.testing.assert_close(grown.raw[:, :3], res.raw)
-    with pytest.raises(ValueError, match="other prompts"):
+    with pytest.raises(ConfigMismatch, match="n_eval: 4 -> 5"):  # other prompts: refused, the folder untouched
         positive_heatmap(lm, tasks, sets, sae, HeatmapConfig(layer=1, scale_grid=(1.0,), n_eval=5), out_dir=tmp_path, progress=False)
     info = heatmap_figures(res, tmp_path / "fig", floor=0.0)
     assert (tmp_path / "fig" / "heatmap_raw.png").is_file() and (tmp_path / "fig" / "heatmap_raw.svg").is_file()
     assert sorted(info["row_order"]) == ["ant", "upper"]
+
+
+def test_heatmap_resume_never_serves_stale_cells(tmp_path, monkeypatch):
+    """A retrained SAE (same site and width, other weights) is refused in the old folder; a user task that
+    shares a built-in's name but not its pairs is computed afresh; the other task's cells are reused."""
+    lm = _setup()
+    sae = _sae(lm)
+    cfg = HeatmapConfig(layer=1, scale_grid=(1.0,), n_eval=4, scale_mode="fixed", scale=1.0)
+    tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
+    sets = {"ant": FeatureSet("ant", [3]), "upper": FeatureSet("upper", [5])}
+    first = positive_heatmap(lm, tasks, sets, sae, cfg, out_dir=tmp_path, progress=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigMismatch, match="sae"):
+        positive_heatmap(lm, tasks, sets, _sae(lm, seed=1), cfg, out_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # 'ant' now holds the reversed pairs: its cells are new ones, checked against a direct evaluation
+    calls = []
+    monkeypatch.setattr("icl_circuits.methods.heatmaps.heatmap_steerer",
+                        lambda lm, task, cfg, split="eval": calls.append(task.name) or heatmap_steerer(lm, task, cfg, split))
+    mine = [Task("ant", tuple((y, x) for x, y in ANTONYMS)), tasks[1]]
+    res = positive_heatmap(lm, mine, sets, sae, cfg, out_dir=tmp_path, progress=False)
+    assert calls == ["ant"]
+    torch.testing.assert_close(res.raw[1], first.raw[1])
+    st = heatmap_steerer(lm, mine[0], cfg)
+    dirs = feature_directions(sae, res.features)
+    want = st.relative_loss_decrease(st.score(1, dirs).nll)  # scale 1: the unit directions themselves
+    torch.testing.assert_close(res.raw[0], want, rtol=1e-4, atol=1e-6)
+    assert res.baselines["ant"] == pytest.approx(st.baseline.nll)
+    assert not torch.allclose(res.raw[0], first.raw[0])  # the reversed task's effects differ (could fail)
 
 
 def test_top_only_heatmap_keeps_each_tasks_strongest_feature():

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from icl_circuits.core.distributed import is_main, merge_across_ranks, my_share
+from icl_circuits.core.distributed import main_first, merge_across_ranks, my_share, open_shared
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import canonical, check_schema, read_json, stamp, write_json
+from icl_circuits.core.storage import AppendLog, check_schema, fingerprint, stamp
 from icl_circuits.data.prompts import N_SCORE_TOKENS, eval_prompts
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE
 from icl_circuits.interventions.steer import Steerer, feature_directions
-from icl_circuits.sae.dictionary import JumpReLUSAE
+from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 
 # -- positive steering heatmap -----------------------------------------------------------------
 
@@ -181,11 +181,11 @@ def positive_heatmap(
 ) -> HeatmapResult:  # fmt: skip
     """Steer every task with every feature of the tasks' cleaned vectors (Fig. 22/24; Fig. 10 with top_only).
 
-    Every evaluated (task, feature, scale) cell is saved to out_dir/heatmap_cells.json as soon
-    as its task is done; a rerun, also one with more tasks or features, computes only missing cells.
+    With out_dir, resumes through a RunDir there (name 'heatmap_run': its config holds the prompt settings, the
+    model and the SAE's digest, so a retrained SAE is refused, never served old cells). Every evaluated (task,
+    feature, scale) cell is appended to heatmap_cells.jsonl as soon as its task is done, keyed by the task's
+    content; a rerun, also one with more tasks or features, computes only missing cells.
     """
-    from tqdm.auto import tqdm
-
     if Site.parse(sae.cfg.site).canonical() != Site(cfg.layer, "resid_pre"):  # resid_post.L-1 is the same tensor
         raise ValueError(f"SAE reads {sae.cfg.site} but the heatmap steers resid_pre.{cfg.layer}")
     names = [t.name for t in tasks]
@@ -204,37 +204,56 @@ def positive_heatmap(
         raise ValueError("the feature sets hold no features")
     directions = dict(zip(features, feature_directions(sae, features)))  # feature -> [d_model]
 
-    # cells depend only on the prompts and the SAE; anything else may change between runs
-    key = canonical(dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
-                         n_score_tokens=cfg.n_score_tokens, directions="unit",
-                         sae=sae.cfg.site, sae_model=sae.cfg.model, d_sae=sae.d_sae))  # fmt: skip
-    path = Path(out_dir) / "heatmap_cells.json" if out_dir else None
-    state: dict[str, Any] = {"key": key, "cells": {}, "calibration": {}, "baselines": {}}
-    if path and path.is_file():
-        saved = read_json(path)
-        if saved.get("key") != key:
-            raise ValueError(f"{path} was written for other prompts or another SAE ({saved.get('key')}); use a new --out or delete it")
-        state = saved
-    state.setdefault("calibration", {})
-    cells: dict[str, dict[str, float]] = state["cells"]
+    # cells depend only on the prompts, the model and the SAE's weights; anything else may change between runs
+    ident = dict(setting=cfg.setting, layer=cfg.layer, n_eval=cfg.n_eval, eval_share=cfg.eval_share, seed=cfg.seed,
+                 n_score_tokens=cfg.n_score_tokens, directions="unit", model=lm.name, sae=sae_digest(sae))  # fmt: skip
+    run, log = None, None
+    if out_dir is not None:  # (torchrun: every rank opens it; rank 0 holds the lock and creates the log)
+        run = open_shared(Path(out_dir), ident, kind="steering heatmap", name="heatmap_run")
+        log = main_first(lambda: run.log("heatmap_cells.jsonl"))
+    try:
+        return _heatmap_cells(lm, tasks, names, feature_sets, owners, in_tv, features, directions, cfg, log, progress)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _heatmap_cells(
+    lm: LM, tasks: Sequence[Any], names: list[str], feature_sets: dict[str, FeatureSet], owners: dict[int, list[str]],
+    in_tv: dict[int, list[str]], features: list[int], directions: dict[int, torch.Tensor], cfg: HeatmapConfig,
+    log: AppendLog | None, progress: bool,
+) -> HeatmapResult:  # fmt: skip
+    """positive_heatmap's work: the cells it lacks, each task's appended to `log` (keyed by the task's content,
+    so a same-named task with other pairs starts afresh), then scales, feature choice and the matrix."""
+    from tqdm.auto import tqdm
+
+    unit = {(split, t.name): fingerprint(split, t.digest) for t in tasks for split in ("eval", "calibration")}
+    saved = log.done if log is not None else {}
+    stores: dict[str, dict[str, dict[str, float]]] = {"eval": {}, "calibration": {}}  # split -> task -> "f@s" -> effect
+    baselines: dict[str, float] = {}
+    for (split, name), k in unit.items():
+        if k in saved:
+            stores[split][name] = dict(saved[k]["cells"])
+            if saved[k].get("baseline") is not None:
+                baselines[name] = saved[k]["baseline"]
+    cells = stores["eval"]
 
     def fill(todo: dict[str, list[tuple[int, float]]], desc: str, split: str = "eval") -> None:
         """Evaluate the missing (feature, scale) cells of each task on one split, one steering batch per task."""
-        store = cells if split == "eval" else state["calibration"]
+        store = stores[split]
         for task in tqdm(my_share([t for t in tasks if todo.get(t.name)]), desc=desc, disable=not progress):
             need = [(f, s) for f, s in dict.fromkeys(todo[task.name]) if f"{f}@{s:g}" not in store.get(task.name, {})]
             if not need:
                 continue
             st = heatmap_steerer(lm, task, cfg, split)
             if split == "eval":
-                state["baselines"][task.name] = st.baseline.nll
+                baselines[task.name] = st.baseline.nll
             vectors = torch.stack([s * directions[f] for f, s in need])  # [n_need, d_model]
             eff = st.relative_loss_decrease(st.score(cfg.layer, vectors, vectors_per_pass=cfg.vectors_per_pass).nll)
             store.setdefault(task.name, {}).update({f"{f}@{s:g}": float(e) for (f, s), e in zip(need, eff)})
-            if path and is_main():  # under torchrun rank 0 saves its progress; the rest after the merge
-                write_json(path, state)
-        if merge_across_ranks(store, state["baselines"]) and path and is_main():  # every rank's tasks' cells
-            write_json(path, state)
+            if log is not None:  # the task's cells so far (the last record of a key wins on reading)
+                log.add(unit[split, task.name], dict(task=task.name, cells=store[task.name], baseline=baselines.get(task.name)))
+        merge_across_ranks(store, baselines)  # under torchrun: every rank's tasks' cells
 
     # 1. scale selection on a grid of the calibration split (skipped for a fixed scale)
     grid: dict[str, dict[int, list[float]]] = {}
@@ -244,7 +263,7 @@ def positive_heatmap(
     else:
         tried = {n: (feature_sets[n].features if cfg.select_on == "owner" else features) for n in names}
         fill({n: [(int(f), s) for f in fs for s in cfg.scale_grid] for n, fs in tried.items()}, "scale grid (calibration)", "calibration")
-        cal = state["calibration"]
+        cal = stores["calibration"]
         grid = {n: {int(f): [cal[n][f"{f}@{s:g}"] for s in cfg.scale_grid] for f in fs} for n, fs in tried.items() if fs}
         chosen, shared = choose_scales(grid, features, cfg.scale_grid, cfg.scale_mode)
         scales = dict(zip(features, chosen))
@@ -263,7 +282,7 @@ def positive_heatmap(
     raw = torch.tensor([[cells[n][f"{f}@{scales[f]:g}"] for f in keep] for n in names]).reshape(len(names), len(keep))
     return HeatmapResult(
         names, keep, raw, [scales[f] for f in keep], {f: owners[f] for f in keep},
-        {f: in_tv.get(f, []) for f in keep}, {n: state["baselines"][n] for n in names}, grid, cfg.to_dict(), shared,
+        {f: in_tv.get(f, []) for f in keep}, {n: baselines[n] for n in names}, grid, cfg.to_dict(), shared,
     )  # fmt: skip
 
 
