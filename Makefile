@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: demo paper test bench saes sae-eval
+.PHONY: demo paper test bench saes saes-10-17 sae-eval
 demo: $(STAMP)  ## the headline in <= 15 min on 2 cores: TV sweep, TVC + baselines on 4 tasks, a heatmap; prints the claims
 	$(VENV)/bin/icl-circuits reproduce --recipe demo --model gemma-3-270m --out runs/demo
 
@@ -59,6 +59,18 @@ saes: $(STAMP)  ## rebuild the starter suite v2: harvest 2M tokens (~25 min), tr
 		--sae runs/saes_v2_other/saes/transcoder_12 --eval-ce-docs 16 --dead-rows 500000 --out runs/saes_v2_eval.json --threads 2
 	$(VENV)/bin/icl-circuits sae export runs/saes_v2_resid src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
 	$(VENV)/bin/icl-circuits sae export runs/saes_v2_other src/icl_circuits/data/saes/gemma-3-270m --eval runs/saes_v2_eval.json --cache runs/acts_v2
+
+# The layers the shipped suite lacks for SFC over the paper's range (`circuit --layers 10-17`): 16 more SAEs
+# with the same recipe, trained once from one harvest (~56 GB of bf16 rows under runs/acts_10_17; delete it
+# afterwards) and exported into the user cache, where starter_sae finds them (they are not shipped).
+EXTRA_A := resid:14,resid:15,resid:16,resid:17,attn:10,attn:13,attn:14,attn:15
+EXTRA_B := attn:16,attn:17,transcoder:10,transcoder:13,transcoder:14,transcoder:15,transcoder:16,transcoder:17
+saes-10-17: $(STAMP)  ## train and cache the 16 starter SAEs of layers 10-17 the package does not ship (~2 h)
+	$(VENV)/bin/icl-circuits sae harvest --saes $(EXTRA_A),$(EXTRA_B) --tokens 2000000 --eval-docs 400 --out runs/acts_10_17 --threads 1
+	$(VENV)/bin/icl-circuits sae train --cache runs/acts_10_17 --saes $(EXTRA_A) $(SUITE_RECIPE) --out runs/saes_10_17_a & \
+	$(VENV)/bin/icl-circuits sae train --cache runs/acts_10_17 --saes $(EXTRA_B) $(SUITE_RECIPE) --out runs/saes_10_17_b; wait
+	$(VENV)/bin/icl-circuits sae export runs/saes_10_17_a --cache runs/acts_10_17
+	$(VENV)/bin/icl-circuits sae export runs/saes_10_17_b --cache runs/acts_10_17
 
 sae-eval: $(STAMP)  ## evaluate the starter suite on the held-out documents of `make saes`'s harvest
 	$(VENV)/bin/icl-circuits sae eval --starter --cache runs/acts_v2 --eval-ce-docs 16 --dead-rows 500000 --out runs/sae_eval.json

@@ -98,3 +98,22 @@ def test_a_starter_sae_of_another_suite_version_is_refused(small_recipe, monkeyp
     with pytest.raises(ValueError, match="suite v1, not v2"):
         suite.starter_sae(lm, "resid:1", train_if_missing=False)
     assert f"v{suite.SUITE_VERSION}" in str(folder)  # the cache path holds the version: v1 caches never collide
+
+
+def test_export_to_the_cache_serves_sites_the_suite_does_not_ship(small_recipe, monkeypatch, capsys):
+    """`sae export RUN` without a destination: the run's SAEs become starter SAEs of the user cache (bf16
+    weights, suite version stamped), found by `starter_sae` with no training."""
+    lm = _lm()
+    from icl_circuits.cli import main
+
+    run = small_recipe.parent / "run"
+    cfg = TrainConfig(specs=["attn:1"], d_sae=16, n_tokens=200, batch_tokens=64, seq_len=16, skip_docs=2)
+    trained = train_saes(lm, [json.loads(l)["text"] for l in small_recipe.read_text().splitlines()], cfg, run, progress=False)
+    assert main(["sae", "export", str(run)]) == 0
+    assert str(suite.cached_starter_dir(lm.name, "attn_1")) in capsys.readouterr().out
+    from icl_circuits.sae import training
+
+    monkeypatch.setattr(training, "train_saes", lambda *a, **k: pytest.fail("should load the exported SAE"))
+    got = suite.starter_sae(lm, "attn:1", train_if_missing=False)
+    assert got.cfg.extra["suite_version"] == suite.SUITE_VERSION and got.cfg.site == "attn_out.1"
+    torch.testing.assert_close(got.W_dec, trained["attn_1"].W_dec.bfloat16().float())

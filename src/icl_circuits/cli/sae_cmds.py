@@ -294,7 +294,9 @@ def add_sae_commands(sub: argparse._SubParsersAction) -> None:
 
     s = sae.add_parser("export", help="ship a training run: bf16 weights + a model card per SAE")
     s.add_argument("run", type=Path, help="the --out of `sae train`")
-    s.add_argument("dest", type=Path, help="e.g. src/icl_circuits/data/saes/gemma-3-270m")
+    s.add_argument("dest", type=Path, nargs="?", default=None,
+                   help="e.g. src/icl_circuits/data/saes/gemma-3-270m; omitted: the user cache, where starter SAEs the "
+                        "package does not ship are found (e.g. layers 10-17 for `circuit --layers 10-17`)")  # fmt: skip
     s.add_argument("--corpus", default=STARTER_CORPUS, help="corpus spec named in the model cards")
     s.add_argument("--cache", type=Path, default=None, help="the `sae harvest` folder the run trained on (corpus and provenance)")
     s.add_argument("--eval", type=Path, default=None, help="results of `sae eval` for the model cards (default: RUN/eval.json)")

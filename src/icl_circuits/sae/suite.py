@@ -49,13 +49,18 @@ def suite_cache_dir(model: str) -> Path:
     return cache_dir() / "saes" / f"v{SUITE_VERSION}" / model.replace("/", "_")
 
 
+def cached_starter_dir(model: str, name: str) -> Path:
+    """The folder of starter SAE `name` in the user cache (trained on demand, or exported there)."""
+    return suite_cache_dir(model) / name / "saes" / name
+
+
 def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool = True) -> JumpReLUSAE:
     """The starter SAE `spec` ('resid:12', 'attn:11', 'transcoder:12', any SAERef spelling) for `lm`, as float32 on lm's device."""
     ref = SAERef.parse(spec)
     if not ref.is_starter:
         raise ValueError(f"starter_sae: {spec!r} names a file, not a starter SAE (use SAERef.parse(spec).resolve(lm))")
     name = ref.name
-    for folder in (shipped_dir(lm.name) / name, suite_cache_dir(lm.name) / name / "saes" / name):
+    for folder in (shipped_dir(lm.name) / name, cached_starter_dir(lm.name, name)):
         if (folder / "config.json").is_file():
             sae = load_sae(folder, dtype=torch.float32)
             version = sae.cfg.extra.get("suite_version", 1)
@@ -85,11 +90,14 @@ def _stamp(sae: JumpReLUSAE, folder: Path) -> JumpReLUSAE:
 
 
 def export_suite(
-    run_dir: str | Path, dest: str | Path, corpus: str = STARTER_CORPUS, provenance: Any = None,
+    run_dir: str | Path, dest: str | Path | None, corpus: str = STARTER_CORPUS, provenance: Any = None,
     eval_path: str | Path | None = None,
 ) -> list[Path]:  # fmt: skip
-    """Copy a run's SAEs to `dest`/<name>/ with bf16 weights and a model card (README.md) each."""
-    run, dest = Path(run_dir), Path(dest)
+    """Copy a run's SAEs to `dest`/<name>/ with bf16 weights and a model card (README.md) each.
+
+    dest None: into the user cache, where `starter_sae` finds them (SAEs of sites the shipped suite lacks,
+    e.g. layers 10-17, trained once with `sae harvest` + `sae train` rather than one live stream each)."""
+    run = Path(run_dir)
     header = read_json(run / "train_config.json")
     extra = {"provenance": provenance} if provenance else {}
     eval_file = Path(eval_path) if eval_path is not None else run / "eval.json"
@@ -98,7 +106,7 @@ def export_suite(
     for sae_dir in sorted((run / "saes").iterdir()):
         sae = load_sae(sae_dir)
         sae = with_config(sae, extra={**sae.cfg.extra, "suite_version": SUITE_VERSION, "corpus": corpus, **extra})
-        target = dest / sae_dir.name
+        target = cached_starter_dir(header["model"], sae_dir.name) if dest is None else Path(dest) / sae_dir.name
         save_sae(sae, target, weight_dtype=torch.bfloat16, card=model_card(sae, header, evals.get(sae.cfg.site), corpus))
         out.append(target)
     return out
