@@ -545,7 +545,7 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("sae/evaluation.py", "__init__"): "the fired-latents mask of _Acc (filled with .cpu())",
     ("sae/trainers/gated.py", "_arch_params"): "as SAETrainer.__init__",
     # result tables built from Python floats of finished runs (JSON), for figures and CSVs
-    ("methods/heatmaps.py", "positive_heatmap"): "heatmap table from the run's JSON cells",
+    ("methods/heatmaps.py", "_heatmap_cells"): "heatmap table from the run's JSON cells",
     ("methods/negative.py", "_negative_rounds"): "drop table from the run's saved progress (Python floats)",
     ("methods/heatmaps.py", "marks"): "bool marks of the heatmap figure",
     ("viz/steering_plots.py", "plot_negative"): "marks of the figure",
