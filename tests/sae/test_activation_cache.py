@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from icl_circuits import Site
+from icl_circuits.core.storage import FolderLock, RunBusy
 from icl_circuits.sae import cache as C
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
@@ -144,6 +145,15 @@ def test_resume_refuses_another_setup(lm, docs, full, change, key):
     with pytest.raises(ValueError, match=rf"manifest\.json: the cache was made with {key}=") as e:
         harvest(use_lm, sites, use_docs, full, n_tokens=change.get("n_tokens", 10_000), **kw)
     assert "\n" not in str(e.value) and "not" in str(e.value)
+    assert _files(full) == before
+
+
+def test_a_second_harvest_into_a_busy_folder_is_refused(lm, docs, full):
+    """Two harvests into one folder would interleave shards: the second gets RunBusy and touches nothing."""
+    before = _files(full)
+    with FolderLock(full, "harvest"):  # as another process harvesting there holds it
+        with pytest.raises(RunBusy, match="in use by another run"):
+            harvest(lm, SITES, docs, full, n_tokens=10_000, **KW)
     assert _files(full) == before
 
 

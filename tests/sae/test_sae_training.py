@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from icl_circuits.core.storage import ConfigMismatch, FolderLock, RunBusy
 from icl_circuits.sae.formats import load_saelens, load_sae
 from icl_circuits.sae.training import SAESpec, TrainConfig, train_saes
 
@@ -58,8 +59,13 @@ def test_train_writes_saes_and_epochs_over_a_short_corpus(tmp_path):
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x), rtol=1e-5, atol=1e-5)
     assert saes["transcoder_1"].cfg.out_site == "mlp_out.1"
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 3
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ConfigMismatch, match=r"config.d_sae: 24 -> 32"):
         train_saes(lm, _docs(12), _cfg(d_sae=32), tmp_path, progress=False)
+    with FolderLock(tmp_path, "train"):  # another process training into the folder: refused, nothing touched
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".train.lock"}
+        with pytest.raises(RunBusy, match="in use by another run"):
+            train_saes(lm, _docs(12), _cfg(n_tokens=800), tmp_path, progress=False)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".train.lock"} == before
     # training longer resumes from the checkpoint: only the extra tokens are trained
     longer = train_saes(lm, _docs(12), _cfg(n_tokens=800), tmp_path, progress=False)
     assert not torch.equal(longer["resid_1"].W_enc, saes["resid_1"].W_enc)

@@ -158,26 +158,34 @@ def merge_across_ranks(*stores: dict[str, Any]) -> bool:
     return True
 
 
-def open_shared(path: str | os.PathLike, cfg: dict[str, Any], **kw: Any) -> "RunDir":
-    """`RunDir(path, cfg, **kw)` opened by every rank: rank 0 first, with the lock, then the others
-    without it (see the module docstring). An error opening it on rank 0 (RunBusy, ConfigMismatch)
-    is raised on every rank. Close it on every rank (rank 0's close releases the lock)."""
-    from icl_circuits.core.storage import RunDir
-
+def main_only(make: Callable[[], T], what: str = "set up the run") -> T | None:
+    """make() on rank 0 alone: its result there, None on the other ranks. An error on rank 0 is raised on
+    every rank (rank 0's own, a RuntimeError naming it elsewhere), so no rank is left waiting at a barrier
+    for a rank 0 that failed. make() in one process."""
     rank, world = rank_world()
     if world == 1:
-        return RunDir(path, cfg, **kw)
-    run, err = None, None
+        return make()
+    got, err = None, None
     if rank == 0:
         try:
-            run = RunDir(path, cfg, **kw)
+            got = make()
         except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
             err = e
     first = all_gather_objects(None if err is None else f"{type(err).__name__}: {err}")[0]  # doubles as a barrier
     if err is not None:
         raise err
     if first is not None:
-        raise RuntimeError(f"rank 0 could not open {Path(path)}: {first}")
+        raise RuntimeError(f"rank 0 could not {what}: {first}")
+    return got
+
+
+def open_shared(path: str | os.PathLike, cfg: dict[str, Any], **kw: Any) -> "RunDir":
+    """`RunDir(path, cfg, **kw)` opened by every rank: rank 0 first, with the lock, then the others
+    without it (see the module docstring). An error opening it on rank 0 (RunBusy, ConfigMismatch)
+    is raised on every rank. Close it on every rank (rank 0's close releases the lock)."""
+    from icl_circuits.core.storage import RunDir
+
+    run = main_only(lambda: RunDir(path, cfg, **kw), f"open {Path(path)}")
     return run if run is not None else RunDir(path, cfg, lock=False, **kw)
 
 

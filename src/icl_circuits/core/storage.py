@@ -251,6 +251,54 @@ class ResumeLog(AppendLog):
         super().__init__(path, header, on_other_header="fresh")
 
 
+class FolderLock:
+    """One writer per folder: an exclusive flock on `folder/.NAME.lock`, which records its holder.
+
+    A second writer gets RunBusy naming the holder. The kernel drops an flock when its holder dies, so a
+    run killed with `kill -9` never leaves a stale lock behind. Holding the lock, no one else writes
+    there, so temp files of atomic writes (NAME.XXXXXXXX.tmp) are leftovers of a killed run: removed.
+    Every long job that writes a folder takes one (RunDir, `harvest`, SAE training).
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = "run") -> None:
+        self.path = Path(folder)
+        self._fd: int | None = None
+        lock = self.path / f".{name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): no lock
+            self._fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunBusy(f"{self.path} is in use by another run ({holder}); wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        for tmp in self.path.rglob("*.tmp"):
+            if tmp.is_file() and len(tmp.suffixes) >= 2:
+                tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
 class RunDir:
     """One run directory: a lock (one writer at a time), a config fingerprint, content-keyed finished work.
 
@@ -259,8 +307,8 @@ class RunDir:
             key = run.key(task.digest)        # content hash of the task + this run's config and model
             if key not in log.done: log.add(key, compute(task))
 
-    - A second writer (another process, or another RunDir on the same folder) gets RunBusy. The lock
-      is an flock, so a killed run never leaves a stale lock behind.
+    - A second writer (another process, or another RunDir on the same folder) gets RunBusy (a FolderLock:
+      a killed run never leaves a stale lock behind).
     - `name`.json holds the configuration. Opening the folder under another configuration raises
       ConfigMismatch naming the differing keys; nothing in the folder is touched.
     - Keys of finished units hash everything that determines them, so a task that shares a name
@@ -272,7 +320,7 @@ class RunDir:
     def __init__(
         self, path: str | os.PathLike, cfg: dict[str, Any], *, kind: str = "run", name: str = "run", lock: bool = True
     ) -> None:
-        self._lock_fd: int | None = None
+        self._lock: FolderLock | None = None
         self.path = Path(path)
         self.kind = kind
         if self.path.exists() and not self.path.is_dir():
@@ -282,37 +330,12 @@ class RunDir:
         self.config = canonical(cfg)
         self.fingerprint = fingerprint(kind, self.config)
         if lock:
-            self._lock()
+            self._lock = FolderLock(self.path, name)
         try:
             self._check_config()
         except BaseException:
             self.close()
             raise
-
-    def _lock(self) -> None:
-        lock = self.path / f".{self.name}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - no flock (Windows): no lock
-            self._lock_fd = fd
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise RunBusy(
-                f"{self.path} is in use by another run ({holder}); wait for it to finish or use another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._lock_fd = fd
-        # holding the lock, no one else writes here: temp files of atomic writes (NAME.XXXXXXXX.tmp) are
-        # leftovers of a killed run
-        for tmp in self.path.rglob("*.tmp"):
-            if tmp.is_file() and len(tmp.suffixes) >= 2:
-                tmp.unlink(missing_ok=True)
 
     def _check_config(self) -> None:
         path = self.path / f"{self.name}.json"
@@ -341,9 +364,9 @@ class RunDir:
         return AppendLog(self.path / filename, {"run": self.fingerprint})
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "RunDir":
         return self
@@ -352,7 +375,7 @@ class RunDir:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
+        if getattr(self, "_lock", None) is not None:
             self.close()
 
 

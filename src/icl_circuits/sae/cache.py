@@ -43,7 +43,7 @@ from torch import Tensor
 from icl_circuits.data.corpus import docs_fingerprint
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site, SiteLike
-from icl_circuits.core.storage import atomic_write_bytes, read_json, write_json
+from icl_circuits.core.storage import FolderLock, atomic_write_bytes, read_json, write_json
 from icl_circuits.sae.activations import Cursor, _batches
 from icl_circuits.sae.cache_reader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ActivationCache, _check_format, _check_same, shard_name
 from icl_circuits.sae.cache_reader import HarvestRun, manifest_summary  # noqa: F401 - imported from here (cli, scripts)
@@ -133,7 +133,8 @@ def harvest(
 
     Resuming: a folder with a manifest must have been started with the same model, sites,
     corpus, seq_len, batch_size, min_tokens, dtypes, shard_rows and n_tokens (else ValueError);
-    the harvest goes on from the last complete shard. A complete cache is returned untouched.
+    the harvest goes on from the last complete shard. A complete cache is returned untouched. A second
+    harvest into a folder another process is harvesting into gets RunBusy.
     """
     if lm.tokenizer is None:
         raise ValueError("harvest needs lm.tokenizer")
@@ -164,96 +165,98 @@ def harvest(
         "shard_rows": shard_rows,
         "n_tokens": n_tokens,
     }
-    if path.is_file():
-        manifest = read_json(path)
-        _check_format(path, manifest)
-        for key in _IDENTITY:
-            _check_same(path, key, manifest.get(key), config[key])
-        if manifest["complete"]:
-            return ActivationCache(out)
-        for tmp in out.glob("*.tmp"):  # a write killed mid-way (SIGKILL skips atomic_write's cleanup)
-            tmp.unlink(missing_ok=True)
-    else:
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            **config,
-            "provenance": provenance,
-            "shards": [],
-            "total_rows": 0,
-            "cursor": {"doc": 0, "chunk": 0, "skip_rows": 0},
-            "complete": False,
-        }
-        write_json(path, manifest)
-
-    cur = manifest["cursor"]
-    start: Cursor = (int(cur["doc"]), int(cur["chunk"]))
-    skip = int(cur["skip_rows"])
-    written = int(manifest["total_rows"])
-    names = [str(s) for s in site_list]
-    pos_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32
-    pending = _Pending([*names, "token_ids", "positions"])
-    last_after: Cursor = start
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_tokens, initial=written, desc="harvesting", unit="tok", disable=not progress)
-
-    def flush(k: int) -> None:
-        nonlocal written
-        i = len(manifest["shards"])
-        tensors = pending.take(k)
-        name = shard_name(i)
-        # one metadata key only: safetensors writes several in an arbitrary order, breaking bitwise equality
-        _write_shard(out / name, tensors, {"icl_circuits": f"{FORMAT_NAME} v{FORMAT_VERSION} {name}"})
-        written += k
-        if pending.segs:  # the next shard starts inside a batch already run: redo that batch, skip its rows
-            (doc, chunk), offset, _ = pending.segs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    # one harvest per folder: a second is refused, not interleaved; the lock also removes the temp files of a
+    # write killed mid-way (SIGKILL skips atomic_write's cleanup)
+    with FolderLock(out, "harvest"):
+        if path.is_file():
+            manifest = read_json(path)
+            _check_format(path, manifest)
+            for key in _IDENTITY:
+                _check_same(path, key, manifest.get(key), config[key])
+            if manifest["complete"]:
+                return ActivationCache(out)
         else:
-            (doc, chunk), offset = last_after, 0
-        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
-        manifest["shards"].append({"file": name, "rows": k, "sha256": digest})
-        manifest["total_rows"] = written
-        manifest["cursor"] = {"doc": doc, "chunk": chunk, "skip_rows": offset}
-        write_json(path, manifest)
-        bar.update(k)
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                **config,
+                "provenance": provenance,
+                "shards": [],
+                "total_rows": 0,
+                "cursor": {"doc": 0, "chunk": 0, "skip_rows": 0},
+                "complete": False,
+            }
+            write_json(path, manifest)
 
-    with torch.no_grad():
-        batch_start = start
-        for ids, mask, after in _batches(lm.tokenizer, docs, seq_len, batch_size, min_tokens, start):
-            acts = lm.activations(ids, site_list, attention_mask=mask)  # site -> [batch, seq, d_model]
-            keep = mask.bool()  # [batch, seq]
-            keep[:, 0] = False  # BOS
-            rows: dict[str, Tensor] = {}
-            shard_i = len(manifest["shards"]) + pending.n // shard_rows
-            for s, name in zip(site_list, names):
-                a = acts[s]
-                if a.shape[-1] != lm.d_model:
-                    raise ValueError(f"{path}: site {name} gives rows of width {a.shape[-1]}, not d_model={lm.d_model}")
-                r = a[keep.to(a.device)].to("cpu", storage_dtype)  # [n, d_model]
-                if not torch.isfinite(r).all():
-                    bad = int((~torch.isfinite(r)).any(-1).sum())
-                    raise ValueError(
-                        f"{path}: {bad} rows with NaN/inf activations at site {name} in shard {shard_name(shard_i)}"
-                    )
-                rows[name] = r
-            rows["token_ids"] = ids[keep].to(torch.int32)  # [n]
-            rows["positions"] = torch.arange(ids.shape[1]).expand_as(ids)[keep].to(pos_dtype)  # [n]
-            offset = skip if batch_start == start else 0
-            room = n_tokens - written - pending.n
-            rows = {k: v[offset : offset + room] for k, v in rows.items()}
-            pending.add(rows, batch_start, offset)
-            last_after, batch_start = after, after
-            while pending.n >= shard_rows:
-                flush(shard_rows)
-            if written + pending.n >= n_tokens:
-                break
-    if pending.n:
-        flush(pending.n)
-    bar.close()
-    manifest["complete"] = True
-    write_json(path, manifest)
-    return ActivationCache(out)
+        cur = manifest["cursor"]
+        start: Cursor = (int(cur["doc"]), int(cur["chunk"]))
+        skip = int(cur["skip_rows"])
+        written = int(manifest["total_rows"])
+        names = [str(s) for s in site_list]
+        pos_dtype = torch.int16 if seq_len <= torch.iinfo(torch.int16).max else torch.int32
+        pending = _Pending([*names, "token_ids", "positions"])
+        last_after: Cursor = start
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, initial=written, desc="harvesting", unit="tok", disable=not progress)
+
+        def flush(k: int) -> None:
+            nonlocal written
+            i = len(manifest["shards"])
+            tensors = pending.take(k)
+            name = shard_name(i)
+            # one metadata key only: safetensors writes several in an arbitrary order, breaking bitwise equality
+            _write_shard(out / name, tensors, {"icl_circuits": f"{FORMAT_NAME} v{FORMAT_VERSION} {name}"})
+            written += k
+            if pending.segs:  # the next shard starts inside a batch already run: redo that batch, skip its rows
+                (doc, chunk), offset, _ = pending.segs[0]
+            else:
+                (doc, chunk), offset = last_after, 0
+            digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+            manifest["shards"].append({"file": name, "rows": k, "sha256": digest})
+            manifest["total_rows"] = written
+            manifest["cursor"] = {"doc": doc, "chunk": chunk, "skip_rows": offset}
+            write_json(path, manifest)
+            bar.update(k)
+
+        with torch.no_grad():
+            batch_start = start
+            for ids, mask, after in _batches(lm.tokenizer, docs, seq_len, batch_size, min_tokens, start):
+                acts = lm.activations(ids, site_list, attention_mask=mask)  # site -> [batch, seq, d_model]
+                keep = mask.bool()  # [batch, seq]
+                keep[:, 0] = False  # BOS
+                rows: dict[str, Tensor] = {}
+                shard_i = len(manifest["shards"]) + pending.n // shard_rows
+                for s, name in zip(site_list, names):
+                    a = acts[s]
+                    if a.shape[-1] != lm.d_model:
+                        raise ValueError(f"{path}: site {name} gives rows of width {a.shape[-1]}, not d_model={lm.d_model}")
+                    r = a[keep.to(a.device)].to("cpu", storage_dtype)  # [n, d_model]
+                    if not torch.isfinite(r).all():
+                        bad = int((~torch.isfinite(r)).any(-1).sum())
+                        raise ValueError(
+                            f"{path}: {bad} rows with NaN/inf activations at site {name} in shard {shard_name(shard_i)}"
+                        )
+                    rows[name] = r
+                rows["token_ids"] = ids[keep].to(torch.int32)  # [n]
+                rows["positions"] = torch.arange(ids.shape[1]).expand_as(ids)[keep].to(pos_dtype)  # [n]
+                offset = skip if batch_start == start else 0
+                room = n_tokens - written - pending.n
+                rows = {k: v[offset : offset + room] for k, v in rows.items()}
+                pending.add(rows, batch_start, offset)
+                last_after, batch_start = after, after
+                while pending.n >= shard_rows:
+                    flush(shard_rows)
+                if written + pending.n >= n_tokens:
+                    break
+        if pending.n:
+            flush(pending.n)
+        bar.close()
+        manifest["complete"] = True
+        write_json(path, manifest)
+        return ActivationCache(out)
 
 
 

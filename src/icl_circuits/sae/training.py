@@ -14,7 +14,8 @@ SAE spec is given and spreads the SAEs over the ranks when several are; `--ddp` 
     Only rank 0 writes checkpoints, metrics and SAEs; every rank resumes from rank 0's checkpoint.
 
 Run directory:
-    train_config.json            what was asked for (a resume must match it)
+    train_config.json            what was asked for (a resume must match it, but for n_tokens)
+    .train.lock                  held by the run training here (a second run into the folder gets RunBusy)
     checkpoint-rank{r}.pt        trainers (+ the activation store on rank 0), written atomically
                                  (data-parallel: checkpoint-rank0.pt only, read by every rank)
     metrics.jsonl                one line per logged step (spread over ranks: metrics-rank{r}.jsonl)
@@ -36,10 +37,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from icl_circuits.core.distributed import init_from_env, rank_world
+from icl_circuits.core.distributed import init_from_env, main_only, rank_world
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
-from icl_circuits.core.storage import atomic_write_bytes, write_json
+from icl_circuits.core.storage import ConfigMismatch, FolderLock, atomic_write_bytes, diff_keys, write_json
 from icl_circuits.sae.activations import ActivationStore
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sae.distributed import DistRowComm, my_rows
@@ -294,16 +295,33 @@ def _train(
     comm = DistRowComm() if ddp else None
     for tr in trainers.values():
         tr.comm = comm or tr.comm
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_or_write_header(out / "train_config.json", header)
-    if world > 1:
-        dist.barrier()
+    lock = main_only(lambda: _open_run(out, header), f"start training in {out}")  # rank 0 holds the folder's lock
+    try:
+        return _train_locked(trainers, mine, feed, cfg, out, rank, world, progress, ddp, comm, writes)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _open_run(out: Path, header: dict) -> FolderLock:
+    """Take the run folder (one training per folder: a second gets RunBusy) and check a resume's settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "train")  # also removes the temp files of a checkpoint write killed mid-way
+    try:
+        _check_or_write_header(out / "train_config.json", header)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _train_locked(
+    trainers: dict[str, SAETrainer], mine: list[SAESpec], feed, cfg: TrainConfig, out: Path, rank: int, world: int,  # type: ignore[no-untyped-def]
+    progress: bool, ddp: bool, comm: DistRowComm | None, writes: bool,
+) -> dict[str, JumpReLUSAE]:  # fmt: skip
+    """_train's loop, in a folder this run holds."""
     state = dict(step=0, tokens=0, epoch=0, seconds=0.0)  # seconds: training wall time, summed over resumes
     ckpt = out / f"checkpoint-rank{0 if ddp else rank}.pt"
-    for stale in out.glob(f"{ckpt.name}.*.tmp") if writes else ():  # a kill during a checkpoint write leaves its temp file
-        stale.unlink(missing_ok=True)
     if ckpt.is_file():
         saved = _load_checkpoint(ckpt)
         state = {"seconds": 0.0, **saved["state"]}
@@ -431,9 +449,9 @@ def _check_or_write_header(path: Path, header: dict) -> None:
         if same and old != header:
             write_json(path, header)
         elif not same:
-            raise ValueError(
-                f"{path.parent} holds a run with another configuration; use a new --out or delete it.\n"
-                f"  old: {old}\n  new: {header}"
+            raise ConfigMismatch(
+                f"{path.parent} holds a training run made with other settings ({'; '.join(diff_keys(old, header))}); "
+                "rerun with the same settings to resume (only --tokens may change), or use another --out"
             )
     else:
         write_json(path, header)
