@@ -183,10 +183,10 @@ def main() -> None:
             t = time.perf_counter()
             store = ActivationStore(lm, SITES, docs, seq_len=args.seq_len, batch_size=args.batch_size,
                                     buffer_batches=args.n_batches, seed=0)  # fmt: skip
-            rows = store.next(1)  # first read fills the buffer (~n_batches forwards of rows), then shuffles
+            store.next(1)  # first read fills the buffer (~n_batches forwards of rows), then shuffles
             store_times.append(time.perf_counter() - t)
             store_fw, store_rows = store.forwards, store.rows_left + 1
-            del rows, store
+            del store
         fw_batches = itertools.islice(token_batches(lm.tokenizer, docs, args.seq_len, args.batch_size), store_fw)
         store_tokens = sum(int(m.sum()) for _, m in fw_batches)
         gives = f"5 sites, end to end ({store_fw} batches)"

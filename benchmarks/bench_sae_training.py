@@ -79,7 +79,7 @@ def harvest(args: argparse.Namespace) -> tuple[torch.Tensor, str, float]:
         desc = f"synthetic N(mu, 0.3^2) rows, d_in {args.d_in}, mean norm {args.synthetic_norm:g}"
         return x, desc, time.perf_counter() - t
     if args.cache:
-        from icl_circuits.sae.cache import ActivationCache, manifest_summary
+        from icl_circuits.sae.cache_reader import ActivationCache, manifest_summary
 
         cache = ActivationCache(args.cache)
         cache.check(cache.manifest["model"], cache.d_model, [args.site])

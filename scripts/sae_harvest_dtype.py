@@ -17,7 +17,8 @@ import torch
 
 from icl_circuits.data.corpus import harvest_docs
 from icl_circuits.core.loading import load_model
-from icl_circuits.sae.cache import HarvestRun, harvest
+from icl_circuits.sae.cache import harvest
+from icl_circuits.sae.cache_reader import HarvestRun
 from icl_circuits.sae.evaluation import held_out_stats
 from icl_circuits.sae.training import TrainConfig, train_from_cache
 from icl_circuits.core.sites import Site

@@ -131,7 +131,7 @@ def test_sparsity_per_kind():
     cfg = _cfg(l1_coeff=30.0, l1_by_kind={"transcoder": 4.0})
     assert cfg.trainer_config(32, "transcoder").l1_coeff == 4.0
     assert cfg.trainer_config(32, "resid").l1_coeff == 30.0 == cfg.trainer_config(32, "attn").l1_coeff
-    from icl_circuits.cli import _kv_floats
+    from icl_circuits.cli.common import kv_floats as _kv_floats
 
     assert _kv_floats(["transcoder=4", "attn=2.5"]) == {"transcoder": 4.0, "attn": 2.5}
     with pytest.raises(SystemExit, match="KIND=NUMBER"):

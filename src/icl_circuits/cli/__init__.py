@@ -28,7 +28,6 @@ from icl_circuits import __version__
 from icl_circuits.core.distributed import init_from_env
 from icl_circuits.cli.analysis import add_circuit, add_detectors, add_heatmap, cmd_circuit, cmd_detectors, cmd_heatmap
 from icl_circuits.cli.common import N_SCORE_TOKENS, Parser, add_config, parse_layers
-from icl_circuits.cli.common import kv_floats as _kv_floats  # noqa: F401 - imported by tests under its old name
 from icl_circuits.cli.features import add_dashboards, add_examples, cmd_dashboards, cmd_examples
 from icl_circuits.cli.runs import add_reproduce, add_tasks, add_view, cmd_reproduce, cmd_tasks, cmd_view
 from icl_circuits.cli.sae_cmds import add_sae_commands, cmd_sae_compare, cmd_sae_eval, cmd_sae_export, cmd_sae_harvest, cmd_sae_train

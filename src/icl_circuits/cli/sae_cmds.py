@@ -56,7 +56,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
     specs = train_specs(args.saes)  # fail on a bad spec before the slow model load
     distributed = init_distributed_from_env()
-    from icl_circuits.sae.cache import HarvestRun
+    from icl_circuits.sae.cache_reader import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
     lm = load_lm(args, run.model if run else None)
@@ -127,7 +127,7 @@ def cmd_sae_harvest(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_compare(args: argparse.Namespace) -> int:
-    from icl_circuits.sae.cache import HarvestRun
+    from icl_circuits.sae.cache_reader import HarvestRun
     from icl_circuits.experiments.sae_compare import CompareConfig, run_compare, winner
 
     specs = train_specs(args.sae, "--sae")
@@ -172,7 +172,7 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: pass --sae SPEC (a path or kind:layer; repeatable) or --starter")
     for ref in refs:
         ref.check_path()  # a missing local path fails before the slow model load
-    from icl_circuits.sae.cache import HarvestRun
+    from icl_circuits.sae.cache_reader import HarvestRun
 
     run = HarvestRun(args.cache) if args.cache is not None else None
     lm = load_lm(args, run.model if run else None)
@@ -205,7 +205,7 @@ def cmd_sae_export(args: argparse.Namespace) -> int:
 
     corpus, prov = args.corpus, None
     if args.cache is not None:  # the harvest names the corpus and where its text came from
-        from icl_circuits.sae.cache import HarvestRun
+        from icl_circuits.sae.cache_reader import HarvestRun
 
         run = HarvestRun(args.cache)
         corpus, prov = run.settings["corpus"], run.train.manifest.get("provenance")

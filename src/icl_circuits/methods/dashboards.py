@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from icl_circuits.methods.examples.schema import token_text
 from icl_circuits.methods.masses import MASS_TYPES
 from icl_circuits.core.model import LM
 from icl_circuits.data.prompts import TOKEN_TYPES, TYPE_ID, icl_prompts
@@ -188,12 +189,6 @@ def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 0) -> tuple[tor
     return torch.cat(vals), torch.cat(idx)
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    from icl_circuits.methods.examples import _token_text as text_of
-
-    return text_of(tokenizer, token_id)
-
-
 def _default_tasks() -> list[Any]:
     from icl_circuits.data.tasks import list_tasks, load_tasks
 
@@ -290,7 +285,7 @@ def build_dashboards(
                     cache_bytes += size
             if pass_no == 1 and ti >= 0 and first:
                 p = sub.prompts[0]
-                prompts_rows[names[ti]] = ([_token_text(lm.tokenizer, i) for i in p.ids], [TOKEN_TYPES[t] for t in p.types])
+                prompts_rows[names[ti]] = ([token_text(lm.tokenizer, i) for i in p.ids], [TOKEN_TYPES[t] for t in p.types])
             for name, sae in saes.items():
                 acc = accs[name]
                 x = acts_at[sites[name]]
@@ -340,7 +335,7 @@ def build_dashboards(
 
         def text(i: int) -> str:
             if i not in texts:
-                texts[i] = _token_text(lm.tokenizer, i)
+                texts[i] = token_text(lm.tokenizer, i)
             return texts[i]
 
         for sid, (name, sae) in enumerate(saes.items()):

@@ -25,8 +25,7 @@ Held-out rows: `batches(..., eval_shards=N)` trains on all shards but the last N
 `batches(..., split="eval", eval_shards=N)` reads those N in order. The last shard is usually
 short, so N=2 holds out between 1 and 2 shards' worth of rows (see `split_rows`).
 
-The reading side (ActivationCache, HarvestRun, manifest_summary) is in sae/cache_reader.py,
-re-exported here.
+The reading side (ActivationCache, HarvestRun, manifest_summary) is in sae/cache_reader.py.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from icl_circuits.core.sites import Site, SiteLike
 from icl_circuits.core.storage import FolderLock, atomic_write_bytes, read_json, write_json
 from icl_circuits.sae.activations import Cursor, _batches
 from icl_circuits.sae.cache_reader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ActivationCache, _check_format, _check_same, shard_name
-from icl_circuits.sae.cache_reader import HarvestRun, manifest_summary  # noqa: F401 - imported from here (cli, scripts)
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -302,7 +300,7 @@ def compare_forward_dtypes(
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "ActivationCache", "compare_forward_dtypes", "harvest", "manifest_summary",
+    "FORMAT_NAME", "FORMAT_VERSION", "ActivationCache", "compare_forward_dtypes", "harvest",
     "shard_name",
 ]  # fmt: skip
 

@@ -35,7 +35,6 @@ from icl_circuits.methods.examples.build import build_example_store
 from icl_circuits.methods.examples.config import SCHEMA_VERSION, TOP, ExampleConfig
 from icl_circuits.methods.examples.sampling import sample_keys
 from icl_circuits.methods.examples.schema import SCHEMA
-from icl_circuits.methods.examples.schema import _token_text  # noqa: F401 - dashboards.py imports it from here
 from icl_circuits.methods.examples.store import Example, ExampleStore, summarize_store
 
 __all__ = [

@@ -58,7 +58,7 @@ def _docs_fingerprint(docs: Iterable[str]) -> str | None:
     return h.hexdigest()
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
+def token_text(tokenizer: Any, token_id: int) -> str:
     """How a token reads inside running text (SentencePiece's '▁' as a space, byte tokens as bytes)."""
     piece = tokenizer.convert_ids_to_tokens(int(token_id))
     if isinstance(piece, str) and piece.startswith("▁"):
@@ -149,7 +149,7 @@ def _commit(
                 ((sae_id, l, int(st.n_fired[l]), float(st.sum_act[l]), float(st.max_act[l])) for l in fired),
             )
         known = {r[0] for r in con.execute("SELECT id FROM tokens")} if token_ids else set()
-        con.executemany("INSERT INTO tokens VALUES (?, ?)", ((t, _token_text(tokenizer, t)) for t in sorted(token_ids - known)))
+        con.executemany("INSERT INTO tokens VALUES (?, ?)", ((t, token_text(tokenizer, t)) for t in sorted(token_ids - known)))
         con.execute("UPDATE meta SET value = ? WHERE key = 'cursor'", (json.dumps(cursor),))
         con.execute("INSERT INTO progress VALUES (?, ?, ?, ?, ?, ?)",
                     (step, cursor["doc"], cursor["chunk"], cursor["rows"], cursor["tokens"], seconds))  # fmt: skip

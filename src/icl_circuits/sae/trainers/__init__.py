@@ -17,7 +17,8 @@ Shared machinery (normalisation, centring, dead tracking, NaN safety, checkpoint
 the TopK family decodes sparsely (`icl_circuits.sae.sparse`).
 """
 
-from icl_circuits.sae.trainers.base import ARCHS, DEFAULT_L0_PER_DIM, DEFAULT_L1, TOPK_FAMILY, SAETrainer, TrainerConfig
+from icl_circuits.sae.trainers.base import SAETrainer
+from icl_circuits.sae.trainers.config import ARCHS, DEFAULT_L0_PER_DIM, DEFAULT_L1, TOPK_FAMILY, TrainerConfig
 from icl_circuits.sae.trainers.batchtopk import BatchTopKTrainer
 from icl_circuits.sae.trainers.gated import GatedTrainer
 from icl_circuits.sae.trainers.jumprelu import JumpReLUTrainer

@@ -32,8 +32,6 @@ import torch.nn.functional as F
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig, fold_b_dec_into_b_enc
 from icl_circuits.sae.distributed import LOCAL, RowComm
 from icl_circuits.sae.trainers.config import _DTYPES, TrainerConfig
-# re-exported: trainers/__init__.py imports these from here
-from icl_circuits.sae.trainers.config import ARCHS, DEFAULT_L0_PER_DIM, DEFAULT_L1, TOPK_FAMILY  # noqa: F401
 
 
 class SAETrainer:
