@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from icl_circuits.core.storage import ConfigMismatch
 from icl_circuits.experiments import sae_compare as C
 from icl_circuits.sae.activations import token_batches
 from icl_circuits.sae.cache import ActivationCache, harvest
@@ -82,7 +83,7 @@ def test_train_from_cache_refuses_another_site_or_config(caches, tmp_path):
     with pytest.raises(ValueError, match="not \\['resid_pre.0'\\]"):
         train_from_cache(train, _cfg(specs=["resid:0"]), tmp_path, progress=False)
     train_from_cache(train, _cfg(n_tokens=64), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ConfigMismatch, match=r"config.d_sae: \d+ -> 32"):
         train_from_cache(train, _cfg(n_tokens=64, d_sae=32), tmp_path, progress=False)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from icl_circuits import Task, zero_shot_prompts
+from icl_circuits.core.storage import ConfigMismatch
 from icl_circuits.data.prompts import PromptFormat
 from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector, jumprelu, load_cleaning
 from icl_circuits.methods.cleaning_task import cleaning_setup, clean_task
@@ -298,6 +299,20 @@ def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
     assert tv["tv_loss_delta"] == 0 and tv["l0_fraction"] is None  # the raw TV is dense
     assert all(math.isfinite(r["relative_loss_decrease"]) for r in rows)
     assert (tmp_path / "s" / "l1_sweep.png").is_file() and (tmp_path / "s" / "tv_loss_delta.svg").is_file()
+    # resume: nothing recomputed; a retrained SAE (same spec, other weights) is refused, in the sweep as in the
+    # cleaning run; a user task that shares a name but not the pairs is computed afresh
+    monkeypatch.setattr(runs, "clean_vector", lambda *a, **k: pytest.fail("recomputed"))
+    assert l1_sweep(lm, sae, tasks[:1], 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)[0] == rows
+    other = _sae(lm, scale=3.0, seed=7)
+    with pytest.raises(ConfigMismatch, match="sae_digest"):
+        l1_sweep(lm, other, tasks[:1], 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)
+    with pytest.raises(ConfigMismatch, match="sae_digest"):
+        run_cleaning(lm, other, tasks, 1, tmp_path / "c", cfg, tv_cfg, sae_spec="tiny", progress=False)
+    monkeypatch.undo()
+    renamed = [Task("many", tasks[1].pairs)]
+    again = l1_sweep(lm, sae, renamed, 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)[0]
+    fresh = l1_sweep(lm, sae, renamed, 1, tmp_path / "s2", [1e-3, 1e-1], cfg, tv_cfg, progress=False)[0]
+    assert again == fresh and again != rows
 
 
 def test_layer_comparison_scores_every_method_at_every_layer(tmp_path):

@@ -26,7 +26,7 @@ def test_atomic_write_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path,
 
 
 def test_append_on_a_full_disk_rolls_back_the_partial_record(tmp_path, disk_full):
-    from icl_circuits.core.storage import ResumeLog as AppendLog  # the log every resumable command appends to
+    from icl_circuits.core.storage import AppendLog  # the log every resumable command appends to
 
     path = tmp_path / "partial.jsonl"
     log = AppendLog(path, {"run": 1})

@@ -167,18 +167,18 @@ def test_detection_sweep_resume_refuses_other_layers(tmp_path, monkeypatch):
 
 def test_torn_log_line_is_never_glued_to_the_next_record(tmp_path):
     """Issue 18 'loose ends': a crash mid-append leaves a torn last line; the next append must not join it."""
-    from icl_circuits.core.storage import ResumeLog
+    from icl_circuits.core.storage import AppendLog
 
     path = tmp_path / "partial.jsonl"
-    log = ResumeLog(path, {"v": 1})
+    log = AppendLog(path, {"v": 1})
     log.add("a", [1])
     with path.open("a") as f:
         f.write('{"key": "b", "val')  # killed mid-write
-    log = ResumeLog(path, {"v": 1})
+    log = AppendLog(path, {"v": 1})
     assert set(log.done) == {"a"}
     log.add("b", [2])
     log.add("c", [3])
-    assert ResumeLog(path, {"v": 1}).done == {"a": [1], "b": [2], "c": [3]}
+    assert AppendLog(path, {"v": 1}).done == {"a": [1], "b": [2], "c": [3]}
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 

@@ -244,13 +244,6 @@ class AppendLog:
         self.done[key] = value
 
 
-class ResumeLog(AppendLog):
-    """An AppendLog keyed by the caller (kept for callers that key by task name); another header starts afresh."""
-
-    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
-        super().__init__(path, header, on_other_header="fresh")
-
-
 class FolderLock:
     """One writer per folder: an exclusive flock on `folder/.NAME.lock`, which records its holder.
 

@@ -6,17 +6,18 @@ their content and the settings. One task's cleaning with its baselines is `metho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from icl_circuits.methods.cleaning import CleaningConfig, CleaningResult, clean_vector, load_cleaning
 from icl_circuits.core.distributed import gather_in_order, is_main, my_share, shared_run
 from icl_circuits.core.model import LM
-from icl_circuits.sae.dictionary import JumpReLUSAE
-from icl_circuits.core.storage import ResumeLog, read_json, write_csv, write_json
+from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
+from icl_circuits.core.storage import RunDir, read_json, write_csv, write_json
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 from icl_circuits.data.tasks import Task, check_unique_names, is_builtin, save_task
 from icl_circuits.methods.cleaning_task import L1_GRID, baseline_scores, clean_task, cleaning_setup, summary_rows
@@ -41,7 +42,7 @@ def run_cleaning(
 
     out = Path(out_dir)
     check_unique_names(list(tasks))
-    header = dict(model=lm.name, layer=layer, sae=sae_spec, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
+    header = dict(model=lm.name, layer=layer, sae=sae_spec, sae_digest=sae_digest(sae), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
     with shared_run(out, header, kind="cleaning") as run:  # under torchrun: tasks split over ranks (distributed.py)
         write_json(out / "cleaning_config.json", header)
         results = []
@@ -112,13 +113,10 @@ def l1_sweep(
     from icl_circuits.viz.plots import plot_l1_sweep, plot_tv_loss_delta
 
     out = Path(out_dir)
-    header = dict(model=lm.name, layer=layer, sae=sae_spec, l1=list(l1_coeffs), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
-    log = ResumeLog(out / "l1_sweep.jsonl", header)
-    bar = tqdm(tasks, desc="λ sweep", disable=not progress)
-    for task in bar:
-        if task.name in log.done:
-            continue
-        bar.set_postfix(task=task.name)
+    header = dict(model=lm.name, layer=layer, sae=sae_spec, sae_digest=sae_digest(sae), l1=list(l1_coeffs), config=cfg.to_dict(),
+                  tv_config=tv_cfg.to_dict())  # fmt: skip
+
+    def one(task: Task) -> list[dict]:
         setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
         base = baseline_scores(setup, sae)
         l0_tv = base["sae_reconstruction"]["l0"]
@@ -129,11 +127,30 @@ def l1_sweep(
                 init=setup.initial_latents(sae, cfg),
             )  # fmt: skip
             rows.append(_sweep_row(task.name, "tvc", l1, r.scores["tvc"], base, l0_tv, steps=r.steps))
-        log.add(task.name, rows)
-    rows = [row for t in tasks for row in log.done[t.name]]
+        return rows
+
+    rows = [row for rs in per_task(out, header, "l1_sweep", tasks, one, progress, "λ sweep") for row in rs]
     files = [write_csv(out / "l1_sweep.csv", rows), write_json(out / "l1_sweep.json", dict(**header, rows=rows))]
     files += plot_l1_sweep(rows, out / "l1_sweep") + plot_tv_loss_delta(rows, out / "tv_loss_delta")
     return rows, files
+
+
+def per_task(
+    out: Path, header: dict, name: str, tasks: Sequence[Task], compute: Callable[[Task], Any], progress: bool, desc: str = "",
+) -> list[Any]:  # fmt: skip
+    """[compute(task) for task in tasks] in a RunDir at `out` (`name`_run.json, `name`_progress.jsonl): a log line per finished
+    task, keyed by the task's content and the run's settings (SAE digests included), so an interrupted run redoes
+    no finished task, a rerun under other settings is refused, and a same-named task with other pairs is computed
+    afresh."""
+    check_unique_names(list(tasks))
+    with RunDir(out, header, kind=name.replace("_", " "), name=f"{name}_run") as run:
+        log = run.log(f"{name}_progress.jsonl")
+        bar = tqdm(tasks, desc=desc or name.replace("_", " "), disable=not progress)
+        for task in bar:
+            if run.key(task.digest) not in log.done:
+                bar.set_postfix(task=task.name)
+                log.add(run.key(task.digest), compute(task))
+        return [log.done[run.key(t.digest)] for t in tasks]
 
 
 def _sweep_row(task: str, method: str, l1: float | None, s: dict, base: dict, l0_tv: float, steps: int = 0) -> dict:
@@ -155,19 +172,17 @@ def layer_comparison(
 
     out = Path(out_dir)
     layers = sorted(saes)
-    header = dict(model=lm.name, layers=layers, config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
-    log = ResumeLog(out / "layer_comparison.jsonl", header)
-    bar = tqdm(tasks, desc="layer comparison", disable=not progress)
-    for task in bar:
-        if task.name in log.done:
-            continue
-        bar.set_postfix(task=task.name)
+    header = dict(model=lm.name, layers=layers, saes={str(l): sae_digest(saes[l]) for l in layers}, config=cfg.to_dict(),
+                  tv_config=tv_cfg.to_dict())  # fmt: skip
+
+    def one(task: Task) -> list[dict]:
         rows = []
         for layer in layers:
             r = clean_task(lm, saes[layer], task, layer, cfg, tv_cfg, effects=False)
             rows += [dict(task=task.name, layer=layer, method=m, **s) for m, s in r.scores.items() if m != "zero_shot"]
-        log.add(task.name, rows)
-    rows = [row for t in tasks for row in log.done[t.name]]
+        return rows
+
+    rows = [row for rs in per_task(out, header, "layer_comparison", tasks, one, progress) for row in rs]
     files = [write_csv(out / "layer_comparison.csv", rows)] + plot_layer_comparison(rows, out / "layer_comparison")
     return rows, files
 
@@ -184,13 +199,10 @@ def sae_downstream(
     """Several SAEs of one layer side by side: per task, the relative loss decrease of the TV, its SAE
     reconstruction and ITO-k, all on the same evaluation prompts (resumable per task)."""
     out = Path(out_dir)
-    header = dict(model=lm.name, layer=layer, saes=sorted(saes), ito=list(ito_l0s), config=cfg.to_dict(), tv_config=tv_cfg.to_dict())
-    log = ResumeLog(out / "downstream.jsonl", header)
-    bar = tqdm(tasks, desc=f"SAEs downstream (layer {layer})", disable=not progress)
-    for task in bar:
-        if task.name in log.done:
-            continue
-        bar.set_postfix(task=task.name)
+    header = dict(model=lm.name, layer=layer, saes={n: sae_digest(saes[n]) for n in sorted(saes)}, ito=list(ito_l0s),
+                  config=cfg.to_dict(), tv_config=tv_cfg.to_dict())  # fmt: skip
+
+    def one(task: Task) -> dict:
         setup = cleaning_setup(lm, task, layer, cfg, tv_cfg)
         row: dict = dict(task=task.name)
         for name, sae in saes.items():
@@ -200,8 +212,9 @@ def sae_downstream(
             row[f"{name}_sae_l0"] = s["sae_reconstruction"]["l0"]
             for k in ito_l0s:
                 row[f"{name}_ito_{k}"] = s[f"ito_{k}"]["relative_loss_decrease"]
-        log.add(task.name, row)
-    rows = [log.done[t.name] for t in tasks]
+        return row
+
+    rows = per_task(out, header, "downstream", tasks, one, progress, f"SAEs downstream (layer {layer})")
     mean = {"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}
     rows.append(mean)
     return rows, [write_csv(out / "downstream.csv", rows), write_json(out / "downstream.json", dict(**header, rows=rows))]
