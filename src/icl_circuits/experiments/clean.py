@@ -146,11 +146,12 @@ def per_task(
     with RunDir(out, header, kind=name.replace("_", " "), name=f"{name}_run") as run:
         log = run.log(f"{name}_progress.jsonl")
         bar = tqdm(tasks, desc=desc or name.replace("_", " "), disable=not progress)
+        keys = {t.name: run.key(t.digest) for t in tasks}
         for task in bar:
-            if run.key(task.digest) not in log.done:
+            if keys[task.name] not in log.done:
                 bar.set_postfix(task=task.name)
-                log.add(run.key(task.digest), compute(task))
-        return [log.done[run.key(t.digest)] for t in tasks]
+                log.add(keys[task.name], compute(task))
+        return [log.done[keys[t.name]] for t in tasks]
 
 
 def _sweep_row(task: str, method: str, l1: float | None, s: dict, base: dict, l0_tv: float, steps: int = 0) -> dict:

@@ -82,8 +82,6 @@ def starter_sae(lm: LM, spec: str, train_if_missing: bool = True, progress: bool
 
 def _stamp(sae: JumpReLUSAE, folder: Path) -> JumpReLUSAE:
     """Record the suite version in the SAE and its saved folder."""
-    from icl_circuits.sae.formats import with_config
-
     sae = with_config(sae, extra={**sae.cfg.extra, "suite_version": SUITE_VERSION})
     save_sae(sae, folder)
     return sae
