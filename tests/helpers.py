@@ -11,8 +11,8 @@ Layout rules (tests/test_layout.py checks the first one):
     named for what they check (test_device.py, test_bundled.py, test_layout.py; tests/reliability/ for fault
     injection).
 
-Sections below are named after the test file each helper was moved from; names that clashed between
-files got a prefix (CIRCUIT_WORDS, VIEWER_WORDS, DASHBOARD_WORDS, EXAMPLE_WORDS, dashboard_lm, ...).
+Sections below group the helpers by what they build; word lists that differ between uses carry a prefix
+(CIRCUIT_WORDS, VIEWER_WORDS, DASHBOARD_WORDS, EXAMPLE_WORDS).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from icl_circuits.core.storage import write_json
 from icl_circuits.interventions.steer import Steerer
 
 
-# -- from tests/conftest.py ------------------------------------------------------------------------------------
+# -- tiny models of every family, word tokenizers, torch.distributed ranks -------------------------------------
 
 VOCAB = 160
 D = 32
@@ -130,33 +130,15 @@ def run_ranks(worker: object, world: int, root: object, out: object) -> None:
         assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
 
 
-# -- from tests/test_task_vectors.py ---------------------------------------------------------------------------
+# -- task pairs and a tiny model that knows their words (steering, TVC, heatmaps, detection) -------------------
 
 ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("dark", "light"),
             ("hard", "soft"), ("tall", "short"), ("rich", "poor"), ("wet", "dry"), ("early", "late"), ("full", "empty")]  # fmt: skip
 UPPER = [(w, w.upper()) for w in ("cat", "dog", "sun", "car", "tree", "book", "fish", "bird", "moon", "star", "milk", "rain")]
 
 
-def _setup(family: str = "gemma3"):
-    """A tiny random `family` model with a word tokenizer over the ICL template words and ANTONYMS + UPPER."""
-    lm, _ = make_tiny(family)
-    words = ["Follow", "the", "pattern:", "->"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
-
-
-# -- steering: a tiny model with the prompt words -------------------------------------------------------------------------------
-
-def steering_lm(family: str = "gemma3"):
-    """A tiny model whose tokenizer knows the prompt words, "X" and "Y" (fake pairs) and the antonym / upper-case pairs."""
-    lm, _ = make_tiny(family)
-    words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
-    lm.tokenizer = word_tokenizer(words)
-    return lm
-
-
-def _steering_sae(lm, layer: int = 1, d_sae: int = 12, seed: int = 0) -> JumpReLUSAE:
-    """test_steering.py's _sae: a random JumpReLU SAE at resid_pre.{layer} (no threshold, input/output scale 0.5)."""
+def random_sae(lm, layer: int = 1, d_sae: int = 12, seed: int = 0) -> JumpReLUSAE:
+    """A random JumpReLU SAE at resid_pre.{layer} (no threshold, input/output scale 0.5)."""
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=d_sae, site=f"resid_pre.{layer}", layer=layer, input_scale=0.5, output_scale=0.5)
     tensors = {"W_enc": torch.randn(lm.d_model, d_sae, generator=g), "W_dec": torch.randn(d_sae, lm.d_model, generator=g),
@@ -164,13 +146,14 @@ def _steering_sae(lm, layer: int = 1, d_sae: int = 12, seed: int = 0) -> JumpReL
     return JumpReLUSAE(cfg, tensors)
 
 
-# -- from tests/test_cleaning.py -------------------------------------------------------------------------------
+# -- SAEs and a zero-shot steerer on that model (TVC, ITO, the reliability tests) ------------------------------
 
 MANY = ANTONYMS + UPPER + [(y, x) for x, y in ANTONYMS + UPPER]  # 48 pairs, no new words (the tiny vocab is 160)
 
 
-def _lm(family: str = "gemma3", dtype: torch.dtype = torch.float32):
-    """A tiny random `family` model in `dtype`, tokenizer over the ICL words, "X", "Y" and ANTONYMS + UPPER."""
+def pair_lm(family: str = "gemma3", dtype: torch.dtype = torch.float32) -> LM:
+    """A tiny random `family` model in `dtype` whose word tokenizer knows the ICL template words, "X" and "Y"
+    (fake pairs) and ANTONYMS + UPPER."""
     lm, _ = make_tiny(family)
     lm.model.to(dtype)
     words = ["Follow", "the", "pattern:", "->", "X", "Y"] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
@@ -178,7 +161,7 @@ def _lm(family: str = "gemma3", dtype: torch.dtype = torch.float32):
     return lm
 
 
-def _sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0) -> JumpReLUSAE:
+def unit_sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0) -> JumpReLUSAE:
     """A JumpReLU SAE at resid_pre.{layer} with unit decoder rows (times `scale`) and an encoder close to their
     transpose, in the model's dtype."""
     g = torch.Generator().manual_seed(seed)
@@ -196,13 +179,13 @@ def _sae(lm, layer: int = 1, d_sae: int = 24, seed: int = 0, scale: float = 1.0)
     return JumpReLUSAE(cfg, tensors).to(lm.dtype)
 
 
-def _steering(lm, layer: int = 1, n: int = 6) -> Steerer:
+def antonym_steerer(lm, layer: int = 1, n: int = 6) -> Steerer:
     """Zero-shot steering at `layer` over `n` ANTONYMS prompts (what TVC cleaning optimises through)."""
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n, seed=1)
     return Steerer(lm, zero, layers=[layer])
 
 
-# -- from tests/test_circuits.py -------------------------------------------------------------------------------
+# -- circuits: a toy task, random SAEs at every kind of site ---------------------------------------------------
 
 PAIRS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("wet", "dry"), ("old", "new"),
          ("rich", "poor"), ("hard", "soft"), ("dark", "light"), ("early", "late"), ("high", "low"), ("full", "empty")]  # fmt: skip
@@ -252,7 +235,7 @@ def setup(family: str = "gemma3", layers=(0, 1), dtype=torch.float32, **kw):
     return lm, cfg, saes, batch
 
 
-# -- from tests/test_viewer.py ---------------------------------------------------------------------------------
+# -- result folders as the code writes them (viewer, report) ---------------------------------------------------
 
 SCRIPT = "<script>alert(1)</script>"
 EVIL_TASK = "<img src=x onerror=alert(2)>"  # a task name carrying markup
@@ -349,7 +332,7 @@ def hf_metric(lm, batch, pairs="all_but_first") -> float:
     return float(lp.gather(-1, sc.targets[:, None]).mean())
 
 
-# -- from tests/test_dashboards.py -----------------------------------------------------------------------------
+# -- dashboards: a real run of the dashboard builder on a tiny model -------------------------------------------
 
 MARKUP = "<b>x</b>"  # a token carrying markup
 DASHBOARD_WORDS = ["Follow", "the", "pattern:", "->", "X", "Y", MARKUP] + [w for x, y in ANTONYMS + UPPER for w in (x, y)]
@@ -358,14 +341,14 @@ DASHBOARD_LAYER = 1
 
 
 def dashboard_lm():
-    """test_dashboards.py's tiny_lm: a tiny Gemma 3 with a word tokenizer over DASHBOARD_WORDS."""
+    """A tiny Gemma 3 with a word tokenizer over DASHBOARD_WORDS."""
     lm, _ = make_tiny("gemma3")  # Gemma 3: a final RMSNorm with (1 + w) weights, randomised
     lm.tokenizer = word_tokenizer(DASHBOARD_WORDS)
     return lm
 
 
 def dashboard_sae(lm, d_sae: int = 24, seed: int = 0, layer: int = DASHBOARD_LAYER):
-    """test_dashboards.py's tiny_sae: a JumpReLU SAE at resid_pre.{layer}, decoder rows of norm 3, output_scale 1.25."""
+    """A JumpReLU SAE at resid_pre.{layer}, decoder rows of norm 3, output_scale 1.25."""
     from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 
     g = torch.Generator().manual_seed(seed)
@@ -379,7 +362,7 @@ def dashboard_sae(lm, d_sae: int = 24, seed: int = 0, layer: int = DASHBOARD_LAY
 
 
 def dashboard_tasks():
-    """test_dashboards.py's tasks: MANY as "antonyms" and EVIL_TASK, whose outputs are partly MARKUP."""
+    """MANY as "antonyms" and EVIL_TASK, whose outputs are partly MARKUP."""
     from icl_circuits.data.tasks import Task
 
     evil = [(x, MARKUP if i % 2 == 0 else y) for i, (x, y) in enumerate(MANY)]
@@ -438,18 +421,18 @@ def direct_lens(lm, sae, through_norm: bool = True) -> torch.Tensor:
     return d @ lm.model.get_output_embeddings().weight.detach().float().T
 
 
-def _fired_latent(run) -> int:
+def fired_latent(run) -> int:
     """The latent of real_run()'s SAE_NAME that is active in the most tasks (then fires most often)."""
     store = DashboardStore(run["root"] / "dashboards.sqlite")
     return max(range(run["sae"].d_sae), key=lambda i: (len(store.feature(SAE_NAME, i).tasks), store.feature(SAE_NAME, i).n_fired))
 
 
-def _steered_latent(run) -> int:
+def steered_latent(run) -> int:
     """The first feature of real_run()'s steering heatmap."""
     return run["heatmap"].features[0]
 
 
-# -- from tests/test_examples.py -------------------------------------------------------------------------------
+# -- max-activating examples -----------------------------------------------------------------------------------
 
 EXAMPLE_WORDS = [f"w{i}" for i in range(50)] + ["<script>alert(1)</script>"]
 
@@ -487,16 +470,11 @@ def cli_examples_end_to_end(lm, docs, tmp_path):
     assert main(argv) == 0  # a second run finds the complete store and only re-reports
 
 
-# -- from tests/reliability/conftest.py ------------------------------------------------------------------------
-
-def tiny_lm(family: str = "gemma3"):
-    """_setup(family): a tiny random model whose tokenizer knows the ICL template words and ANTONYMS + UPPER."""
-    return _setup(family)
-
+# -- command-line runs: a saved model folder, one-line errors, task files --------------------------------------
 
 def saved_model(tmp_path, lm=None):
     """A tiny model + tokenizer saved as a local folder (what --model takes)."""
-    lm = lm or _lm("llama")
+    lm = lm or pair_lm("llama")
     folder = tmp_path / "tiny_model"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
@@ -598,7 +576,7 @@ def device_audit(check: bool = True) -> Iterator[FactoryAudit]:
         mode.check()
 
 
-# -- from tests/methods/test_link.py (masses, frozen attention, the link) --------------------------------------
+# -- detection SAEs (masses, frozen attention, the link) -------------------------------------------------------
 
 
 def detection_sae(lm, layer: int, d_sae: int = 10, seed: int = 0) -> JumpReLUSAE:

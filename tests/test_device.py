@@ -25,7 +25,7 @@ from icl_circuits import Task, zero_shot_prompts
 from icl_circuits.cli import build_parser, main
 from icl_circuits.core.loading import DTYPES, resolve_device, resolve_dtype
 
-from tests.helpers import ANTONYMS, MANY, _lm, _sae, device_audit, make_tiny, tiny_saes, toy_batch
+from tests.helpers import ANTONYMS, MANY, pair_lm, unit_sae, device_audit, make_tiny, tiny_saes, toy_batch
 
 # -- 1. the CLI ---------------------------------------------------------------------------------
 
@@ -155,9 +155,9 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     from icl_circuits.methods.task_vectors import TaskVectorConfig, extract_task_vectors
 
     out: dict[str, object] = {}
-    lm = _lm("gemma3", dtype)
+    lm = pair_lm("gemma3", dtype)
     task = Task("many", tuple(MANY))
-    sae = _sae(lm).float().to(lm.device)  # the CLI's SAEs: float32 on the model's device
+    sae = unit_sae(lm).float().to(lm.device)  # the CLI's SAEs: float32 on the model's device
     # task vectors and steering
     icl = icl_prompts(lm.tokenizer, task, 3, 3, seed=0)
     out["tv"] = extract_task_vectors(lm, icl, [1])[1]
@@ -174,7 +174,7 @@ def _entry_points(dtype: torch.dtype) -> dict[str, object]:
     out["ito"] = ito_weights(sae, out["tv"], 2)
     # detection: token-type masses and the detector -> executor link (frozen attention)
     out["masses"] = activation_masses(lm, [task], {"x": (sae, {"many": [0, 1, 2]})}, MassConfig(n_prompts=2, n_shots=2), progress=False)
-    out["link"] = link_on_batch(lm, icl, [0, 1], [2, 3], _sae(lm, layer=0).float(), sae)[0]
+    out["link"] = link_on_batch(lm, icl, [0, 1], [2, 3], unit_sae(lm, layer=0).float(), sae)[0]
     # circuits: node and edge effects, ablations, faithfulness
     clm, _ = make_tiny("gemma3")
     clm.model.to(dtype)
@@ -245,8 +245,8 @@ def _planted_tvc(dtype: torch.dtype, targets: torch.Tensor | None = None):  # no
     from icl_circuits.methods.cleaning import CleaningConfig, clean_vector
     from icl_circuits.interventions.steer import Steerer
 
-    lm = _lm("gemma3", dtype)
-    sae = _sae(lm, d_sae=24, seed=4, scale=4.0).float()  # the CLI's SAEs stay float32 with a bf16 model
+    lm = pair_lm("gemma3", dtype)
+    sae = unit_sae(lm, d_sae=24, seed=4, scale=4.0).float()  # the CLI's SAEs stay float32 with a bf16 model
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 8, seed=1)
     w_true = torch.zeros(24)
     w_true[[1, 7, 20]] = torch.tensor([3.0, 2.5, 2.0])

@@ -88,11 +88,11 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
 def test_clean_command_on_local_folder(tmp_path, capsys):
     from icl_circuits.sae.formats import save_sae
 
-    from tests.helpers import MANY, _lm, _sae
+    from tests.helpers import MANY, pair_lm, unit_sae
 
-    lm = _lm("llama")
+    lm = pair_lm("llama")
     model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")
-    sae = _sae(lm, layer=1, scale=3.0)
+    sae = unit_sae(lm, layer=1, scale=3.0)
     sae.cfg.model = str(model_dir)  # the name load_model gives a folder
     save_sae(sae, tmp_path / "sae")
     task_file = tmp_path / "many.json"
@@ -120,12 +120,12 @@ def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
     from icl_circuits.methods.masses import MASS_TYPES
     from icl_circuits.sae.formats import save_sae
 
-    from tests.helpers import MANY, _lm, _sae
+    from tests.helpers import MANY, pair_lm, unit_sae
 
-    lm = _lm("llama")
+    lm = pair_lm("llama")
     model_dir = _saved(lm.model, lm.tokenizer, tmp_path / "tiny")
     for layer in (0, 1):
-        sae = _sae(lm, layer=layer, scale=3.0, seed=layer)
+        sae = unit_sae(lm, layer=layer, scale=3.0, seed=layer)
         sae.cfg.model = str(model_dir)
         save_sae(sae, tmp_path / f"sae{layer}")
     tasks = []

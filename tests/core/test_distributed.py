@@ -16,7 +16,7 @@ from icl_circuits.core.distributed import gather_in_order, my_share, shared_run
 from icl_circuits.core.storage import RunBusy
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 
-from tests.helpers import MANY, _lm, _sae, run_ranks
+from tests.helpers import MANY, pair_lm, unit_sae, run_ranks
 
 TASKS = [Task("many", tuple(MANY)), Task("many2", tuple((y, x) for x, y in MANY))]
 TV_CFG = TaskVectorConfig(n_prompts=3, n_shots=3)
@@ -26,22 +26,20 @@ CFG = CleaningConfig(n_train=4, n_eval=4, max_steps=8, patience=3)
 def _clean(out: Path):  # noqa: ANN202
     from icl_circuits.experiments.clean import run_cleaning
 
-    lm = _lm()
-    return run_cleaning(lm, _sae(lm, scale=3.0), TASKS, 1, out, CFG, TV_CFG, sae_spec="tiny", progress=False)
+    lm = pair_lm()
+    return run_cleaning(lm, unit_sae(lm, scale=3.0), TASKS, 1, out, CFG, TV_CFG, sae_spec="tiny", progress=False)
 
 
 def _heatmap(out: Path):  # noqa: ANN202
     from icl_circuits.methods.heatmaps import FeatureSet, HeatmapConfig, positive_heatmap
 
-    from tests.helpers import ANTONYMS, UPPER
-    from tests.helpers import _steering_sae as steering_sae
-    from tests.helpers import steering_lm as _setup
+    from tests.helpers import ANTONYMS, UPPER, random_sae
 
-    lm = _setup()
+    lm = pair_lm()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3, 5], [3, 8]), "upper": FeatureSet("upper", [5, 9], [1])}
     cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0), n_eval=4, vectors_per_pass=3, scale_mode="per_feature")
-    return positive_heatmap(lm, tasks, sets, steering_sae(lm), cfg, out_dir=out, progress=False)
+    return positive_heatmap(lm, tasks, sets, random_sae(lm), cfg, out_dir=out, progress=False)
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:

@@ -10,13 +10,13 @@ from icl_circuits import Task, icl_prompts, zero_shot_prompts
 from icl_circuits.core.sites import Site
 from icl_circuits.interventions.steer import Steerer, feature_directions, feature_intervention
 
-from tests.helpers import ANTONYMS, _setup
-from tests.helpers import _steering_sae as _sae
+from tests.helpers import ANTONYMS, pair_lm
+from tests.helpers import random_sae
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
 def test_steering_matches_direct_full_forward(family):
-    lm = _setup(family)
+    lm = pair_lm(family)
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 6, seed=1)
     steering = Steerer(lm, zero, layers=[1])
     v = torch.randn(lm.d_model)
@@ -48,7 +48,7 @@ def test_steering_matches_direct_full_forward(family):
 
 
 def test_zero_vector_is_no_change_and_padding_does_not_leak():
-    lm = _setup()
+    lm = pair_lm()
     task = Task("ant", tuple(ANTONYMS))
     zero = zero_shot_prompts(lm.tokenizer, task, 8, seed=0)
     steering = Steerer(lm, zero, layers=[0, 1])
@@ -65,7 +65,7 @@ def test_zero_vector_is_no_change_and_padding_does_not_leak():
 
 
 def test_steering_vector_gradient_flows():
-    lm = _setup()
+    lm = pair_lm()
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 4)
     steering = Steerer(lm, zero, layers=[1])
     v = torch.zeros(lm.d_model, requires_grad=True)
@@ -75,8 +75,8 @@ def test_steering_vector_gradient_flows():
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
 def test_feature_steering_adds_exactly_scale_times_decoder_row_at_chosen_positions(family):
-    lm = _setup(family)
-    sae = _sae(lm, layer=1)
+    lm = pair_lm(family)
+    sae = random_sae(lm, layer=1)
     batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=3, n_shots=2, seed=0)
     where = batch.arrow_mask("all")
     clean = lm.run(batch.input_ids, batch.attention_mask, read=["resid_pre.1"]).acts[Site(1, "resid_pre")]
@@ -123,7 +123,7 @@ def _reference_scores(lm, batch, steer_at, vector, pairs: str):
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_batched_scores_match_direct_full_forward(family, prefix_cache):
     """Steering at every arrow of ICL prompts, every pair scored: `score` and the baseline against a plain forward."""
-    lm = _setup(family)
+    lm = pair_lm(family)
     batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=5, n_shots=3, seed=1)
     st = Steerer(lm, batch, [1], steer_at=batch.arrow_mask("all"), prefix_cache=prefix_cache, scoring="all")
     vecs = torch.randn(4, lm.d_model)
@@ -142,7 +142,7 @@ def test_batched_scores_match_direct_full_forward(family, prefix_cache):
 def test_score_agrees_with_one_evaluation_per_vector_with_and_without_prefix_cache():
     """`score` (batch copies, several vectors a pass) gives the relative loss decrease of `evaluate`, one vector at a
     time through the prefix-cached suffixes; with prefix_cache=False too."""
-    lm = _setup()
+    lm = pair_lm()
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 6, seed=1)
     ref = Steerer(lm, zero, [1])
     vecs = torch.randn(3, lm.d_model)
@@ -153,8 +153,8 @@ def test_score_agrees_with_one_evaluation_per_vector_with_and_without_prefix_cac
 
 
 def test_bad_inputs_are_clear_errors():
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 3, seed=1)
     with pytest.raises(ValueError, match="outside"):
         feature_directions(sae, [12])
@@ -175,7 +175,7 @@ def test_prefix_cache_gives_the_full_pass_values_and_gradients_for_mixed_lengths
     re-runs only its suffix on cached keys/values. Values and gradients must equal the plain pass."""
     from icl_circuits.data.prompts import fake_pair_prompts
 
-    lm = _setup(family)
+    lm = pair_lm(family)
     words = [x for x, _ in ANTONYMS]
     pairs = [(" ".join(words[i : i + 1 + i % 3]), y) for i, (_, y) in enumerate(ANTONYMS)]  # inputs of 1-3 tokens
     task = Task("mixed", tuple(pairs))
@@ -213,7 +213,7 @@ def test_score_equals_one_evaluation_per_vector(family):
     against `evaluate` one vector at a time, for mixed-length prompt groups and both steering positions."""
     from icl_circuits.data.prompts import fake_pair_prompts
 
-    lm = _setup(family)
+    lm = pair_lm(family)
     words = [x for x, _ in ANTONYMS]
     pairs = [(" ".join(words[i : i + 1 + i % 3]), y) for i, (_, y) in enumerate(ANTONYMS)]  # inputs of 1-3 tokens
     task = Task("mixed", tuple(pairs))

@@ -21,7 +21,7 @@ from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.interventions.steer import Steerer
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 
-from tests.helpers import ANTONYMS, MANY, _lm, _sae, _steering
+from tests.helpers import ANTONYMS, MANY, pair_lm, unit_sae, antonym_steerer
 
 
 def _direct_loss(lm, steering: Steerer, layer: int, v: torch.Tensor) -> float:
@@ -51,9 +51,9 @@ def _direct_loss(lm, steering: Steerer, layer: int, v: torch.Tensor) -> float:
 # float32 even in a float64 model, so there a larger step keeps float32 rounding out of the difference quotient.
 @pytest.mark.parametrize("family, eps, rel", [("gpt2", 1e-6, 1e-6), ("gemma3", 1e-3, 2e-2)])
 def test_tvc_gradient_matches_finite_differences_of_a_direct_forward(family, eps, rel):
-    lm = _lm(family, torch.float64)
-    sae = _sae(lm).double()
-    steering = _steering(lm)
+    lm = pair_lm(family, torch.float64)
+    sae = unit_sae(lm).double()
+    steering = antonym_steerer(lm)
     l1 = 0.01
     W, b = sae.W_dec.detach(), sae.b_dec.detach()
     theta = sae.pre_acts(torch.randn(lm.d_model, dtype=torch.float64) * 3).detach()
@@ -93,8 +93,8 @@ class _Quadratic:
 
 
 def test_planted_three_directions_are_recovered():
-    lm = _lm()
-    sae = _sae(lm, d_sae=24, seed=3)
+    lm = pair_lm()
+    sae = unit_sae(lm, d_sae=24, seed=3)
     planted = [2, 9, 17]
     w_true = torch.zeros(24)
     w_true[planted] = torch.tensor([2.0, 1.5, 1.0])
@@ -108,8 +108,8 @@ def test_planted_three_directions_are_recovered():
 
 def test_planted_directions_on_a_real_tiny_model():
     """The 'task' is whatever the planted vector makes the model say: TVC must keep only its latents."""
-    lm = _lm()
-    sae = _sae(lm, d_sae=24, seed=4, scale=4.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, d_sae=24, seed=4, scale=4.0)
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 8, seed=1)
     planted = [1, 7, 20]
     w_true = torch.zeros(24)
@@ -131,8 +131,8 @@ def test_planted_directions_on_a_real_tiny_model():
 
 
 def test_early_stopping_fires_after_patience_steps_without_an_l0_change():
-    lm = _lm()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = unit_sae(lm)
     tv = torch.randn(lm.d_model) * 2
     setting = _Quadratic(lm, tv)
     # λ = 0 and a tiny lr: L0 never changes, so it stops after exactly `patience` steps
@@ -149,17 +149,17 @@ def test_early_stopping_fires_after_patience_steps_without_an_l0_change():
 
 
 def test_bad_input_gives_clear_errors():
-    lm = _lm()
-    steering = _steering(lm)
-    other = _sae(SimpleNamespace(d_model=lm.d_model + 8, name=lm.name, dtype=torch.float32))
+    lm = pair_lm()
+    steering = antonym_steerer(lm)
+    other = unit_sae(SimpleNamespace(d_model=lm.d_model + 8, name=lm.name, dtype=torch.float32))
     with pytest.raises(ValueError, match="d_in"):
         clean_vector(other, steering, 1, torch.zeros(lm.d_model))
     with pytest.raises(ValueError, match="resid_pre.1"):
-        clean_vector(_sae(lm, layer=0), steering, 1, torch.zeros(lm.d_model))
+        clean_vector(unit_sae(lm, layer=0), steering, 1, torch.zeros(lm.d_model))
     with pytest.raises(ValueError, match="NaN"):
-        clean_vector(_sae(lm), steering, 1, torch.full((lm.d_model,), float("nan")))
+        clean_vector(unit_sae(lm), steering, 1, torch.full((lm.d_model,), float("nan")))
     with pytest.raises(ValueError, match=r"vector must be"):
-        clean_vector(_sae(lm), steering, 1, torch.zeros(lm.d_model + 1))
+        clean_vector(unit_sae(lm), steering, 1, torch.zeros(lm.d_model + 1))
     # no valid prompts: with no space before the output, the tokenizer glues arrow and output together
     glued = PromptFormat(before_output="")
     with pytest.raises(ValueError, match="0 valid held-out prompts"):
@@ -171,8 +171,8 @@ def test_bad_input_gives_clear_errors():
 
 
 def test_nan_loss_raises_with_the_partial_result():
-    lm = _lm()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = unit_sae(lm)
 
     class Exploding(_Quadratic):
         calls = 0
@@ -213,8 +213,8 @@ def test_gradient_pursuit_against_hand_worked_and_brute_force_cases():
 
 
 def test_ito_weights_reconstruct_through_the_sae_decoder():
-    lm = _lm()
-    sae = _sae(lm, d_sae=24)
+    lm = pair_lm()
+    sae = unit_sae(lm, d_sae=24)
     w_true = torch.zeros(24)
     w_true[[3, 11]] = torch.tensor([2.0, 1.0])
     v = w_true @ sae.W_dec.detach() + sae.b_dec.detach()
@@ -224,8 +224,8 @@ def test_ito_weights_reconstruct_through_the_sae_decoder():
 
 
 def test_clean_task_end_to_end_scores_every_method_and_round_trips(tmp_path):
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     task = Task("many", tuple(MANY))
     tv_cfg = TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5)
     cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=30, patience=5, l1_coeff=0.01)
@@ -254,7 +254,7 @@ def test_clean_task_end_to_end_scores_every_method_and_round_trips(tmp_path):
 
 
 def test_detection_setting_steers_the_fake_pair_output():
-    lm = _lm()
+    lm = pair_lm()
     task = Task("many", tuple(MANY))
     cfg = CleaningConfig(n_train=4, n_eval=4, setting="detection")
     setup = cleaning_setup(lm, task, 1, cfg, TaskVectorConfig(n_prompts=3, n_shots=3))
@@ -275,8 +275,8 @@ def test_detection_setting_steers_the_fake_pair_output():
 def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
     import icl_circuits.experiments.clean as runs
 
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     tasks = [Task("many", tuple(MANY)), Task("many2", tuple((y, x) for x, y in MANY))]
     tv_cfg = TaskVectorConfig(n_prompts=3, n_shots=3)
     cfg = CleaningConfig(n_train=4, n_eval=4, max_steps=8, patience=3)
@@ -303,7 +303,7 @@ def test_run_cleaning_resumes_and_sweep_writes_plots(tmp_path, monkeypatch):
     # cleaning run; a user task that shares a name but not the pairs is computed afresh
     monkeypatch.setattr(runs, "clean_vector", lambda *a, **k: pytest.fail("recomputed"))
     assert l1_sweep(lm, sae, tasks[:1], 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)[0] == rows
-    other = _sae(lm, scale=3.0, seed=7)
+    other = unit_sae(lm, scale=3.0, seed=7)
     with pytest.raises(ConfigMismatch, match="sae_digest"):
         l1_sweep(lm, other, tasks[:1], 1, tmp_path / "s", [1e-3, 1e-1], cfg, tv_cfg, progress=False)
     with pytest.raises(ConfigMismatch, match="sae_digest"):
@@ -319,8 +319,8 @@ def test_layer_comparison_scores_every_method_at_every_layer(tmp_path):
     from icl_circuits.methods.cleaning_task import METHODS
     from icl_circuits.experiments.clean import layer_comparison
 
-    lm = _lm()
-    saes = {0: _sae(lm, layer=0, scale=3.0), 1: _sae(lm, layer=1, scale=3.0, seed=1)}
+    lm = pair_lm()
+    saes = {0: unit_sae(lm, layer=0, scale=3.0), 1: unit_sae(lm, layer=1, scale=3.0, seed=1)}
     rows, files = layer_comparison(
         lm, saes, [Task("many", tuple(MANY))], tmp_path, CleaningConfig(n_train=4, n_eval=4, max_steps=5, patience=2),
         TaskVectorConfig(n_prompts=2, n_shots=3), progress=False,
@@ -335,8 +335,8 @@ def test_layer_comparison_scores_every_method_at_every_layer(tmp_path):
 
 
 def test_mean_encode_init_starts_from_the_mean_of_token_encodings():
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, CleaningConfig(n_train=4, n_eval=4), TaskVectorConfig(n_prompts=2, n_shots=3))
     init = setup.initial_latents(sae, CleaningConfig(init="mean_encode"))
     torch.testing.assert_close(init, torch.stack([sae.encode(t) for t in setup.tokens]).mean(0))
@@ -353,11 +353,11 @@ def test_mean_encode_init_starts_from_the_mean_of_token_encodings():
 
 def test_topk_sae_starts_from_its_own_top_k_encoding():
     """Alg. 1 starts at SAE(TV); for a TopK SAE that is the top k latents, not every positive pre-activation."""
-    lm = _lm()
-    base = _sae(lm, d_sae=24)
+    lm = pair_lm()
+    base = unit_sae(lm, d_sae=24)
     tensors = {**base.tensors(), "threshold": torch.zeros(24), "b_enc": torch.full((24,), 5.0)}  # all 24 pre-acts > 0
     sae = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_pre.1", layer=1, model=lm.name, k=3), tensors)
-    steering = _steering(lm)
+    steering = antonym_steerer(lm)
     v = torch.randn(lm.d_model)
     assert int((sae.pre_acts(v) > 0).sum()) == 24
     r = clean_vector(sae, steering, 1, v, CleaningConfig(max_steps=1, l1_coeff=0.0, lr=1e-6))
@@ -372,8 +372,8 @@ def test_detection_tvc_starts_from_the_ito_support(tmp_path):
     from icl_circuits.methods.cleaning import load_cleaning
     from icl_circuits.methods.ito import ito_weights
 
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     cfg = CleaningConfig(n_train=4, n_eval=4, setting="detection", max_steps=1, lr=1e-9, l1_coeff=0.0)
     assert cfg.start == "ito" and CleaningConfig(setting="detection", init="encode_mean").start == "encode_mean"
     setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, cfg, TaskVectorConfig(n_prompts=2, n_shots=3))
@@ -393,10 +393,10 @@ def test_a_resid_post_sae_of_the_layer_before_cleans_resid_pre():
     """Gemma Scope 2 names the residual after block L-1 resid_post.L-1: the same tensor as resid_pre.L."""
     from icl_circuits.methods.cleaning import check_steering_sae
 
-    lm = _lm()
-    base = _sae(lm)
+    lm = pair_lm()
+    base = unit_sae(lm)
     post = JumpReLUSAE(SAEConfig(d_in=lm.d_model, d_sae=24, site="resid_post.0", layer=0, model=lm.name), base.tensors())
-    steering = _steering(lm)
+    steering = antonym_steerer(lm)
     check_steering_sae(post, steering, 1)  # accepted
     r = clean_vector(post, steering, 1, torch.randn(lm.d_model), CleaningConfig(max_steps=2))
     assert r.steps == 2
@@ -409,8 +409,8 @@ def test_batched_feature_effects_and_baselines_equal_one_evaluation_per_vector()
     from icl_circuits.methods.cleaning import frozen_decoder
     from icl_circuits.methods.cleaning_task import baseline_scores, feature_effects, feature_effects_one_by_one
 
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     task = Task("many", tuple(MANY))
     cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=30, patience=5, l1_coeff=0.001)
     setup = cleaning_setup(lm, task, 1, cfg, TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5))
@@ -441,8 +441,8 @@ def test_eval_loss_snapshots_scored_after_the_loop_equal_scoring_each_at_its_ste
     evaluation NLL of the weights at that step, and the last one (and the tvc score) that of the result."""
     from icl_circuits.methods.cleaning import frozen_decoder
 
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     cfg = CleaningConfig(n_train=6, n_eval=6, max_steps=23, patience=50, l1_coeff=0.001, eval_every=5)
     setup = cleaning_setup(lm, Task("many", tuple(MANY)), 1, cfg, TaskVectorConfig(n_prompts=4, n_shots=4, eval_share=0.5))
     seen: list[torch.Tensor] = []

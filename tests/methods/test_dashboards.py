@@ -19,7 +19,7 @@ from icl_circuits.methods.dashboards import DashboardConfig, DashboardStore, bui
 from icl_circuits.viz.viewer import RunData, make_server
 
 from tests.helpers import DASHBOARD_LAYER as LAYER
-from tests.helpers import EVIL_TASK, SAE_NAME, _fired_latent, _steered_latent, direct_lens, real_run
+from tests.helpers import EVIL_TASK, SAE_NAME, fired_latent, steered_latent, direct_lens, real_run
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +109,14 @@ def test_neighbours_density_and_masses_equal_direct_computation(run):
 
 # -- the pages over HTTP -------------------------------------------------------------------------------
 def test_feature_page_shows_every_panel(run, server):
-    for latent in {_fired_latent(run), _steered_latent(run)}:
+    for latent in {fired_latent(run), steered_latent(run)}:
         status, body, headers = get(server, f"/feature/{SAE_NAME}/{latent}")
         assert status == 200
         for panel in ("logit-lens", "density", "icl-prompts", "neighbours"):
             assert f"id='{panel}'" in body, panel
         assert "<svg" in body and "class='chart histogram'" in body
         assert "<script" not in body.lower() and "script-src 'none'" in headers["Content-Security-Policy"]
-    status, body, _ = get(server, f"/feature/{SAE_NAME}/{_steered_latent(run)}")
+    status, body, _ = get(server, f"/feature/{SAE_NAME}/{steered_latent(run)}")
     assert "id='steering'" in body and "class='chart steering'" in body  # measured by the heatmap
     assert f"href='/feature/{SAE_NAME}/" in body.split("id='neighbours'")[1]  # neighbours link to feature pages
 
@@ -148,7 +148,7 @@ def test_search_redirects_to_the_feature(server):
 
 
 def test_markup_in_tokens_and_task_names_is_escaped(run, server):
-    latent = _fired_latent(run)
+    latent = fired_latent(run)
     status, body, _ = get(server, f"/feature/{SAE_NAME}/{latent}")
     assert "&lt;b&gt;x&lt;/b&gt;" in body and "<b>x</b>" not in body  # the token, in the ICL prompts
     assert "&lt;img src=x onerror=alert(2)&gt;" in body and "<img src=x" not in body  # the task name
@@ -161,8 +161,8 @@ def test_markup_in_tokens_and_task_names_is_escaped(run, server):
 def test_data_layer_reads_the_dashboards_typed(run):
     data = RunData(run["root"])
     assert data.dashboard_for(SAE_NAME) is not None and SAE_NAME in data.sae_names()
-    fd = data.feature(SAE_NAME, _steered_latent(run))
-    assert fd["dashboard"].latent == _steered_latent(run) and fd["heatmap_rows"]
+    fd = data.feature(SAE_NAME, steered_latent(run))
+    assert fd["dashboard"].latent == steered_latent(run) and fd["heatmap_rows"]
     assert data.feature(SAE_NAME, 10_000)["dashboard"] is None  # a latent the file does not hold
 
 

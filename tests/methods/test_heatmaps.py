@@ -23,8 +23,8 @@ from icl_circuits.methods.heatmaps import (
 from icl_circuits.viz.steering_plots import heatmap_figures
 
 from tests.helpers import ANTONYMS, UPPER
-from tests.helpers import _steering_sae as _sae
-from tests.helpers import steering_lm as _setup
+from tests.helpers import random_sae
+from tests.helpers import pair_lm
 
 
 def test_normalisation_matches_hand_worked_example():
@@ -64,8 +64,8 @@ def test_choose_scales_hand_worked():
 
 
 def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3, 5], [3, 8]), "upper": FeatureSet("upper", [5, 9], [1])}
     cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0), n_eval=4, vectors_per_pass=3, scale_mode="per_feature")
@@ -110,15 +110,15 @@ def test_positive_heatmap_end_to_end_and_resume(tmp_path, monkeypatch):
 def test_heatmap_resume_never_serves_stale_cells(tmp_path, monkeypatch):
     """A retrained SAE (same site and width, other weights) is refused in the old folder; a user task that
     shares a built-in's name but not its pairs is computed afresh; the other task's cells are reused."""
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     cfg = HeatmapConfig(layer=1, scale_grid=(1.0,), n_eval=4, scale_mode="fixed", scale=1.0)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3]), "upper": FeatureSet("upper", [5])}
     first = positive_heatmap(lm, tasks, sets, sae, cfg, out_dir=tmp_path, progress=False)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(ConfigMismatch, match="sae"):
-        positive_heatmap(lm, tasks, sets, _sae(lm, seed=1), cfg, out_dir=tmp_path, progress=False)
+        positive_heatmap(lm, tasks, sets, random_sae(lm, seed=1), cfg, out_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     # 'ant' now holds the reversed pairs: its cells are new ones, checked against a direct evaluation
     calls = []
@@ -137,8 +137,8 @@ def test_heatmap_resume_never_serves_stale_cells(tmp_path, monkeypatch):
 
 
 def test_top_only_heatmap_keeps_each_tasks_strongest_feature():
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3, 5]), "upper": FeatureSet("upper", [9, 2])}
     cfg = HeatmapConfig(layer=1, scale_grid=(1.0,), n_eval=4, top_only=True, setting="detection")
@@ -155,8 +155,8 @@ def test_top_only_heatmap_keeps_each_tasks_strongest_feature():
 
 
 def test_bad_inputs_are_clear_errors():
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     with pytest.raises(ValueError, match="setting"):
         HeatmapConfig(setting="bogus")
     with pytest.raises(ValueError, match="NaN"):
@@ -195,8 +195,8 @@ def test_feature_sets_from_saved_cleaning_results(tmp_path):
 
 
 def test_shared_scale_is_calibrated_on_the_training_pairs_and_used_for_every_feature(tmp_path):
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     sets = {"ant": FeatureSet("ant", [3, 5]), "upper": FeatureSet("upper", [5, 9])}
     cfg = HeatmapConfig(layer=1, scale_grid=(0.5, 2.0, 8.0), n_eval=4)

@@ -11,11 +11,11 @@ from icl_circuits.methods.masses import token_type_masses
 from icl_circuits.core.frozen_attention import FrozenAttention
 from icl_circuits.core.sites import Intervention, Site
 
-from tests.helpers import ANTONYMS, UPPER, steering_lm, detection_sae
+from tests.helpers import ANTONYMS, UPPER, pair_lm, detection_sae
 
 
 def test_latent_ablation_removes_the_latent_times_its_decoder_row():
-    lm = steering_lm()
+    lm = pair_lm()
     sae = detection_sae(lm, 1)
     batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 2, 3, seed=0)
     outs = batch.type_mask("output")
@@ -55,7 +55,7 @@ def _manual_link(lm, tasks, det, ex, dets, execs, ablate):
 
 def test_link_default_is_the_authors_clipped_direction_ablation(tmp_path, monkeypatch):
     """50 x mean activation x unit direction subtracted everywhere; drop clip(1 - a/c, 0, 1) where the executor was on."""
-    lm = steering_lm()
+    lm = pair_lm()
     det, ex = detection_sae(lm, 0, seed=3), detection_sae(lm, 1, seed=4)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     cfg = LinkConfig(n_prompts=3, n_shots=3)
@@ -89,7 +89,7 @@ def test_link_default_is_the_authors_clipped_direction_ablation(tmp_path, monkey
 
 
 def test_link_zero_ablation_option_matches_manual_frozen_ablation():
-    lm = steering_lm()
+    lm = pair_lm()
     det, ex = detection_sae(lm, 0, seed=3), detection_sae(lm, 1, seed=4)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     cfg = LinkConfig(n_prompts=3, n_shots=3, ablation="zero", ablate_at="output", measure_at="arrow", clip=False)
@@ -105,7 +105,7 @@ def test_link_zero_ablation_option_matches_manual_frozen_ablation():
 
 
 def test_bad_inputs_are_clear_errors():
-    lm = steering_lm()
+    lm = pair_lm()
     det, ex = detection_sae(lm, 0), detection_sae(lm, 1)
     with pytest.raises(ValueError, match="latents must be"):
         token_type_masses(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))

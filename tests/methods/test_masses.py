@@ -10,7 +10,7 @@ from icl_circuits.core.sites import Site
 from icl_circuits.methods.masses import MASS_TYPES, MassConfig, activation_masses, mass_shares, mass_table, token_type_masses
 from icl_circuits.data.prompts import TYPE_ID
 
-from tests.helpers import ANTONYMS, UPPER, steering_lm, detection_sae
+from tests.helpers import ANTONYMS, UPPER, pair_lm, detection_sae
 
 
 def test_token_type_masses_hand_worked_and_sum_to_one():
@@ -25,7 +25,7 @@ def test_token_type_masses_hand_worked_and_sum_to_one():
 
 
 def test_activation_masses_match_a_per_token_loop_and_sum_to_one():
-    lm = steering_lm()
+    lm = pair_lm()
     sae_a, sae_b = detection_sae(lm, 0, seed=1), detection_sae(lm, 1, seed=2)
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     roles = {"executor": (sae_b, {"ant": [0, 3], "upper": [5]}), "detector": (sae_a, {"ant": [2], "upper": [1, 4]})}

@@ -13,13 +13,13 @@ from icl_circuits.methods.heatmaps import FeatureSet
 from icl_circuits.methods.negative import PAPER_NEGATIVE_SCALES, ArrowAccuracy, NegativeConfig, negative_steering, paper_negative_scales
 
 from tests.helpers import ANTONYMS, UPPER
-from tests.helpers import _steering_sae as _sae
-from tests.helpers import steering_lm as _setup
+from tests.helpers import random_sae
+from tests.helpers import pair_lm
 
 
 def test_negative_steering_picks_smallest_scale_reaching_the_drop():
-    lm = _setup()
-    sae = _sae(lm)
+    lm = pair_lm()
+    sae = random_sae(lm)
     tasks = [Task("ant", tuple(ANTONYMS))]
     sets = {"ant": FeatureSet("ant", [3, 5])}
     res = negative_steering(lm, tasks, sets, sae, NegativeConfig(layer=1, n_prompts=2, n_shots=3, scales=(1.0, 50.0), min_drop=-1.0), progress=False)
@@ -48,7 +48,7 @@ def test_paper_negative_scales_carry_the_papers_range_to_our_scale():
 def _taught(family: str, steps: int = 10):
     """A tiny model whose (untied) unembedding is fitted a little to the UPPER task's outputs at the arrows of
     the prompts the test uses, so accuracies are neither all 0 nor all 1 and steering changes them."""
-    lm = _setup(family)
+    lm = pair_lm(family)
     head = lm.model.get_output_embeddings()
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untied: inputs stay random
     batch = icl_prompts(lm.tokenizer, Task("up", tuple(UPPER)).split(0.5, 0)[0], 5, 4, seed=0)
@@ -92,7 +92,7 @@ def _slow_accuracy(lm, batch, layer: int, vector: torch.Tensor) -> float:
 @pytest.mark.parametrize("family", ["gemma3", "gpt2", "gemma2"])  # gemma2: final-logit softcap
 def test_negative_steering_matches_slow_direct_computation(family, tmp_path):
     lm = _taught(family)
-    sae = _sae(lm, layer=1)
+    sae = random_sae(lm, layer=1)
     tasks = [Task("up", tuple(UPPER)), Task("ant", tuple(ANTONYMS))]
     sets = {"up": FeatureSet("up", [3, 5, 0]), "ant": FeatureSet("ant", [5, 7])}
     scales = (0.5, 2.0, 8.0, 30.0)
@@ -125,14 +125,14 @@ def test_negative_steering_matches_slow_direct_computation(family, tmp_path):
     assert again.scales == res.scales and torch.equal(again.drop, res.drop)
     with pytest.raises(ValueError, match="other settings.*min_drop"):
         negative_steering(lm, tasks, sets, sae, replace(cfg, min_drop=0.2), out_dir=tmp_path, progress=False)
-    other_sae = _sae(lm, layer=1, seed=1)  # same feature numbers, another SAE: never served the saved result
+    other_sae = random_sae(lm, layer=1, seed=1)  # same feature numbers, another SAE: never served the saved result
     with pytest.raises(ValueError, match="other settings.*sae"):
         negative_steering(lm, tasks, sets, other_sae, cfg, out_dir=tmp_path, progress=False)
 
 
 def test_negative_steering_resume_redoes_no_finished_feature(tmp_path, monkeypatch):
     lm = _taught("gemma3")
-    sae = _sae(lm, layer=1)
+    sae = random_sae(lm, layer=1)
     tasks = [Task("up", tuple(UPPER)), Task("ant", tuple(ANTONYMS))]
     sets = {"up": FeatureSet("up", [3, 5]), "ant": FeatureSet("ant", [7])}
     cfg = NegativeConfig(layer=1, n_prompts=3, n_shots=3, scales=(0.5, 8.0), min_drop=0.1)

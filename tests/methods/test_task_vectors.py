@@ -11,7 +11,7 @@ from icl_circuits import Task, icl_prompts, zero_shot_prompts
 from icl_circuits.interventions.steer import Steerer
 from icl_circuits.methods.task_vectors import TaskVectorConfig, collect_resid, extract_task_vectors, sweep_task
 
-from tests.helpers import ANTONYMS, UPPER, _setup
+from tests.helpers import ANTONYMS, UPPER, pair_lm
 
 
 def _hf_hidden(lm, ids):
@@ -20,7 +20,7 @@ def _hf_hidden(lm, ids):
 
 
 def test_task_vector_is_mean_of_hf_hidden_states_at_arrows():
-    lm = _setup()
+    lm = pair_lm()
     batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=5, n_shots=3, seed=2)
     tvs = extract_task_vectors(lm, batch, [0, 1], arrows="all", batch_size=2)  # several mini-batches
     last = extract_task_vectors(lm, batch, [1], arrows="last")
@@ -36,7 +36,7 @@ def test_task_vector_is_mean_of_hf_hidden_states_at_arrows():
 
 
 def test_icl_scores_and_resid_collection():
-    lm = _setup()
+    lm = pair_lm()
     batch = icl_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), n_prompts=3, n_shots=2)
     resid, score = collect_resid(lm, batch, [1], batch_size=2, logprobs_for="last")
     assert resid[1].shape == (*batch.input_ids.shape, lm.d_model)
@@ -44,7 +44,7 @@ def test_icl_scores_and_resid_collection():
 
 
 def test_bad_inputs():
-    lm = _setup()
+    lm = pair_lm()
     zero = zero_shot_prompts(lm.tokenizer, Task("ant", tuple(ANTONYMS)), 4)
     steering = Steerer(lm, zero, layers=[1])
     with pytest.raises(ValueError, match="d_model"):
@@ -58,7 +58,7 @@ def test_bad_inputs():
 def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
     from icl_circuits.experiments import task_vectors as sweep_mod
 
-    lm = _setup()
+    lm = pair_lm()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     cfg = TaskVectorConfig(n_prompts=3, n_shots=2, n_eval=4, batch_size=2)
     first = sweep_mod.run_layer_sweep(lm, tasks, [0, 1], cfg, tmp_path, progress=False)

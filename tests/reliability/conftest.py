@@ -1,6 +1,6 @@
 """Fault-injection fixtures for tests/reliability: a cut-off network, a disk that fills up.
 
-Fixtures only: the plain helpers (tiny_lm, saved_model, one_line_error, write_task) live in tests/helpers.py."""
+Fixtures only: the plain helpers (pair_lm, saved_model, one_line_error, write_task) live in tests/helpers.py."""
 
 from __future__ import annotations
 

@@ -63,11 +63,11 @@ def test_clean_layer_out_of_range_refuses_before_any_sae_work(tmp_path, capsys, 
 def test_infinite_l1_is_named_not_blamed_on_lr(tmp_path, capsys):
     from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
-    from ..helpers import _lm, _sae, _steering
+    from ..helpers import pair_lm, unit_sae, antonym_steerer
 
-    lm = _lm()
+    lm = pair_lm()
     with pytest.raises(CleaningDiverged) as err:
-        clean_vector(_sae(lm, scale=3.0), _steering(lm), 1, torch.randn(lm.d_model), CleaningConfig(l1_coeff=math.inf, max_steps=3))
+        clean_vector(unit_sae(lm, scale=3.0), antonym_steerer(lm), 1, torch.randn(lm.d_model), CleaningConfig(l1_coeff=math.inf, max_steps=3))
     assert "l1_coeff=inf is not a finite number" in str(err.value) and "smaller lr" not in str(err.value)
     _, model = saved_model(tmp_path)
     task = write_task(tmp_path / "many.json", MANY)
@@ -79,11 +79,11 @@ def test_infinite_lr_partial_holds_the_last_finite_step():
     """Issue 18 #5: `lr=inf` raised CleaningDiverged whose partial weights were NaN."""
     from icl_circuits.methods.cleaning import CleaningConfig, CleaningDiverged, clean_vector
 
-    from ..helpers import _lm, _sae, _steering
+    from ..helpers import pair_lm, unit_sae, antonym_steerer
 
-    lm = _lm()
+    lm = pair_lm()
     with pytest.raises(CleaningDiverged) as err:
-        clean_vector(_sae(lm, scale=3.0), _steering(lm), 1, torch.randn(lm.d_model), CleaningConfig(lr=math.inf, max_steps=5))
+        clean_vector(unit_sae(lm, scale=3.0), antonym_steerer(lm), 1, torch.randn(lm.d_model), CleaningConfig(lr=math.inf, max_steps=5))
     p = err.value.partial
     assert torch.isfinite(p.weights).all() and p.stopped == "diverged" and "lr=inf is not a finite number" in str(err.value)
 
@@ -92,12 +92,12 @@ def test_a_collapsed_cleaning_is_flagged_in_the_result_and_report(tmp_path, caps
     """Issue 18 #5: lr=1e6 ends at L0 = 0 with a loss worse than zero-shot; it must say so."""
     from icl_circuits.methods.cleaning import CleaningConfig, CleaningWarning, clean_vector, load_cleaning
 
-    from ..helpers import _lm, _sae, _steering
+    from ..helpers import pair_lm, unit_sae, antonym_steerer
 
-    lm = _lm()
+    lm = pair_lm()
     v = torch.randn(lm.d_model) * 3
     with pytest.warns(CleaningWarning, match="collapsed"):
-        r = clean_vector(_sae(lm, scale=3.0), _steering(lm), 1, v, CleaningConfig(lr=1e6, max_steps=20, patience=5), _steering(lm, n=4))
+        r = clean_vector(unit_sae(lm, scale=3.0), antonym_steerer(lm), 1, v, CleaningConfig(lr=1e6, max_steps=20, patience=5), antonym_steerer(lm, n=4))
     assert r.l0 == 0 and r.collapsed and r.warnings and "collapsed" in r.warnings[0]
     r.save(tmp_path / "r")
     assert json.loads((tmp_path / "r" / "cleaning.json").read_text())["collapsed"] is True
@@ -108,9 +108,9 @@ def test_a_collapsed_cleaning_is_flagged_in_the_result_and_report(tmp_path, caps
 def _sae_folder(tmp_path, lm, model_dir):
     from icl_circuits.sae.formats import save_sae
 
-    from ..helpers import _sae
+    from ..helpers import unit_sae
 
-    sae = _sae(lm, layer=1, scale=3.0)
+    sae = unit_sae(lm, layer=1, scale=3.0)
     sae.cfg.model = str(model_dir)
     save_sae(sae, tmp_path / "sae")
     return tmp_path / "sae"
@@ -152,10 +152,10 @@ def test_truncated_cleaning_result_is_redone_on_resume(tmp_path):
     from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import Task
 
-    from ..helpers import _lm, _sae
+    from ..helpers import pair_lm, unit_sae
 
-    lm = _lm()
-    sae = _sae(lm, scale=3.0)
+    lm = pair_lm()
+    sae = unit_sae(lm, scale=3.0)
     args = (lm, sae, [Task("many", tuple(MANY))], 1, tmp_path, CleaningConfig(n_train=4, n_eval=4, max_steps=4, patience=2),
             TaskVectorConfig(n_prompts=2, n_shots=3))  # fmt: skip
     (first,), _ = run_cleaning(*args, sae_spec="s", progress=False)

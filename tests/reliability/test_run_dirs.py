@@ -16,7 +16,7 @@ import pytest
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 from icl_circuits.data.tasks import Task
 
-from ..helpers import ANTONYMS, UPPER, tiny_lm
+from ..helpers import ANTONYMS, UPPER, pair_lm
 
 CFG = TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4, batch_size=2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
     """Issue 18 #1: a user file that shares a finished task's name gets its own results, never the old ones."""
     from icl_circuits.experiments import task_vectors as sweep_mod
 
-    lm = tiny_lm()
+    lm = pair_lm()
     first = sweep_mod.run_layer_sweep(lm, [Task("ant", tuple(ANTONYMS))], [0, 1], CFG, tmp_path, progress=False)
     calls = _counting(monkeypatch, sweep_mod, "sweep_task")
     other = Task("ant", tuple(UPPER))  # same name, other pairs
@@ -58,10 +58,10 @@ def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.data.tasks import task_of_result
 
-    from ..helpers import MANY, _lm, _sae
+    from ..helpers import MANY, pair_lm, unit_sae
 
-    lm, sae = _lm(), None
-    sae = _sae(lm, scale=3.0)
+    lm, sae = pair_lm(), None
+    sae = unit_sae(lm, scale=3.0)
     cfg = CleaningConfig(n_train=4, n_eval=4, max_steps=4, patience=2)
     tv = TaskVectorConfig(n_prompts=2, n_shots=3)
     runs.run_cleaning(lm, sae, [Task("many", tuple(MANY))], 1, tmp_path, cfg, tv, sae_spec="s", progress=False)
@@ -80,13 +80,13 @@ def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
     from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.data.tasks import task_of_result
 
-    from ..helpers import MANY, _lm, _sae
+    from ..helpers import MANY, pair_lm, unit_sae
 
-    lm = _lm()
+    lm = pair_lm()
     user = Task("antonyms", tuple(MANY))
     monkeypatch.setattr(runs, "clean_task", lambda *a, **k: _fake_result(a[2]))
     monkeypatch.setattr("icl_circuits.viz.plots.plot_cleaning_curves", lambda *a, **k: [])
-    runs.run_cleaning(lm, _sae(lm), [user], 1, tmp_path, CleaningConfig(n_train=4, n_eval=4), progress=False)
+    runs.run_cleaning(lm, unit_sae(lm), [user], 1, tmp_path, CleaningConfig(n_train=4, n_eval=4), progress=False)
     assert task_of_result(tmp_path / "antonyms", "antonyms") == user
 
 
@@ -121,7 +121,7 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
     """Issue 18 #2: run A (--layers 0) then B (--layers 1) into one folder must not mix; B is refused."""
     from icl_circuits.experiments.task_vectors import run_layer_sweep
 
-    lm = tiny_lm()
+    lm = pair_lm()
     tasks = [Task("ant", tuple(ANTONYMS))]
     run_layer_sweep(lm, tasks, [0], CFG, tmp_path, progress=False)
     before = (tmp_path / "sweep.json").read_bytes()
@@ -185,7 +185,7 @@ def test_torn_log_line_is_never_glued_to_the_next_record(tmp_path):
 def test_torn_line_task_is_redone_once_not_on_every_rerun(tmp_path, monkeypatch):
     from icl_circuits.experiments import task_vectors as sweep_mod
 
-    lm = tiny_lm()
+    lm = pair_lm()
     tasks = [Task("ant", tuple(ANTONYMS)), Task("upper", tuple(UPPER))]
     first = sweep_mod.run_layer_sweep(lm, tasks, [0], CFG, tmp_path, progress=False)
     path = tmp_path / "partial.jsonl"
@@ -203,7 +203,7 @@ import sys, time
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from tests.helpers import _setup, ANTONYMS
+from tests.helpers import pair_lm, ANTONYMS
 from icl_circuits.experiments import task_vectors as sweep
 from icl_circuits.methods.task_vectors import TaskVectorConfig
 from icl_circuits.data.tasks import Task
@@ -213,7 +213,7 @@ def slow(*a):
     time.sleep(120)
     return real(*a)
 sweep.sweep_task = slow
-sweep.run_layer_sweep(_setup(), [Task("ant", tuple(ANTONYMS))], [0], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4, batch_size=2),
+sweep.run_layer_sweep(pair_lm(), [Task("ant", tuple(ANTONYMS))], [0], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4, batch_size=2),
                       {out!r}, progress=False)
 """
 
@@ -232,7 +232,7 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_p
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "the first writer never started"
             time.sleep(0.2)
-        lm = tiny_lm()
+        lm = pair_lm()
         tasks = [Task("ant", tuple(ANTONYMS))]
         with pytest.raises(ValueError, match=r"in use by another run \(pid \d+"):
             run_layer_sweep(lm, tasks, [0], CFG, out, progress=False)

@@ -171,11 +171,11 @@ def _visible(d, css: str) -> None:
 def test_every_dashboard_panel_renders(browser, real):
     from selenium.webdriver.common.by import By
 
-    from tests.helpers import SAE_NAME, _fired_latent, _steered_latent
+    from tests.helpers import SAE_NAME, fired_latent, steered_latent
 
     run, base = real
     d = browser
-    for latent in (_fired_latent(run), _steered_latent(run)):
+    for latent in (fired_latent(run), steered_latent(run)):
         d.get(f"{base}/feature/{SAE_NAME}/{latent}")
         assert d.title == f"Feature {SAE_NAME} #{latent}"
         for css in ("#logit-lens", "#logit-lens code.lens-token", "#density", "#density svg.histogram rect", "#icl-prompts",
@@ -273,11 +273,11 @@ def test_circuit_node_links_open_their_feature_pages(browser, real):
 def test_markup_in_a_token_and_a_task_name_stays_text(browser, real):
     from selenium.webdriver.common.by import By
 
-    from tests.helpers import EVIL_TASK, MARKUP, SAE_NAME, _fired_latent
+    from tests.helpers import EVIL_TASK, MARKUP, SAE_NAME, fired_latent
 
     run, base = real
     d = browser
-    d.get(f"{base}/feature/{SAE_NAME}/{_fired_latent(run)}")
+    d.get(f"{base}/feature/{SAE_NAME}/{fired_latent(run)}")
     toks = [s.get_attribute("textContent") for s in d.find_elements(By.CSS_SELECTOR, "#icl-prompts .tok")]
     assert any(t.strip() == MARKUP for t in toks)  # the token, shown as text
     assert EVIL_TASK in d.find_element(By.ID, "icl-prompts").text  # the task name, shown as text

@@ -17,7 +17,7 @@ import pytest
 from icl_circuits.cli import main
 from icl_circuits.viz.viewer import RunData
 
-from tests.helpers import MANY, _lm, _sae, serving
+from tests.helpers import MANY, pair_lm, unit_sae, serving
 
 
 def _fmt(x: float) -> str:
@@ -31,12 +31,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from icl_circuits.sae.formats import save_sae
 
     tmp = tmp_path_factory.mktemp("contract")
-    lm = _lm("llama")
+    lm = pair_lm("llama")
     model_dir = tmp / "tiny"
     lm.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
     for layer in (0, 1):  # the circuit's two SAEs (edges run from resid.0 to resid.1); TVC uses resid.1
-        sae = _sae(lm, layer=layer, scale=3.0, seed=layer)
+        sae = unit_sae(lm, layer=layer, scale=3.0, seed=layer)
         sae.cfg.model = str(model_dir)  # the name load_model gives a folder
         save_sae(sae, tmp / f"sae{layer}")
     tasks = []
