@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: demo paper test bench saes saes-10-17 sae-eval
+.PHONY: demo paper test bench saes saes-10-17 sae-eval sae-eval-10-17
 demo: $(STAMP)  ## the headline in <= 15 min on 2 cores: TV sweep, TVC + baselines on 4 tasks, a heatmap; prints the claims
 	$(VENV)/bin/icl-circuits reproduce --recipe demo --model gemma-3-270m --out runs/demo
 
@@ -71,6 +71,9 @@ saes-10-17: $(STAMP)  ## train and cache the 16 starter SAEs of layers 10-17 the
 	$(VENV)/bin/icl-circuits sae train --cache runs/acts_10_17 --saes $(EXTRA_B) $(SUITE_RECIPE) --out runs/saes_10_17_b; wait
 	$(VENV)/bin/icl-circuits sae export runs/saes_10_17_a --cache runs/acts_10_17
 	$(VENV)/bin/icl-circuits sae export runs/saes_10_17_b --cache runs/acts_10_17
+
+sae-eval-10-17: $(STAMP)  ## CE loss recovered, dead latents and ICL-token FVE of the 16 cached SAEs of `make saes-10-17`
+	$(VENV)/bin/icl-circuits sae eval --cache runs/acts_10_17 --sae $(EXTRA_A),$(EXTRA_B) --eval-ce-docs 16 --dead-rows 500000 --out runs/sae_eval_10_17.json
 
 sae-eval: $(STAMP)  ## evaluate the starter suite on the held-out documents of `make saes`'s harvest
 	$(VENV)/bin/icl-circuits sae eval --starter --cache runs/acts_v2 --eval-ce-docs 16 --dead-rows 500000 --out runs/sae_eval.json

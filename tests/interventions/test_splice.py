@@ -226,3 +226,24 @@ def test_bad_options_are_clear_errors():
         splice(sae, pos, keep_error=True, ablate=torch.ones(2, 9, 5, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="no pass"):
         splice(sae, pos).error
+
+
+def test_a_used_splice_is_freed_without_the_garbage_collector() -> None:
+    """A splice that ran a pass holds that pass's latents; it must go as soon as the caller drops it.
+    (Its fn was once a bound method: a reference cycle that kept ~3 GB per call alive at layers 10-17
+    until the collector ran, and the process was killed for memory.)"""
+    import gc
+    import weakref
+
+    lm, _ = make_tiny("gemma3")
+    ids, _ = _ids()
+    sp = splice(_sae(lm.d_model, "resid_pre.1"), torch.ones_like(ids, dtype=torch.bool), keep_error=True, ablate=[0, 3])
+    lm.run(ids, interventions=[sp], read=["resid_pre.1"])
+    assert sp.latents is not None  # the pass reached it and kept its latents
+    gone, latents = weakref.ref(sp), weakref.ref(sp.latents)
+    gc.disable()
+    try:
+        del sp
+        assert gone() is None and latents() is None
+    finally:
+        gc.enable()

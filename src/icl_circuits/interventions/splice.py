@@ -28,6 +28,7 @@ executor link).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -75,7 +76,11 @@ class SAESplice(Intervention):
         ablate_error: torch.Tensor | None,  # [..., 1], None when no error is ablated
         grad: Grad,
     ) -> None:
-        super().__init__(sites[1], positions, mode="fn", fn=self._spliced)
+        # fn must not hold self: a bound method would make a reference cycle, and every pass's latents
+        # ([batch, seq, d_sae] per SAE) would then live until the garbage collector happens to run
+        # (~3 GB per metrics call with 24 SAEs: the out-of-memory kills of `circuit --layers 10-17`)
+        spliced = weakref.WeakMethod(self._spliced)
+        super().__init__(sites[1], positions, mode="fn", fn=lambda y, value_of: spliced()(y, value_of))  # type: ignore[misc]
         self.sae, self.in_site, self.keep_error, self.grad = sae, sites[0], keep_error, grad
         self._removed, self.ablate_error = removed, ablate_error
         # filled in by each pass
