@@ -115,6 +115,19 @@ def word_tokenizer(words: list[str]) -> tf.PreTrainedTokenizerFast:
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
 
 
+def _rank_main(worker: object, *args: object) -> None:
+    """One rank: run the worker, then leave at once. After the group is destroyed, gloo's background
+    threads can still be shutting down when the interpreter runs its exit handlers, and once in a while
+    that aborts the process ("terminate called without an active exception", exit code -6) after every
+    check has passed. An exception in the worker still exits non-zero, with its traceback."""
+    import os
+
+    worker(*args)  # type: ignore[operator]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(worker: object, world: int, root: object, out: object) -> None:
     """Run worker(rank, world, init_method, str(out)) in `world` spawned processes (a gloo group through a
     file in `root`) and check that every one exited cleanly."""
@@ -122,7 +135,7 @@ def run_ranks(worker: object, world: int, root: object, out: object) -> None:
 
     ctx = mp.get_context("spawn")
     init = f"file://{root}/pg"
-    procs = [ctx.Process(target=worker, args=(r, world, init, str(out))) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(worker, r, world, init, str(out))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
