@@ -10,8 +10,7 @@ from icl_circuits import Task, icl_prompts, zero_shot_prompts
 from icl_circuits.core.sites import Site
 from icl_circuits.interventions.steer import Steerer, feature_directions, feature_intervention
 
-from tests.helpers import ANTONYMS, pair_lm
-from tests.helpers import random_sae
+from tests.helpers import ANTONYMS, pair_lm, random_sae
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])

@@ -11,9 +11,7 @@ from icl_circuits import Site
 from icl_circuits.methods.examples import ExampleConfig, ExampleStore, build_example_store, sample_keys
 from icl_circuits.sae.activations import token_batches
 
-from tests.helpers import EXAMPLE_WORDS as WORDS, random_docs, word_lm
-from tests.helpers import cli_examples_end_to_end
-from tests.helpers import example_sae as tiny_sae
+from tests.helpers import EXAMPLE_WORDS as WORDS, random_docs, word_lm, cli_examples_end_to_end, example_sae as tiny_sae
 
 CFG = ExampleConfig(seq_len=12, batch_size=3, top_k=3, per_bin=2, max_bins=6, context_before=3, context_after=2,
                     commit_every=2, seed=7)  # fmt: skip

@@ -22,9 +22,7 @@ from icl_circuits.methods.heatmaps import (
 )
 from icl_circuits.viz.steering_plots import heatmap_figures
 
-from tests.helpers import ANTONYMS, UPPER
-from tests.helpers import random_sae
-from tests.helpers import pair_lm
+from tests.helpers import ANTONYMS, UPPER, random_sae, pair_lm
 
 
 def test_normalisation_matches_hand_worked_example():

@@ -12,9 +12,7 @@ from icl_circuits.interventions.steer import Steerer, feature_directions
 from icl_circuits.methods.heatmaps import FeatureSet
 from icl_circuits.methods.negative import PAPER_NEGATIVE_SCALES, ArrowAccuracy, NegativeConfig, negative_steering, paper_negative_scales
 
-from tests.helpers import ANTONYMS, UPPER
-from tests.helpers import random_sae
-from tests.helpers import pair_lm
+from tests.helpers import ANTONYMS, UPPER, random_sae, pair_lm
 
 
 def test_negative_steering_picks_smallest_scale_reaching_the_drop():

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -209,7 +208,7 @@ from icl_circuits.methods.task_vectors import TaskVectorConfig
 from icl_circuits.data.tasks import Task
 real = sweep.sweep_task
 def slow(*a):
-    open({mark!r}, "w").close()
+    print("started", flush=True)  # the test waits for this line
     time.sleep(120)
     return real(*a)
 sweep.sweep_task = slow
@@ -222,16 +221,13 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_p
     """Issue 18 #2: one writer per run directory; kill -9 of that writer frees the folder at once."""
     from icl_circuits.experiments.task_vectors import run_layer_sweep
 
-    out, mark = tmp_path / "R", tmp_path / "started"
+    out = tmp_path / "R"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), mark=str(mark), out=str(out))], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), out=str(out))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while not mark.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the first writer never started"
-            time.sleep(0.2)
+        # blocks until the writer holds the folder; an empty line means it died first
+        assert proc.stdout.readline().strip() == b"started", proc.stderr.read().decode()[-2000:]
         lm = pair_lm()
         tasks = [Task("ant", tuple(ANTONYMS))]
         with pytest.raises(ValueError, match=r"in use by another run \(pid \d+"):

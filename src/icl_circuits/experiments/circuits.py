@@ -11,8 +11,6 @@ Files under `out` (a RunDir of kind 'circuits': a resume under another config, m
 
 from __future__ import annotations
 
-import gc
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -127,7 +125,6 @@ def _run_circuits(
                 (folder / stale).unlink(missing_ok=True)
             summaries.append(run_circuit_task(lm, task, circ, cfg, out, progress))
             write_json(folder / UNIT_FILE, dict(key=keys[task.name], task=task.name, task_digest=task.digest))
-            gc.collect()  # a task's autograd graphs sit in reference cycles: free them now, not when gc next runs
         else:
             summaries.append(read_json(folder / "summary.json"))
     summaries = gather_in_order(tasks, summaries)  # every rank's tasks, once all are done
