@@ -527,7 +527,6 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("methods/circuits/ie_check.py", "pearson"): "correlation of Python floats (IE quality)",
     ("methods/circuits/ie_check.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
     ("viz/circuit_plots.py", "plot_cross_task"): "figure data",
-    ("sae/activations.py", "_pad"): "token batches of the corpus: LM.run moves them",
     ("sae/activations.py", "_refill"): "the shuffle comes from the store's seeded CPU generator, then .to(device)",
     ("methods/link.py", "link_on_batch"): "per-detector sums / counts: small results, filled with .cpu()",
     ("sae/trainers/base.py", "__init__"): "SAE init on the CPU (seeded, device-independent), then SAETrainer.to",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from icl_circuits.experiments import claims
@@ -76,6 +77,9 @@ def test_cross_task_reads_rows_as_the_ablated_task(tmp_path: Path):
     # ablating a's circuit hurts a most; ablating b's hurts a (-0.9) more than b itself
     assert claims.cross_task({"circuits": tmp_path / "c"}) == (
         "1 of 2 tasks whose circuit reached the target hurt themselves most (2 tasks)", "partly")
+    assert claims.cross_task_10_17({"circuits_10_17": tmp_path / "c"}) == claims.cross_task({"circuits": tmp_path / "c"})
+    with pytest.raises(claims.Missing):  # the 10-17 row reads its own stage, never the 11-12 one
+        claims.cross_task_10_17({"circuits_10_17": tmp_path / "other"})
 
 
 def test_a_claim_whose_stage_did_not_run_says_so(tmp_path: Path):

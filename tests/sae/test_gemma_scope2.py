@@ -5,6 +5,7 @@ Gemma Scope 2 style SAEs (attn_z, mlp_in -> mlp_out with W_skip) into a tiny Gem
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from icl_circuits import Site
 from icl_circuits.sae import JumpReLUSAE, SAEConfig, detect_format, formats, load_any, load_sae, save_sae
 from icl_circuits.sae.evaluation import in_out_sites, splice, zero_ablate
 from icl_circuits.sae.formats import hub_path, load_gemma_scope_2, load_saelens_release
+from icl_circuits.sae.presets import PRESETS
 
 D, DZ, D_SAE, L = 16, 24, 48, 5  # d_model, heads x head_dim, latents, layer
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -204,6 +206,22 @@ def test_saelens_release_needs_sae_lens(monkeypatch: pytest.MonkeyPatch) -> None
         load_any("saelens:gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_medium")
 
 
+@pytest.mark.parametrize("command", [["clean", "--tasks", "antonyms"], ["sae", "eval", "--corpus", "generated:8"]])
+def test_cli_saelens_name_without_sae_lens_is_one_line(command: list[str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """No sae-lens: `--sae saelens:...` is one `error:` line and rc 2, before the model loads (no traceback)."""
+    from icl_circuits.cli import main
+
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # absent whether or not it is installed: import raises
+    spec = "saelens:gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    # a missing --model: had the model load come first, its error (not sae-lens's) would be the line
+    assert main([*command, "--model", str(tmp_path / "no_model"), "--sae", spec, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "pip install sae-lens" in err and spec in err
+
+
 def test_saelens_release_resolves_through_the_registry(offline_hub: list, monkeypatch: pytest.MonkeyPatch) -> None:
     lookup = SimpleNamespace(
         repo_id=f"google/{REPO}", model="google/gemma-3-270m", conversion_func="gemma_3",
@@ -272,7 +290,7 @@ def test_splice_attn_z_sae_and_skip_transcoder_into_gemma3() -> None:
 
 # -- presets: the paper's settings, resolved against a fake hub folder -----------------------------
 def test_paper_preset_resolves_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from icl_circuits.sae.presets import PRESETS, get_preset, load_preset_sae
+    from icl_circuits.sae.presets import get_preset, load_preset_sae
 
     preset = get_preset("gemma-2-2b-gemma-scope")
     assert preset.model == "google/gemma-2-2b" and preset.layer == 17
@@ -303,7 +321,7 @@ def test_paper_preset_resolves_offline(tmp_path: Path, monkeypatch: pytest.Monke
     assert seen == [f"google/gemma-scope-2b-pt-res/layer_16/width_{w}/average_l0_{l0}/params.npz"
                     for w, l0 in (("16k", 78), ("65k", 128))]  # fmt: skip
     # the one command the docs show
-    assert preset.command("65k") == ("icl-circuits clean --model google/gemma-2-2b --layer 17 --sae "
+    assert preset.command("65k") == ("icl-circuits clean --tasks all --model google/gemma-2-2b --layer 17 --sae "
                                      "google/gemma-scope-2b-pt-res/layer_16/width_65k/average_l0_128 --lr 0.15 "
                                      "--device cuda --dtype bfloat16")  # fmt: skip
     with pytest.raises(KeyError, match="no preset"):
@@ -311,6 +329,18 @@ def test_paper_preset_resolves_offline(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(KeyError, match="no SAE"):
         preset.sae("1m")
     assert "gemma-3-270m-gemma-scope-2" in PRESETS
+
+
+@pytest.mark.parametrize("name,label", [(n, s.label) for n, p in PRESETS.items() for s in p.saes])
+def test_preset_command_parses(name: str, label: str) -> None:
+    """Every preset's printed command is one the CLI accepts (clean needs --task/--tasks), with the preset's values."""
+    from icl_circuits.cli import build_parser
+
+    preset, s = PRESETS[name], PRESETS[name].sae(label)
+    args = build_parser().parse_args(preset.clean_args(label))  # a bad command: SystemExit(2) here
+    got = (args.command, args.tasks, args.model, args.layers, args.sae, args.lr, args.device, args.dtype)
+    assert got == ("clean", "all", preset.model, str(preset.layer), s.hub_path, s.tvc_lr, "cuda", "bfloat16")
+    assert preset.command(label).split() == ["icl-circuits", *preset.clean_args(label)]
 
 
 def test_bundled_model_preset_resolves_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

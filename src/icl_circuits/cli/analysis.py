@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from icl_circuits.core.distributed import is_main
-from icl_circuits.cli.common import add_layers, check_layers, floats, load_lm, parse_layers, report, run_options, sae_refs, words
+from icl_circuits.cli.common import add_layers, add_score_tokens, check_layers, floats, load_lm, parse_layers, report, run_options, sae_refs, words
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
@@ -16,7 +16,8 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
     tasks = None if args.tasks == "all" else words(args.tasks)
     overrides = dict(scale_mode=args.scale_mode, scale=args.scale, scale_grid=floats(args.scale_grid, "--scale-grid"),
-                     select_on=args.select_on, top_only=args.top_only, n_eval=args.n_eval, seed=args.seed)  # fmt: skip
+                     select_on=args.select_on, top_only=args.top_only, n_eval=args.n_eval, seed=args.seed,
+                     n_score_tokens=args.n_score_tokens)  # fmt: skip
     neg_scales = None if args.negative_scales == "paper" else floats(args.negative_scales, "--negative-scales")
     negative = (NegativeConfig(scales=neg_scales, n_prompts=args.negative_prompts,
                                n_shots=args.negative_shots) if args.negative else None)  # layer: the results'  # fmt: skip
@@ -99,8 +100,9 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         user_saes[key] = sae
     layers = tuple(parse_layers(args.layers, lm.n_layers))
     cfg = CircuitRunConfig(
-        circuit=CircuitConfig(layers=layers, kinds=tuple(words(args.kinds)), metric_pairs=args.metric),
-        n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, rank_by=args.rank_by, edge_k=args.edge_k,
+        circuit=CircuitConfig(layers=layers, kinds=tuple(words(args.kinds)), metric_pairs=args.metric,
+                              n_score_tokens=args.n_score_tokens),
+        n_prompts=args.n_prompts, n_shots=args.n_shots, seed=args.seed, rank_by=args.rank_by, rank_over=args.rank_over, edge_k=args.edge_k,
         ie_quality_per_sae=None if args.ie_quality == "all" else int(args.ie_quality), faith_target=args.faith_target,
         cross_target=args.cross_target, ablate_errors=args.ablate_errors, other_errors_curve=args.other_errors_curve,
     )  # fmt: skip
@@ -133,6 +135,7 @@ def add_heatmap(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--top-only", action="store_true", help="only each task's strongest feature (Fig. 10)")
     s.add_argument("--all-rows", action="store_true", help="a row for every built-in task, also those missing from --results")
     s.add_argument("--n-eval", type=int, default=32, help="zero-shot / fake-pair prompts per task")
+    add_score_tokens(s)
     s.add_argument("--floor", type=float, default=0.2, help="normalised values below this become 0")
     s.add_argument("--min-effect", type=float, default=0.05, help="drop features whose best raw effect (relative loss decrease) is below this")
     s.add_argument("--negative", action="store_true", help="also negative steering on 16 x 32-shot ICL prompts (App. F.1; slow)")
@@ -185,12 +188,16 @@ def add_circuit(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sae", "--saes", action="append", metavar="KIND.LAYER=PATH",
                    help="your own SAE for one site (repeatable, comma-separated; then give all): KIND.LAYER=PATH, "
                         "KIND:LAYER (the starter suite's) or a PATH whose config names kind and layer")  # fmt: skip
-    s.add_argument("--metric", choices=["all_but_first", "last"], default="all_but_first",
-                   help="log-prob of the outputs of all pairs but the first (paper) or of the query only (original SFC)")
+    s.add_argument("--metric", choices=["all_but_first", "last", "all"], default="all_but_first",
+                   help="log-prob of the outputs of all pairs but the first (the paper's text), of the query only (original SFC) "
+                        "or of every pair (the authors' code)")
     s.add_argument("--n-prompts", type=int, default=8, help="prompts in the IE batch and in the held-out batch")
+    add_score_tokens(s)
     s.add_argument("--n-shots", type=int, default=12, help="shots per prompt (the authors: 12)")
     s.add_argument("--rank-by", choices=["signed", "abs"], default="signed",
                    help="circuit = top-N nodes by signed effect (the authors') or by |effect|")
+    s.add_argument("--rank-over", choices=["mean", "sum"], default="mean",
+                   help="rank a node by its effect averaged over its token type's positions (the authors') or summed over them")
     s.add_argument("--edge-k", type=int, default=3, help="edge targets per (layer, token type)")
     s.add_argument("--ie-quality", default="all", help="Fig. 20/21 single-node ablations: 'all' non-zero feature nodes (the authors'), "
                                                        "N = a seeded sample of N per (SAE, token type), 0 = skip")

@@ -252,6 +252,11 @@ def run_options(s: argparse.ArgumentParser, dtype: str = "float32", dtype_help: 
     s.add_argument("--dtype", choices=DTYPES, default=dtype, help=f"{dtype_help} (default {dtype})")
 
 
+def add_score_tokens(s: argparse.ArgumentParser) -> None:
+    """One default for how many output tokens are scored, on every command that scores outputs."""
+    s.add_argument("--n-score-tokens", type=int, default=N_SCORE_TOKENS, help="first n output tokens scored (the authors: 2)")
+
+
 def add_config(parser: argparse.ArgumentParser) -> None:
     """--config FILE on every command (and sub-command)."""
     for action in parser._actions:

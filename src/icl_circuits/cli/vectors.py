@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from icl_circuits.core.distributed import is_main
-from icl_circuits.cli.common import N_SCORE_TOKENS, RangeLayers, add_layers, check_layers, load_lm, mean_of, one_layer, parse_layers, run_options, sae_refs
+from icl_circuits.cli.common import RangeLayers, add_layers, add_score_tokens, check_layers, load_lm, mean_of, one_layer, parse_layers, run_options, sae_refs
 
 # The bundled model's best layers, from the README's sweeps: task vectors (execution, best 12) and
 # the fake-pair detection sweep (best 6; detection collapses from layer 10 on).
@@ -173,7 +173,7 @@ def add_task_vectors(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-shots", type=int, default=16)
     s.add_argument("--arrows", choices=["all", "demos", "last"], default="all", help="which arrows the TV averages")
     s.add_argument("--n-eval", type=int, default=32, help="zero-shot prompts scored per task")
-    s.add_argument("--n-score-tokens", type=int, default=N_SCORE_TOKENS, help="first n output tokens scored (the authors: 2)")
+    add_score_tokens(s)
     run_options(s)
     s.set_defaults(func=cmd_task_vectors)
 
@@ -197,7 +197,7 @@ def add_clean(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-steps", type=int, default=None, help="default: CleaningConfig.max_steps")
     s.add_argument("--n-train", type=int, default=None, help="default: CleaningConfig.n_train")
     s.add_argument("--n-eval", type=int, default=None, help="default: CleaningConfig.n_eval")
-    s.add_argument("--n-score-tokens", type=int, default=N_SCORE_TOKENS, help="first n output tokens scored (the authors: 2)")
+    add_score_tokens(s)
     s.add_argument("--n-prompts", type=int, default=16, help="n-shot prompts averaged into the task vector")
     s.add_argument("--n-shots", type=int, default=16)
     s.add_argument("--arrows", choices=["all", "demos", "last"], default="all")

@@ -54,7 +54,7 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
     effects = node_effects(lm, est_batch, saes, cfg.circuit, keep_grads=True)
     t_nodes = time.perf_counter() - t0
     save_effects(effects, out / "node_effects.safetensors")
-    write_csv(out / "nodes.csv", effects.table(200, cfg.rank_by))
+    write_csv(out / "nodes.csv", effects.table(200, cfg.rank_by, cfg.rank_over))
 
     edges = edge_effects(lm, est_batch, saes, effects, k=cfg.edge_k, edges_per_target=cfg.edges_per_target)
     graph = circuit_graph(effects, edges)
@@ -63,8 +63,8 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
     draw_graph(graph, out / "graph", title=f"{task.name}: top-{cfg.edge_k} nodes per (layer, token type) and their edges")
 
     spliced = SplicedModel(lm, eval_batch, saes, cfg.circuit)
-    curve = faithfulness_curve(spliced, effects, cfg.sizes, cfg.rank_by, task.name, cfg.chunk, keep_errors=not cfg.ablate_errors)
-    need = nodes_needed(spliced, effects, cfg.faith_target, by=cfg.rank_by, curve=curve)
+    curve = faithfulness_curve(spliced, effects, cfg.sizes, cfg.rank_by, task.name, cfg.chunk, not cfg.ablate_errors, cfg.rank_over)
+    need = nodes_needed(spliced, effects, cfg.faith_target, curve=curve)
     write_json(out / "faithfulness.json", curve.to_dict())
 
     rows: list[dict] = []
@@ -74,11 +74,11 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
         write_csv(out / "ie_quality.csv", rows)
     summary = dict(
         task=task.name, metric_est=effects.metric, metric_eval=spliced.full, metric_empty=curve.m_empty,
-        errors=("ablated" if cfg.ablate_errors else "kept"), rank_by=cfg.rank_by,
+        errors=("ablated" if cfg.ablate_errors else "kept"), rank_by=cfg.rank_by, rank_over=cfg.rank_over,
         n_nonzero_nodes=effects.n_nonzero(), nodes_for_target=need, faith_target=cfg.faith_target,
         n_edges=len(edges), n_ie_quality=len(rows), node_effects_s=t_nodes, seconds=time.perf_counter() - t0,
-        top_nodes=effects.table(10, cfg.rank_by),
-        error_share_top50=sum(r["feature"] == ERROR for r in effects.table(50, cfg.rank_by)) / 50,
+        top_nodes=effects.table(10, cfg.rank_by, cfg.rank_over),
+        error_share_top50=sum(r["feature"] == ERROR for r in effects.table(50, cfg.rank_by, cfg.rank_over)) / 50,
     )  # fmt: skip
     write_json(out / "summary.json", summary)  # written last: marks the task done (resume)
     return summary
@@ -139,8 +139,8 @@ def _run_circuits(
             if not path.is_file():
                 _, eval_batch = circuit_batches(lm, t, cfg)
                 sp, eff = SplicedModel(lm, eval_batch, circ, cfg.circuit), load_effects(out / t.name / "node_effects.safetensors")
-                c = faithfulness_curve(sp, eff, cfg.sizes, cfg.rank_by, t.name, cfg.chunk, keep_errors=cfg.ablate_errors)
-                write_json(path, {**c.to_dict(), "nodes_for_target": nodes_needed(sp, eff, cfg.faith_target, by=cfg.rank_by, curve=c)})
+                c = faithfulness_curve(sp, eff, cfg.sizes, cfg.rank_by, t.name, cfg.chunk, cfg.ablate_errors, cfg.rank_over)
+                write_json(path, {**c.to_dict(), "nodes_for_target": nodes_needed(sp, eff, cfg.faith_target, curve=c)})
             other.append(_read_curve(path))
         files += plot_faithfulness(other, out / f"faithfulness_{_other(cfg)}")
     rows = [r for t in tasks if (out / t.name / "ie_quality.csv").is_file() for r in _read_csv(out / t.name / "ie_quality.csv")]
@@ -172,7 +172,7 @@ def _run_circuits(
             ct = _read_cross_task(ct_path, [t.name for t in tasks])
             if ct is None:
                 setup()
-                ct = cross_task_ablation(spl, eff, cfg.cross_target, cfg.rank_by, {c.task: c for c in cs}, progress, keep)
+                ct = cross_task_ablation(spl, eff, cfg.cross_target, cfg.rank_by, {c.task: c for c in cs}, progress, keep, cfg.rank_over)
                 write_json(ct_path, ct.to_dict())
             files += plot_cross_task(ct, out / stem, "feature nodes only, error nodes kept" if keep else "error nodes ranked and ablated too")
     return dict(summaries=summaries, files=files)

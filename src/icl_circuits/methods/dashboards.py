@@ -38,6 +38,7 @@ import torch
 from icl_circuits.methods.examples.schema import token_text
 from icl_circuits.methods.masses import MASS_TYPES
 from icl_circuits.core.model import LM
+from icl_circuits.data.batching import padded_batches
 from icl_circuits.data.prompts import TOKEN_TYPES, TYPE_ID, icl_prompts
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.core.sites import Site
@@ -189,6 +190,13 @@ def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 0) -> tuple[tor
     return torch.cat(vals), torch.cat(idx)
 
 
+def _doc_row(tokenizer: Any, doc: str, max_seq: int) -> list[int]:
+    """A corpus document's token row: BOS (when the tokenizer has one) + its first max_seq-1 tokens."""
+    ids = tokenizer(doc, add_special_tokens=False)["input_ids"][: max_seq - 1]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + list(ids)
+
+
 def _default_tasks() -> list[Any]:
     from icl_circuits.data.tasks import list_tasks, load_tasks
 
@@ -240,20 +248,16 @@ def build_dashboards(
     mass_ids = torch.tensor([TYPE_ID[t] for t in MASS_TYPES])
 
     def batches() -> Any:
-        """(task index or -1, input_ids, attention mask, token types or None) per forward."""
+        """(task index or -1, first batch of its task, PromptBatch or corpus (ids, bool mask) [batch, seq]) per forward."""
         for ti, task in enumerate(tasks):
             shots = min(cfg.n_shots, len(task) - 1)
             batch = icl_prompts(lm.tokenizer, task, cfg.n_prompts, shots, seed=cfg.seed)
             for s in range(0, len(batch), cfg.batch_size):
                 sub = batch.slice(s, s + cfg.batch_size)
                 yield ti, s == 0, sub
-        for s in range(0, len(docs or []), cfg.batch_size):
-            rows = []
-            for d in docs[s : s + cfg.batch_size]:  # type: ignore[index]
-                ids = lm.tokenizer(d, add_special_tokens=False)["input_ids"][: cfg.max_seq - 1]
-                bos = getattr(lm.tokenizer, "bos_token_id", None)
-                rows.append(([bos] if bos is not None else []) + list(ids))
-            yield -1, False, rows
+        rows = ((_doc_row(lm.tokenizer, d, cfg.max_seq), i) for i, d in enumerate(docs or []))
+        for ids, mask, _ in padded_batches(rows, cfg.batch_size, pad_id=0):  # the pad is masked out
+            yield -1, False, (ids, mask.bool())
 
     # two passes: the first finds each latent's max (the histogram's range), the second fills the rest;
     # the sites' activations of the first pass are kept for the second while they fit in cache_bytes
@@ -267,12 +271,7 @@ def build_dashboards(
                 ids, mask, types = sub.input_ids, sub.attention_mask.bool(), sub.token_types
                 counted = mask & (types != TYPE_ID["bos"])
             else:
-                seq = max(len(r) for r in sub)
-                ids = torch.zeros(len(sub), seq, dtype=torch.long)
-                mask = torch.zeros(len(sub), seq, dtype=torch.bool)
-                for b, r in enumerate(sub):
-                    ids[b, : len(r)] = torch.tensor(r)
-                    mask[b, : len(r)] = True
+                ids, mask = sub
                 types = None
                 counted = mask.clone()
                 if getattr(lm.tokenizer, "bos_token_id", None) is not None:

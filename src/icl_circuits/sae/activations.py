@@ -1,6 +1,7 @@
 """Model activations for training SAEs and transcoders: token batches in, shuffled rows out.
 
     token_batches(tok, docs, seq_len, batch_size)  -- [BOS] + chunk of seq_len-1 tokens, right-padded
+                                                      (cut and padded by data/batching.py)
     ActivationStore(lm, sites, docs).next(4096)    -- {site: [4096, d_model]}, rows aligned across sites
 
 The store reads every requested site in one forward per token batch, keeps real (non-pad,
@@ -21,40 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from icl_circuits.data.corpus import bos_id, skip_docs
+from icl_circuits.data.batching import Cursor, chunk_rows, padded_batches  # sae/cache.py takes Cursor from here
+from icl_circuits.data.corpus import bos_id
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site, SiteLike
 
-Cursor = tuple[int, int]  # (document index, chunk index within it) of the next chunk to read
 
-
-def _chunks(
-    tokenizer: Any, docs: Iterable[str], seq_len: int, min_tokens: int, start: Cursor
-) -> Iterator[tuple[list[int], Cursor]]:
-    """(chunk of <= seq_len-1 token ids, cursor of the chunk after it), resuming at `start`."""
-    start_doc, start_chunk = start
-    n = seq_len - 1
-    for d, doc in enumerate(skip_docs(docs, start_doc), start_doc):
-        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
-        pieces = [ids[i : i + n] for i in range(0, len(ids), n)]
-        first = start_chunk if d == start_doc else 0
-        keep = [c for c in range(first, len(pieces)) if len(pieces[c]) >= min_tokens]
-        for j, c in enumerate(keep):
-            # after a document's last kept chunk the cursor moves to the next document
-            yield pieces[c], ((d, keep[j + 1]) if j + 1 < len(keep) else (d + 1, 0))
-
-
-def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [batch, seq]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, seq]
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def _batches(
+def cursor_batches(
     tokenizer: Any, docs: Iterable[str], seq_len: int, batch_size: int, min_tokens: int, start: Cursor = (0, 0)
 ) -> Iterator[tuple[Tensor, Tensor, Cursor]]:
     """token_batches plus the cursor after each batch (what a resumed run starts from)."""
@@ -62,16 +36,10 @@ def _batches(
         raise ValueError(
             f"need seq_len >= 2, batch_size >= 1, min_tokens >= 1; got {seq_len}, {batch_size}, {min_tokens}"
         )
-    bos = bos_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos  # masked out anyway
-    rows: list[list[int]] = []
-    for chunk, cursor in _chunks(tokenizer, docs, seq_len, min_tokens, start):
-        rows.append([bos, *chunk])
-        if len(rows) == batch_size:
-            yield *_pad(rows, pad), cursor
-            rows = []
-    if rows:
-        yield *_pad(rows, pad), cursor
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos_id(tokenizer)  # masked out anyway
+    rows = ((row, after) for row, _, after in chunk_rows(tokenizer, docs, seq_len, min_tokens, start))
+    for ids, mask, afters in padded_batches(rows, batch_size, pad):
+        yield ids, mask, afters[-1]
 
 
 def token_batches(
@@ -84,7 +52,7 @@ def token_batches(
     min_tokens tokens are dropped. Rows are right-padded to the longest row of their batch; the
     last batch may hold fewer rows.
     """
-    for ids, mask, _ in _batches(tokenizer, docs, seq_len, batch_size, min_tokens):
+    for ids, mask, _ in cursor_batches(tokenizer, docs, seq_len, batch_size, min_tokens):
         yield ids, mask
 
 
@@ -153,7 +121,7 @@ class ActivationStore:
         self.target_rows = buffer_batches * batch_size * (seq_len - 1)  # refill up to this, at half of it
         self._gen = torch.Generator().manual_seed(seed)
         self._cursor: Cursor = (skip_docs, 0)
-        self._batches: Iterator[tuple[Tensor, Tensor, Cursor]] | None = None
+        self._batch_iter: Iterator[tuple[Tensor, Tensor, Cursor]] | None = None
         self._exhausted = False
         self._buf = {s: torch.empty(0, lm.d_model, dtype=dtype, device=self.device) for s in self.sites}
         self._pos = 0  # rows before _pos were already served
@@ -195,12 +163,12 @@ class ActivationStore:
     def _refill(self, want: int) -> None:
         """Read token batches until `want` rows are buffered (or the corpus ends), then shuffle."""
         c = self.config
-        if self._batches is None:
-            self._batches = _batches(self.lm.tokenizer, self.docs, c.seq_len, c.batch_size, c.min_tokens, self._cursor)
+        if self._batch_iter is None:
+            self._batch_iter = cursor_batches(self.lm.tokenizer, self.docs, c.seq_len, c.batch_size, c.min_tokens, self._cursor)
         new: dict[Site, list[Tensor]] = {s: [] for s in self.sites}
         n_new = 0
         while self.rows_left + n_new < want:
-            item = next(self._batches, None)
+            item = next(self._batch_iter, None)
             if item is None:
                 self._exhausted = True
                 break
@@ -247,4 +215,4 @@ class ActivationStore:
             buf = {str(s): torch.empty(0, self.lm.d_model) for s in self.sites}
         self._buf = {s: buf[str(s)].to(self.device, self.dtype) for s in self.sites}
         self._pos = 0
-        self._batches = None  # restarts from the cursor on the next refill
+        self._batch_iter = None  # restarts from the cursor on the next refill

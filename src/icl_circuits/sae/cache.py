@@ -43,7 +43,7 @@ from icl_circuits.data.corpus import docs_fingerprint
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site, SiteLike
 from icl_circuits.core.storage import FolderLock, atomic_write_bytes, read_json, write_json
-from icl_circuits.sae.activations import Cursor, _batches
+from icl_circuits.sae.activations import Cursor, cursor_batches
 from icl_circuits.sae.cache_reader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ActivationCache, _check_format, _check_same, shard_name
 
 
@@ -221,7 +221,7 @@ def harvest(
 
         with torch.no_grad():
             batch_start = start
-            for ids, mask, after in _batches(lm.tokenizer, docs, seq_len, batch_size, min_tokens, start):
+            for ids, mask, after in cursor_batches(lm.tokenizer, docs, seq_len, batch_size, min_tokens, start):
                 acts = lm.activations(ids, site_list, attention_mask=mask)  # site -> [batch, seq, d_model]
                 keep = mask.bool()  # [batch, seq]
                 keep[:, 0] = False  # BOS

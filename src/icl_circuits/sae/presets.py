@@ -52,14 +52,17 @@ class Preset:
                 return s
         raise KeyError(f"preset {self.name!r} has no SAE {label!r}; it has {[s.label for s in self.saes]}")
 
-    def clean_args(self, label: str | None = None, device: str = "cuda", dtype: str = "bfloat16") -> list[str]:
-        """Arguments of `icl-circuits clean` that run Task Vector Cleaning in this setting."""
+    def clean_args(self, label: str | None = None, device: str = "cuda", dtype: str = "bfloat16",
+                   tasks: str = "all") -> list[str]:  # fmt: skip
+        """Arguments of `icl-circuits clean` that run Task Vector Cleaning in this setting on `tasks`
+        ('all' or comma-separated names: clean refuses a command line without --task / --tasks)."""
         s = self.sae(label)
-        return ["clean", "--model", self.model, "--layer", str(self.layer), "--sae", s.hub_path, "--lr", str(s.tvc_lr),
-                "--device", device, "--dtype", dtype]  # fmt: skip
+        return ["clean", "--tasks", tasks, "--model", self.model, "--layer", str(self.layer), "--sae", s.hub_path,
+                "--lr", str(s.tvc_lr), "--device", device, "--dtype", dtype]  # fmt: skip
 
-    def command(self, label: str | None = None, device: str = "cuda", dtype: str = "bfloat16") -> str:
-        return "icl-circuits " + " ".join(self.clean_args(label, device, dtype))
+    def command(self, label: str | None = None, device: str = "cuda", dtype: str = "bfloat16",
+                tasks: str = "all") -> str:  # fmt: skip
+        return "icl-circuits " + " ".join(self.clean_args(label, device, dtype, tasks))
 
 
 _GS_RES = "google/gemma-scope-2b-pt-res"

@@ -16,6 +16,11 @@ def test_aggregation_hand_worked():
     agg = aggregate_by_type(per_pos, tix, 3)
     # type 0 at (0,1) and (1,1): [2+10, 3+11]; type 1 at (0,2), (0,3): [4+6, 5+7]; type 2 at (1,0): [8, 9]
     assert agg.tolist() == [[12.0, 14.0], [10.0, 12.0], [8.0, 9.0]]
+    # mean (the authors' average_over_positions): per prompt over its positions of the type, then over the
+    # prompts that have the type. type 0: prompt 0 [2, 3], prompt 1 [10, 11] -> [6, 7]; type 1: only prompt 0,
+    # mean of [4, 5] and [6, 7] -> [5, 6]; type 2: only prompt 1 -> [8, 9]
+    mean = aggregate_by_type(per_pos, tix, 3, mean=True)
+    assert mean.tolist() == [[6.0, 7.0], [5.0, 6.0], [8.0, 9.0]]
 
 
 def test_type_index_marks_node_types_only():

@@ -77,8 +77,12 @@ def test_node_ids_round_trip_and_table():
         assert eff.flat_id(key, feat, tt) == i
         f = eff.effects[key].shape[1] - 1 if feat == ERROR else feat
         assert flat[i] == eff.effects[key][NODE_TYPES.index(tt), f]
-    rows = eff.table(5)
+    rows = eff.table(5)  # the default: signed, by the per-position mean
+    assert [r["mean_effect"] for r in rows] == sorted((r["mean_effect"] for r in rows), reverse=True)
+    assert rows[0]["mean_effect"] == float(eff.flat("mean").max())
+    rows = eff.table(5, "abs", "sum")
     assert [abs(r["effect"]) for r in rows] == sorted((abs(r["effect"]) for r in rows), reverse=True)
+    assert abs(rows[0]["effect"]) == float(flat.abs().max())
 
 
 @pytest.mark.bundled
@@ -180,3 +184,14 @@ def test_circuits_take_attn_z_saes_skip_transcoders_and_resid_post_saes():
     assert sp.empty == pytest.approx(float(out.target_logprobs.mean()), abs=1e-5)
     with pytest.raises(ValueError, match="must read attn_out.1 and write attn_out.1, or read attn_z.1"):
         circuit_saes(lm, CircuitConfig(layers=(1,), kinds=("attn",)), {"attn.1": saes.saes["transcoder.1"]})
+
+
+def test_saved_effects_keep_sums_and_means(tmp_path):
+    from icl_circuits.methods.circuits import load_effects, save_effects
+
+    lm, cfg, saes, batch = setup()
+    eff = node_effects(lm, batch, saes, cfg)
+    back = load_effects(save_effects(eff, tmp_path / "e.safetensors"))
+    assert back.keys == eff.keys and back.node_types == eff.node_types and back.metric == pytest.approx(eff.metric)
+    assert torch.equal(back.flat(), eff.flat()) and torch.equal(back.flat("mean"), eff.flat("mean"))
+    assert not torch.equal(eff.flat(), eff.flat("mean"))  # two different rankings are stored

@@ -2,14 +2,16 @@
 
 A *node* is (SAE, feature, token type): one latent of a residual SAE (reads and writes
 resid_pre[l]), an attention SAE (attn_out[l]) or a transcoder (resid_mid[l] -> mlp_out[l]),
-or that SAE's error node, with its effect summed over every position of one token type.
+or that SAE's error node, with its effect over the positions of one token type (summed: the
+first-order estimate of ablating the node; averaged: what circuits rank by, as the authors did).
 
 Token types: prompt, input, arrow, output, newline, extra (paper Sec. 4.1.1). BOS is not a node
 type: SAEs never see the attention-sink token, so it is never spliced nor ablated. Padding is
 never a node either.
 
-Metric m (Sec. 4.1.2): the mean log-prob of the first output token of every pair but the first
-(`metric_pairs='all_but_first'`), or of the query only ('last'). Mean, not sum, so m is per
+Metric m (Sec. 4.1.2): the mean log-prob of the first `n_score_tokens` (2) tokens of the output of every
+pair but the first (`metric_pairs='all_but_first'`, the paper's text), of the query only ('last'), or of
+every pair ('all', the authors' code). Mean, not sum, so m is per
 token and comparable across batch sizes; faithfulness is a ratio, so the choice cancels there.
 
 CircuitRunConfig adds what the experiment over tasks needs: batch sizes, the faithfulness grid,
@@ -69,6 +71,8 @@ class CircuitRunConfig:
     seed: int = 0
     sizes: tuple[int, ...] = DEFAULT_SIZES
     rank_by: str = "signed"  # the authors' do_abs=False; 'abs' ranks by |effect|
+    rank_over: str = "mean"  # rank by the effect averaged over a token type's positions (the authors'
+    #                          average_over_positions=True); 'sum' ranks by the summed effect
     ablate_errors: bool = False  # the authors never ablate error nodes; True also ranks and zero-ablates them
     faith_target: float = 0.6  # report the nodes needed for this faithfulness of C
     cross_target: float = 0.3  # cross-task: ablate A's nodes until faithfulness(A) <= this
@@ -78,6 +82,12 @@ class CircuitRunConfig:
     #                                       seeded sample of n per (SAE, token type), 0 = skip
     other_errors_curve: bool = False  # also the faithfulness curves and cross-task ablation with the other error-node choice
     chunk: int = 4  # ablation patterns per forward pass
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("signed", "abs"):
+            raise ValueError(f"rank_by must be 'signed' or 'abs', got {self.rank_by!r}")
+        if self.rank_over not in ("mean", "sum"):
+            raise ValueError(f"rank_over must be 'mean' or 'sum', got {self.rank_over!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

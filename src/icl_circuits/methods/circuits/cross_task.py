@@ -40,6 +40,7 @@ class CrossTask:
 def cross_task_ablation(
     spliced: Mapping[str, SplicedModel], effects: Mapping[str, NodeEffects], target: float = 0.3, by: str = "signed",
     curves: Mapping[str, FaithfulnessCurve] | None = None, progress: bool = False, keep_errors: bool = True,
+    over: str = "mean",
 ) -> CrossTask:  # fmt: skip
     """For each task A ablate its top-IE nodes until faithfulness(A) <= target; measure every task B.
 
@@ -55,13 +56,13 @@ def cross_task_ablation(
     empty: dict[str, float] = {}
     for a in tqdm(tasks, desc="cross-task", disable=not progress):
         curve = (curves or {}).get(a)
-        if curve is None or curve.keep_errors != keep_errors or curve.rank_by != by:  # a curve of another method
-            curve = faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors)
-        n = nodes_needed(spliced[a], effects[a], target, complement=True, by=by, curve=curve)
-        order, errs = circuit_order(effects[a], by, keep_errors)
+        if curve is None or (curve.keep_errors, curve.rank_by, curve.rank_over) != (keep_errors, by, over):  # another method's
+            curve = faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors, over=over)
+        n = nodes_needed(spliced[a], effects[a], target, complement=True, curve=curve)
+        order, errs = circuit_order(effects[a], by, keep_errors, over)
         reached[a] = n is not None
         if n is None:
-            n = n_candidates(effects[a], order, by)
+            n = n_candidates(effects[a], order, by, over)
         n_abl[a] = n
         row = []
         for b in tasks:

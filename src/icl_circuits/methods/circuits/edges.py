@@ -45,9 +45,10 @@ def edge_sources(target_key: str, keys: Iterable[str]) -> list[str]:
     return [k for k in wanted if k in keys]
 
 
-def edge_targets(effects: NodeEffects, k: int, by: str = "abs", errors: bool = False) -> list[int]:
-    """Top-k nodes per (layer, token type), among nodes with a non-zero effect (error nodes only if `errors`)."""
-    flat = effects.flat()
+def edge_targets(effects: NodeEffects, k: int, by: str = "abs", errors: bool = False, over: str = "sum") -> list[int]:
+    """Top-k nodes per (layer, token type), among nodes with a non-zero effect (error nodes only if `errors`).
+    Within one (layer, token type) the mean and the sum rank alike up to prompts' differing counts."""
+    flat = effects.flat(over)
     order = ranking(flat, by).tolist()
     count: dict[tuple[int, str], int] = {}
     out = []
@@ -149,7 +150,7 @@ def edge_effects(
                 m = m.clone()
                 m[:, -1] = 0  # drop the source's error node
             flat = m.reshape(-1)
-            for i in ranking(flat)[:edges_per_target].tolist():
+            for i in ranking(flat, "abs")[:edges_per_target].tolist():  # a strongly negative edge counts too
                 if flat[i] != 0:
                     raw.append(Edge(offsets[src] + i, t, float(flat[i])))
     if not raw:

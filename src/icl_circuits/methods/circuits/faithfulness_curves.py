@@ -5,7 +5,8 @@ Faithfulness(C) = (m(C) - m(empty)) / (m(M) - m(empty)) where m(C) keeps only th
 ablated: C, M \\ C and the node counts cover feature nodes only, and m(empty) ablates every feature
 with the errors kept (keep_errors=True, the default). keep_errors=False also ranks and zero-ablates
 error nodes (m(empty) then ablates everything). Nodes are ranked by signed effect (the authors'
-do_abs=False); by |effect| is an option.
+do_abs=False), averaged over the positions of their token type (the authors' average_over_positions);
+by |effect| and by the summed effect are options.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from icl_circuits.core.storage import check_schema, stamp
 from icl_circuits.methods.circuits.config import DEFAULT_SIZES, ERROR
-from icl_circuits.methods.circuits.nodes import NodeEffects, ranking
+from icl_circuits.methods.circuits.nodes import NodeEffects, check_rank_over
 from icl_circuits.methods.circuits.spliced import SplicedModel, check_same_nodes, faithfulness
 
 
@@ -33,6 +34,7 @@ class FaithfulnessCurve:
     n_nonzero: int  # nodes that can enter a circuit: positive effect on the IE batch (signed), non-zero (abs)
     keep_errors: bool = True  # error nodes never ablated nor counted (the authors' method)
     rank_by: str = "signed"
+    rank_over: str = "sum"  # 'mean' since per-position ranking became the default; files from before it ranked by sums
 
     @property
     def faith_C(self) -> list[float]:
@@ -55,7 +57,7 @@ class FaithfulnessCurve:
 
 def faithfulness_curve(
     spliced: SplicedModel, effects: NodeEffects, sizes: Sequence[int] = DEFAULT_SIZES, by: str = "signed",
-    task: str = "", chunk: int = 4, keep_errors: bool = True,
+    task: str = "", chunk: int = 4, keep_errors: bool = True, over: str = "mean",
 ) -> FaithfulnessCurve:  # fmt: skip
     """m(C_N) and m(M \\ C_N) for circuits C_N = the top-N nodes by effect, on spliced's batch.
 
@@ -64,30 +66,32 @@ def faithfulness_curve(
     ranks error nodes with the features and zero-ablates them too.
     """
     check_same_nodes(spliced, effects)
-    order, errs = circuit_order(effects, by, keep_errors)
-    n_nonzero = n_candidates(effects, order, by)
+    order, errs = circuit_order(effects, by, keep_errors, over)
+    n_nonzero = n_candidates(effects, order, by, over)
     sizes = sorted({min(int(n), n_nonzero) for n in sizes} | {n_nonzero})
     pats = [circuit_pattern(spliced, order[:n], c, errs) for n in sizes for c in (True, False)]
     m = spliced.metrics(torch.stack(pats), chunk).tolist()
     n_err = [sum(effects.node(i)[1] == ERROR for i in order[:n].tolist()) for n in sizes]
     m_empty = spliced.empty if errs is None else spliced.metric(~errs)
-    return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors, by)
+    return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors, by, over)
 
 
-def n_candidates(effects: NodeEffects, order: torch.Tensor, by: str = "signed") -> int:
+def n_candidates(effects: NodeEffects, order: torch.Tensor, by: str = "signed", over: str = "mean") -> int:
     """How many nodes of `order` can enter a circuit: those with a positive effect (signed ranking; the
     zero and negative ones come after them) or a non-zero one (abs ranking)."""
-    e = effects.flat()[order]
+    e = effects.flat(over)[order]
     return int((e > 0).sum()) if by in ("signed", "value") else int((e != 0).sum())
 
 
-def circuit_order(effects: NodeEffects, by: str = "signed", keep_errors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def circuit_order(
+    effects: NodeEffects, by: str = "signed", keep_errors: bool = True, over: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(node ids by decreasing effect, bool mask of error nodes or None): with keep_errors the
     error nodes are left out of the order (they stay in the model)."""
-    order = ranking(effects.flat(), by)
+    order = effects.order(by, check_rank_over(over))
     if not keep_errors:
         return order, None
-    errs = torch.zeros(effects.flat().numel(), dtype=torch.bool)
+    errs = torch.zeros(order.numel(), dtype=torch.bool)
     for k, o in effects.offsets().items():
         n_types, width = effects.effects[k].shape
         errs[o + width - 1 : o + n_types * width : width] = True
@@ -102,14 +106,14 @@ def circuit_pattern(spliced: SplicedModel, nodes: torch.Tensor, complement: bool
 
 def nodes_needed(
     spliced: SplicedModel, effects: NodeEffects, target: float, complement: bool = False, by: str = "signed",
-    curve: FaithfulnessCurve | None = None, keep_errors: bool = True,
+    curve: FaithfulnessCurve | None = None, keep_errors: bool = True, over: str = "mean",
 ) -> int | None:  # fmt: skip
     """Fewest top-N nodes with faithfulness(C_N) >= target (complement=False), or with
     faithfulness(M \\ C_N) <= target (complement=True). Scans the curve's grid, then bisects
     between its two grid points (assumes monotonicity there). None if never reached."""
     if curve is None:
-        curve = faithfulness_curve(spliced, effects, by=by, keep_errors=keep_errors)
-    order, errs = circuit_order(effects, curve.rank_by, curve.keep_errors)
+        curve = faithfulness_curve(spliced, effects, by=by, keep_errors=keep_errors, over=over)
+    order, errs = circuit_order(effects, curve.rank_by, curve.keep_errors, curve.rank_over)
     vals = curve.faith_M if complement else curve.faith_C
 
     def ok(f: float) -> bool:

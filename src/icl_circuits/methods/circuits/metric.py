@@ -33,11 +33,18 @@ def type_index(batch: PromptBatch, node_types: Sequence[str]) -> torch.Tensor:
     return idx
 
 
-def aggregate_by_type(per_position: torch.Tensor, tix: torch.Tensor, n_types: int) -> torch.Tensor:
-    """Sum per-position values over the positions of each token type.
+def aggregate_by_type(per_position: torch.Tensor, tix: torch.Tensor, n_types: int, mean: bool = False) -> torch.Tensor:
+    """Sum per-position values over the positions of each token type, or (mean=True) average them over
+    each prompt's positions of that type, then over the prompts that have it (the authors' mask_average
+    with average_over_positions=True).
 
     per_position [batch, seq, n], tix [batch, seq] (-1 = not a node) -> [n_types, n].
     """
     onehot = torch.zeros(*tix.shape, n_types + 1, dtype=per_position.dtype, device=per_position.device)
     onehot.scatter_(-1, (tix.to(per_position.device) % (n_types + 1)).unsqueeze(-1), 1.0)  # -1 -> last column
-    return torch.einsum("bst,bsn->tn", onehot[..., :n_types], per_position)
+    onehot = onehot[..., :n_types]  # [b, s, t]
+    if mean:
+        count = onehot.sum(1, keepdim=True)  # [b, 1, t] positions of each type per prompt
+        prompts = (count > 0).sum(0).clamp(min=1)  # [1, t] prompts that have the type
+        onehot = onehot / count.clamp(min=1) / prompts
+    return torch.einsum("bst,bsn->tn", onehot, per_position)

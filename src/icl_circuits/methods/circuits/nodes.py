@@ -6,7 +6,10 @@ and g = dm/dy. Then per SAE
     effect(latent i, position p) = (g_p . W_dec[i] / output_scale) * f_i(p)     (grad x value)
     effect(error, p)             = g_p . (y_p - decode(f(p)))
 
-summed over the positions of each token type. Sign convention: effect = grad . value, the
+summed over the positions of each token type: the first-order estimate of ablating the node.
+Circuits rank nodes by the *mean* over those positions (per prompt, then over prompts): the
+authors' average_over_positions=True, which keeps token types with many positions from crowding
+out the others; rank_over='sum' ranks by the summed effect. Sign convention: effect = grad . value, the
 first-order estimate of m(clean) - m(node zeroed), i.e. minus the eq. 3 IE of a zero
 ablation. Positive = the node helps the metric (as in Alg. 2, which returns grad * latent).
 """
@@ -28,6 +31,13 @@ from icl_circuits.methods.circuits.metric import aggregate_by_type, metric_of, m
 from icl_circuits.methods.circuits.saes import CircuitSAEs, parse_key
 
 RANK_BY: tuple[str, ...] = ("signed", "abs")
+RANK_OVER: tuple[str, ...] = ("mean", "sum")
+
+
+def check_rank_over(over: str) -> str:
+    if over not in RANK_OVER:
+        raise ValueError(f"rank over one of {RANK_OVER} (positions of a token type), got {over!r}")
+    return over
 
 
 def ranking(effects: torch.Tensor, by: str = "signed") -> torch.Tensor:
@@ -42,7 +52,9 @@ def ranking(effects: torch.Tensor, by: str = "signed") -> torch.Tensor:
 
 @dataclass
 class NodeEffects:
-    """Node effects of one batch: effects[key] is [n_types, d_sae + 1], column d_sae = the error node."""
+    """Node effects of one batch: effects[key] is [n_types, d_sae + 1], column d_sae = the error node,
+    summed over the positions of each type; means[key] the same averaged over them (per prompt, then
+    over prompts), what circuits rank by."""
 
     keys: list[str]
     node_types: tuple[str, ...]
@@ -50,10 +62,19 @@ class NodeEffects:
     metric: float  # m on this batch (clean model)
     grads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # key -> dm/d(out site) [b, s, d]
     resid: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # layer -> resid_pre [b, s, d]
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> [n_types, d_sae + 1] per-position means
 
-    def flat(self) -> torch.Tensor:
-        """All node effects as one vector, keys in order, each [n_types, d_sae+1] row-major."""
-        return torch.cat([self.effects[k].reshape(-1) for k in self.keys])
+    def flat(self, over: str = "sum") -> torch.Tensor:
+        """All node effects as one vector, keys in order, each [n_types, d_sae+1] row-major: summed over
+        each type's positions ('sum') or averaged over them ('mean')."""
+        if check_rank_over(over) == "mean" and set(self.means) != set(self.keys):
+            raise ValueError("these node effects have no per-position means (saved before they existed): rank_over='sum'")
+        src = self.means if over == "mean" else self.effects
+        return torch.cat([src[k].reshape(-1) for k in self.keys])
+
+    def order(self, by: str = "signed", over: str = "mean") -> torch.Tensor:
+        """Node ids, best first: by signed or |effect|, on the per-position means or the sums."""
+        return ranking(self.flat(over), by)
 
     def offsets(self) -> dict[str, int]:
         out, o = {}, 0
@@ -76,17 +97,21 @@ class NodeEffects:
         f = width - 1 if feature == ERROR else int(feature)
         return self.offsets()[key] + self.node_types.index(token_type) * width + f
 
-    def top(self, n: int, by: str = "signed") -> list[int]:
-        return ranking(self.flat(), by)[:n].tolist()
+    def top(self, n: int, by: str = "signed", over: str = "mean") -> list[int]:
+        return self.order(by, over)[:n].tolist()
 
-    def table(self, n: int = 50, by: str = "signed") -> list[dict]:
-        """The top-n nodes as rows (key, kind, layer, feature, token type, effect)."""
+    def table(self, n: int = 50, by: str = "signed", over: str = "mean") -> list[dict]:
+        """The top-n nodes as rows (key, kind, layer, feature, token type, effect = summed, mean_effect)."""
         flat = self.flat()
+        means = self.flat("mean") if self.means else None
         rows = []
-        for i in self.top(n, by):
+        for i in self.top(n, by, over):
             key, feat, tt = self.node(i)
             kind, layer = parse_key(key)
-            rows.append(dict(node=i, key=key, kind=kind, layer=layer, feature=feat, token_type=tt, effect=float(flat[i])))
+            row = dict(node=i, key=key, kind=kind, layer=layer, feature=feat, token_type=tt, effect=float(flat[i]))
+            if means is not None:
+                row["mean_effect"] = float(means[i])
+            rows.append(row)
         return rows
 
     def n_nonzero(self) -> int:
@@ -108,7 +133,7 @@ def node_effects(lm: LM, batch: PromptBatch, saes: CircuitSAEs, cfg: CircuitConf
         targets=scoring.targets,
     )
     tix = type_index(batch, cfg.node_types).to(lm.device)  # [b, s]
-    effects, kept = {}, {}
+    effects, means, kept = {}, {}, {}
     with torch.no_grad():
         for key in saes.keys:
             sae = saes.saes[key]
@@ -118,10 +143,11 @@ def node_effects(lm: LM, batch: PromptBatch, saes: CircuitSAEs, cfg: CircuitConf
             g_lat = (g @ sae.W_dec.T) / sae.cfg.output_scale  # [b, s, d_sae]: dm/df
             per_pos = torch.cat([g_lat * f, (g * err).sum(-1, keepdim=True)], -1)  # [b, s, d_sae + 1]
             effects[key] = aggregate_by_type(per_pos, tix, len(cfg.node_types)).float().cpu()
+            means[key] = aggregate_by_type(per_pos, tix, len(cfg.node_types), mean=True).float().cpu()
             if keep_grads:
                 kept[key] = g
     resid = {l: acts[Site(l, "resid_pre")] for l in layers} if keep_grads else {}
-    return NodeEffects(saes.keys, tuple(cfg.node_types), effects, float(value), kept, resid)
+    return NodeEffects(saes.keys, tuple(cfg.node_types), effects, float(value), kept, resid, means)
 
 
 def circuit_batches(lm: LM, task: Task, cfg: CircuitRunConfig) -> tuple[PromptBatch, PromptBatch]:
@@ -140,7 +166,9 @@ def save_effects(effects: NodeEffects, path: str | Path) -> Path:
     from safetensors.torch import save
 
     meta = {"metric": str(effects.metric), "node_types": ",".join(effects.node_types), "keys": ",".join(effects.keys)}
-    return atomic_write_bytes(path, save({k: v.contiguous() for k, v in effects.effects.items()}, metadata=meta))
+    tensors = {k: v.contiguous() for k, v in effects.effects.items()}
+    tensors.update({f"mean/{k}": v.contiguous() for k, v in effects.means.items()})
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_effects(path: str | Path) -> NodeEffects:
@@ -150,4 +178,6 @@ def load_effects(path: str | Path) -> NodeEffects:
         meta = f.metadata()
         keys = meta["keys"].split(",")
         eff = {k: f.get_tensor(k) for k in keys}
-    return NodeEffects(keys, tuple(meta["node_types"].split(",")), eff, float(meta["metric"]))
+        names = set(f.keys())
+        means = {k: f.get_tensor(f"mean/{k}") for k in keys if f"mean/{k}" in names}
+    return NodeEffects(keys, tuple(meta["node_types"].split(",")), eff, float(meta["metric"]), means=means)

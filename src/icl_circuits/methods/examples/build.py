@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_circuits.data.corpus import bos_id
+from icl_circuits.data.batching import Cursor, chunk_rows, padded_batches
 from icl_circuits.core.model import LM
-from icl_circuits.sae.activations import _chunks
 from icl_circuits.sae.dictionary import JumpReLUSAE
 from icl_circuits.core.sites import Site
 from icl_circuits.methods.examples.config import ExampleConfig
@@ -28,29 +27,12 @@ from icl_circuits.methods.examples.store import ExampleStore
 
 # -- token batches with per-row documents and a resumable cursor -----------------------------------
 def _row_batches(
-    tokenizer: Any, docs: Iterable[str], cfg: ExampleConfig, start: tuple[int, int]
-) -> Iterator[tuple[Tensor, Tensor, Tensor, tuple[int, int]]]:
-    """(ids [batch, seq], lengths [batch], doc index [batch], cursor after the batch)."""
-    bos = bos_id(tokenizer)
-    rows: list[list[int]] = []
-    row_docs: list[int] = []
-    for chunk, cursor in _chunks(tokenizer, docs, cfg.seq_len, cfg.min_tokens, start):
-        rows.append([bos, *chunk])
-        # the cursor after a chunk is (d, next chunk > 0) inside doc d, or (d + 1, 0) after its last chunk
-        row_docs.append(cursor[0] if cursor[1] > 0 else cursor[0] - 1)
-        if len(rows) == cfg.batch_size:
-            yield (*_pad(rows), torch.tensor(row_docs), cursor)
-            rows, row_docs = [], []
-    if rows:
-        yield (*_pad(rows), torch.tensor(row_docs), cursor)
-
-
-def _pad(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [batch, seq]
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids, torch.tensor([len(r) for r in rows])
-
+    tokenizer: Any, docs: Iterable[str], cfg: ExampleConfig, start: Cursor
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Cursor]]:
+    """(ids [batch, seq], attention mask [batch, seq], doc index [batch], cursor after the batch)."""
+    rows = ((row, (doc, after)) for row, doc, after in chunk_rows(tokenizer, docs, cfg.seq_len, cfg.min_tokens, start))
+    for ids, mask, tags in padded_batches(rows, cfg.batch_size, pad_id=0):  # padding is masked out and never stored
+        yield ids, mask, torch.tensor([doc for doc, _ in tags]), tags[-1][1]
 
 
 def build_example_store(
@@ -133,8 +115,8 @@ def _stream(
     pools, stats = fresh()
     n_in_commit, n_batches, t0 = 0, 0, time.perf_counter()
     batches = _row_batches(lm.tokenizer, docs, cfg, (cur["doc"], cur["chunk"]))
-    for ids, lengths, row_doc, cursor in batches:
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # [batch, seq]
+    for ids, mask, row_doc, cursor in batches:
+        lengths = mask.sum(1)  # [batch]: rows are right-padded
         acts = lm.activations(ids, sites, attention_mask=mask)  # one pass, stops after the last site
         keep = mask.bool().clone()
         keep[:, 0] = False  # BOS is an outlier position, never an example
