@@ -333,7 +333,7 @@ def circuit_graph_of(task: str, d_sae: int) -> dict:
     to = eff.flat_id("attn.1", 2, "arrow")
     edges = [Edge(eff.flat_id("resid.0", 0, "arrow"), to, 0.8), Edge(eff.flat_id("resid.0", 3, "output"), to, -0.1),
              Edge(eff.flat_id("resid.0", ERROR, "arrow"), to, 0.05)]  # fmt: skip
-    return {**circuit_graph(eff, edges), "task": task}  # run_circuit_task adds the task name
+    return circuit_graph(eff, edges, task=task)  # run_circuit_task names the task
 
 
 def hf_metric(lm, batch, pairs="all_but_first") -> float:

@@ -117,7 +117,7 @@ def test_clean_command_on_local_folder(tmp_path, capsys):
 @pytest.mark.device_audit  # no stray CPU tensors in the whole command (tests/test_device.py)
 def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
     """clean (execution at layer 1, detection at layer 0) -> heatmap (+ negative on one feature) -> detectors."""
-    from icl_circuits.methods.masses import MASS_TYPES
+    from icl_circuits.methods.masses import MASS_TYPES, MassesResult
     from icl_circuits.sae.formats import save_sae
 
     from tests.helpers import MANY, pair_lm, unit_sae
@@ -159,7 +159,7 @@ def test_heatmap_and_detectors_commands_on_local_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "det"), "--figures", str(figs), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "token-type activation masses" in printed and "detector task" in printed
-    rows = [r for r in json.loads((tmp_path / "det" / "masses.json").read_text()) if r["total_mass"] > 0]
+    rows = [r for r in MassesResult.from_dict(json.loads((tmp_path / "det" / "masses.json").read_text())).rows if r["total_mass"] > 0]
     assert rows and all(abs(sum(r[t] for t in MASS_TYPES) - 1) < 1e-6 for r in rows)
     link = json.loads((tmp_path / "det" / "link.json").read_text())
     assert (figs / "detector_executor_link.png").is_file() and len(link["drop"]) == len(link["detector_tasks"])

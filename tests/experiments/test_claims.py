@@ -11,7 +11,9 @@ import torch
 from icl_circuits.experiments import claims
 from icl_circuits.methods.circuits import CrossTask
 from icl_circuits.methods.link import LinkResult
+from icl_circuits.methods.masses import MASS_TYPES, MassesResult
 from icl_circuits.methods.negative import NegativeResult
+from icl_circuits.methods.task_vectors import DetectionSweep, LayerSweep
 
 
 def _write(path: Path, obj: object) -> None:
@@ -27,10 +29,37 @@ def test_most_is_a_strict_majority():
 def test_tv_layer_takes_the_best_mean_over_tasks(tmp_path: Path):
     rows = [dict(task=t, layer=l, relative_loss_decrease=v) for t, vals in (("a", [0.1, 0.5, 0.2, 0.0]), ("b", [0.0, 0.1, 0.6, 0.1]))
             for l, v in enumerate(vals)]  # fmt: skip
-    _write(tmp_path / "task_vectors" / "sweep.json", dict(rows=rows))
+    _write(tmp_path / "task_vectors" / "sweep.json", LayerSweep("tiny", [0, 1, 2, 3], {}, rows, []).to_dict())
     ours, verdict = claims.tv_layer({"task_vectors": tmp_path / "task_vectors"})
     # means: 0.05, 0.30, 0.40, 0.05 -> layer 2 of 0-3, 2/3 of the depth: in the middle half
     assert ours.startswith("layer 2 of 0-3 (mean relative loss decrease 0.400") and verdict == "yes"
+
+
+def test_detection_layer_reads_stamped_and_unstamped_sweeps(tmp_path: Path):
+    tv = [dict(task="a", layer=l, relative_loss_decrease=v) for l, v in enumerate([0.0, 0.1, 0.5])]
+    det = [dict(task="a", layer=l, relative_loss_decrease=v) for l, v in enumerate([0.2, 0.6, 0.1])]
+    f = {"task_vectors": tmp_path / "tv", "detection_sweep": tmp_path / "det"}
+    _write(f["task_vectors"] / "sweep.json", LayerSweep("tiny", [0, 1, 2], {}, tv, []).to_dict())
+    _write(f["detection_sweep"] / "detection_sweep.json", DetectionSweep(det, [0, 1, 2], "tiny").to_dict())
+    assert claims.detection_layer(f) == ("detection peaks at layer 1, execution at layer 2", "yes")
+    _write(f["detection_sweep"] / "detection_sweep.json", det)  # a bare row list, as written before the stamps
+    assert claims.detection_layer(f) == ("detection peaks at layer 1, execution at layer 2", "yes")
+    _write(f["detection_sweep"] / "detection_sweep.json", LayerSweep("tiny", [0], {}, tv, []).to_dict())
+    with pytest.raises(ValueError, match=r"detection_sweep.json: holds a sweep result, not a detection_sweep result"):
+        claims.detection_layer(f)
+
+
+def test_masses_read_stamped_and_unstamped_files(tmp_path: Path):
+    def row(role: str, arrow: float) -> dict:
+        shares = {t: 0.0 for t in MASS_TYPES} | {"arrow": arrow, "output": 1 - arrow}
+        return dict(task="a", role=role, n_features=1, total_mass=2.0, **shares)
+
+    rows = [row("executor", 0.7), row("detector", 0.2), dict(row("executor", 0.0), task="b", total_mass=0.0)]  # b never fired
+    f = {"detectors": tmp_path / "d"}
+    _write(f["detectors"] / "masses.json", MassesResult(rows, "tiny", {}).to_dict())
+    assert claims.executor_mass(f) == ("70.0%", "yes") and claims.detector_mass(f) == ("80.0%", "yes")
+    _write(f["detectors"] / "masses.json", rows)  # a bare row list, as written before the stamps (docs/results)
+    assert claims.executor_mass(f) == ("70.0%", "yes")
 
 
 def test_tvc_needs_all_three_conditions_per_task(tmp_path: Path):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from icl_circuits import Task
 from icl_circuits.core.sites import Site
-from icl_circuits.methods.masses import MASS_TYPES, MassConfig, activation_masses, mass_shares, mass_table, token_type_masses
+from icl_circuits.core.storage import BadFile, read_json
+from icl_circuits.methods.masses import (
+    MASS_TYPES, MassConfig, MassesResult, activation_masses, mass_shares, mass_table, token_type_masses,
+)  # fmt: skip
 from icl_circuits.data.prompts import TYPE_ID
 
 from tests.helpers import ANTONYMS, UPPER, pair_lm, detection_sae
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results" / "gemma-3-270m"
 
 
 def test_token_type_masses_hand_worked_and_sum_to_one():
@@ -53,3 +60,20 @@ def test_activation_masses_match_a_per_token_loop_and_sum_to_one():
     table = mass_table(rows)
     assert [r["token_type"] for r in table] == list(MASS_TYPES)
     assert sum(r["executor_ours_%"] for r in table) == pytest.approx(100, abs=0.05)
+
+
+def test_masses_result_round_trips_and_reads_the_published_row_list():
+    row = dict(task="a", role="executor", n_features=2, total_mass=3.0, **{t: 1 / len(MASS_TYPES) for t in MASS_TYPES})
+    r = MassesResult([row], "tiny", MassConfig().to_dict())
+    d = r.to_dict()
+    assert d["schema"] == "masses/1" and MassesResult.from_dict(d) == r
+    assert MassesResult.from_dict({k: v for k, v in d.items() if k != "schema"}) == r
+    # masses.json was a bare row list before the stamps; the published one must keep loading
+    published = PUBLISHED / "detectors" / "masses.json"
+    old = MassesResult.from_dict(read_json(published), str(published))
+    assert old.model is None and old.rows and set(old.roles()) >= {"executor", "detector"}
+    assert mass_table(old.rows)  # what the claims and the tables compute from it
+    with pytest.raises(BadFile, match=r"m.json: holds a link result, not a masses result"):
+        MassesResult.from_dict({"schema": "link/1", "rows": []}, "m.json")
+    with pytest.raises(BadFile, match=r"m.json: no 'rows' list"):
+        MassesResult.from_dict({"model": "x"}, "m.json")

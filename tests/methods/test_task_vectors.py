@@ -9,7 +9,10 @@ import torch
 
 from icl_circuits import Task, icl_prompts, zero_shot_prompts
 from icl_circuits.interventions.steer import Steerer
-from icl_circuits.methods.task_vectors import TaskVectorConfig, collect_resid, extract_task_vectors, sweep_task
+from icl_circuits.core.storage import BadFile
+from icl_circuits.methods.task_vectors import (
+    DetectionSweep, LayerSweep, TaskVectorConfig, collect_resid, extract_task_vectors, sweep_task,
+)  # fmt: skip
 
 from tests.helpers import ANTONYMS, UPPER, pair_lm
 
@@ -65,6 +68,8 @@ def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
     assert len(first.rows) == 4 and [b["task"] for b in first.best] == ["ant", "upper", "mean"]
     for f in ("sweep.json", "sweep.csv", "best_layers.csv", "layer_sweep.png", "layer_sweep.svg"):
         assert (tmp_path / f).stat().st_size > 0
+    saved = LayerSweep.from_dict(json.loads((tmp_path / "sweep.json").read_text()), "sweep.json")
+    assert (saved.model, saved.layers, saved.rows, saved.best) == (lm.name, [0, 1], first.rows, first.best)
     # a crash after the first task, mid-way through writing the second line
     lines = (tmp_path / "partial.jsonl").read_text().splitlines()
     (tmp_path / "partial.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
@@ -78,3 +83,20 @@ def test_layer_sweep_writes_outputs_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="n_prompts: 3 -> 2"):
         sweep_mod.run_layer_sweep(lm, tasks, [0, 1], TaskVectorConfig(n_prompts=2, n_shots=2, n_eval=4), tmp_path, progress=False)
     assert calls == ["upper"]
+
+
+def test_sweep_results_round_trip_with_their_stamps_and_read_files_written_before_them():
+    rows = [dict(task="a", layer=l, relative_loss_decrease=0.1 * l) for l in (2, 3)]
+    sweep = LayerSweep("tiny", [2, 3], TaskVectorConfig().to_dict(), rows, [dict(task="a", best_layer=3)])
+    d = sweep.to_dict()
+    assert d["schema"] == "sweep/1" and LayerSweep.from_dict(d) == sweep
+    assert LayerSweep.from_dict({k: v for k, v in d.items() if k != "schema"}) == sweep  # same keys before the stamps
+    with pytest.raises(BadFile, match=r"s.json: no 'model'"):
+        LayerSweep.from_dict(dict(rows=rows), "s.json")
+    det = DetectionSweep(rows, [2, 3], "tiny", TaskVectorConfig().to_dict())
+    d = det.to_dict()
+    assert d["schema"] == "detection_sweep/1" and DetectionSweep.from_dict(d) == det
+    old = DetectionSweep.from_dict(rows, "detection_sweep.json")  # a bare row list before the stamps
+    assert (old.rows, old.layers, old.model, old.config) == (rows, [2, 3], None, None)
+    with pytest.raises(BadFile, match=r"d.json: holds a sweep result, not a detection_sweep result"):
+        DetectionSweep.from_dict(sweep.to_dict(), "d.json")

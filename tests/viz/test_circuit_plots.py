@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from icl_circuits.methods.circuits import ERROR, CrossTask, FaithfulnessCurve, circuit_graph, edge_effects, node_effects
+from icl_circuits.methods.circuits import ERROR, CircuitGraph, CrossTask, FaithfulnessCurve, circuit_graph, edge_effects, node_effects
 from icl_circuits.viz.circuit_plots import draw_graph, plot_cross_task, plot_faithfulness, plot_ie_quality
 
 from tests.helpers import setup
@@ -20,6 +20,7 @@ def test_graph_drawing(tmp_path):
     graph = circuit_graph(eff, edge_effects(lm, batch, saes, eff, k=2, edges_per_target=3))
     assert graph["edges"]
     assert _written(draw_graph(graph, tmp_path / "g"))
+    assert _written(draw_graph(CircuitGraph.from_dict(graph), tmp_path / "typed"))  # the type or its dict
 
 
 def test_faithfulness_ie_quality_and_cross_task_figures(tmp_path):

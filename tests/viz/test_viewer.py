@@ -191,6 +191,24 @@ def test_symlinked_json_out_of_the_run_is_never_read(tmp_path):
             assert "LEAKED" not in body, (path, status)
 
 
+def test_graph_json_is_read_through_its_type_stamped_or_not(tmp_path):
+    """graph.json goes through CircuitGraph.from_dict: files written before the stamps (no schema, maybe no task)
+    still read; a graph.json of another kind or a newer version is listed as a problem, not guessed at."""
+    from icl_circuits.viz.viewer import RunData
+
+    stamped = circuit_graph_of("named", 4)
+    write_json(tmp_path / "new" / "graph.json", stamped)
+    write_json(tmp_path / "old" / "graph.json", {k: v for k, v in stamped.items() if k not in ("schema", "task")})
+    write_json(tmp_path / "future" / "graph.json", {**stamped, "schema": "graph/9"})
+    write_json(tmp_path / "other" / "graph.json", {**stamped, "schema": "masses/1"})
+    data = RunData(tmp_path)
+    assert sorted(c.task for c in data.circuits) == ["named", "old"]  # the unnamed old graph is named by its folder
+    c = next(c for c in data.circuits if c.task == "old")
+    assert [n.latent for n in c.nodes].count(None) == 1 and len(c.edges) == 3 and c.metric == stamped["metric"]
+    assert any(p.startswith("future/graph.json: not understood") and "version '9'" in p for p in data.problems)
+    assert any(p.startswith("other/graph.json: not understood") and "holds a masses result" in p for p in data.problems)
+
+
 def test_goto_with_a_bad_latent_sends_one_status_line(server):
     raw = _raw(server, b"GET /goto?sae=resid_0&latent=abc HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert raw.count(b"HTTP/1.0 ") == 1, raw[:300]

@@ -14,7 +14,8 @@ A *site* names one activation of one layer, TransformerLens style:
     resid_post[l] -- resid_mid[l] + mlp_out[l]
 
 Every site has shape [batch, seq, width]: width is d_model except for attn_z
-(`LM.site_width(site)` gives it). SITE_KINDS lists the kinds in forward order.
+(`LM.site_width(site)` gives it). SITE_KINDS lists the kinds in forward order; SAE_KIND_SITES
+says which sites each SAE kind (resid, attn, transcoder) reads and writes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ import torch
 
 # forward order within a block (Site.order relies on it)
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+# The one table of SAE kinds (keys in forward order within a layer) and, per kind, every (site read, site
+# written) an SAE of that kind may have, the starter suite's first. Here, below every SAE module, so the SAE
+# format, the registry, training and circuits all derive their views from it. Gemma Scope 2 SAEs read attn_z
+# (the heads' outputs before o_proj) and transcoders read mlp_in (the normalised MLP input); resid_post.L-1
+# is resid_pre.L (Site.canonical).
+SAE_KIND_SITES: dict[str, tuple[tuple[str, str], ...]] = {
+    "resid": (("resid_pre", "resid_pre"),),
+    "attn": (("attn_out", "attn_out"), ("attn_z", "attn_z")),
+    "transcoder": (("resid_mid", "mlp_out"), ("mlp_in", "mlp_out")),
+}
+SAE_KINDS: tuple[str, ...] = tuple(SAE_KIND_SITES)  # forward order within a layer
 # TransformerLens hook names that differ from ours. TL's hook_mlp_in is the MLP block's input
 # *before* ln2, i.e. our resid_mid; the normalised MLP input (our mlp_in) is ln2.hook_normalized.
 _TL_ALIASES: dict[str, str] = {"attn.hook_z": "attn_z", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "resid_mid"}

@@ -71,7 +71,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 # Result files that a viewer, the claims or a later stage read carry "schema": "<kind>/<version>". A reader
 # refuses a file of another kind or of a newer version; a file without the key predates the stamps (version 1).
-RESULT_VERSIONS: dict[str, int] = {"cleaning": 1, "heatmap": 1, "negative": 1, "link": 1, "faithfulness": 1, "cross_task": 1}
+RESULT_VERSIONS: dict[str, int] = {
+    "cleaning": 1, "heatmap": 1, "negative": 1, "link": 1, "faithfulness": 1, "cross_task": 1,
+    "graph": 1, "sweep": 1, "detection_sweep": 1, "masses": 1,
+}  # fmt: skip
 
 
 def stamp(kind: str, d: dict[str, Any]) -> dict[str, Any]:

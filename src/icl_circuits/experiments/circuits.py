@@ -22,12 +22,12 @@ from icl_circuits.methods.circuits import (
     ERROR,
     CircuitRunConfig,
     CircuitSAEs,
+    CircuitGraph,
     CrossTask,
     FaithfulnessCurve,
     NodeEffects,
     SplicedModel,
     circuit_batches,
-    circuit_graph,
     circuit_saes,
     cross_task_ablation,
     edge_effects,
@@ -57,8 +57,7 @@ def run_circuit_task(lm: LM, task: Task, saes: CircuitSAEs, cfg: CircuitRunConfi
     write_csv(out / "nodes.csv", effects.table(200, cfg.rank_by, cfg.rank_over))
 
     edges = edge_effects(lm, est_batch, saes, effects, k=cfg.edge_k, edges_per_target=cfg.edges_per_target)
-    graph = circuit_graph(effects, edges)
-    graph["task"] = task.name
+    graph = CircuitGraph.of(effects, edges, task=task.name)
     save_graph(graph, out / "graph.json")
     draw_graph(graph, out / "graph", title=f"{task.name}: top-{cfg.edge_k} nodes per (layer, token type) and their edges")
 

@@ -63,13 +63,15 @@ def most(k: int, n: int) -> str:
 
 
 def tv_layer(f: dict[str, Path]) -> tuple[str, str]:
-    d = _json(f["task_vectors"] / "sweep.json")
-    layers = sorted({r["layer"] for r in d["rows"]})
-    mean = {l: statistics.mean(r["relative_loss_decrease"] for r in d["rows"] if r["layer"] == l) for l in layers}
+    from icl_circuits.methods.task_vectors import LayerSweep
+
+    rows = _result(LayerSweep, f["task_vectors"] / "sweep.json").rows
+    layers = sorted({r["layer"] for r in rows})
+    mean = {l: statistics.mean(r["relative_loss_decrease"] for r in rows if r["layer"] == l) for l in layers}
     best = max(mean, key=mean.__getitem__)
     lo, hi = layers[0], layers[-1]
     frac = (best - lo) / max(hi - lo, 1)
-    n_tasks = len({r["task"] for r in d["rows"]})
+    n_tasks = len({r["task"] for r in rows})
     ours = f"layer {best} of {lo}-{hi} (mean relative loss decrease {mean[best]:.3f}, {n_tasks} tasks)"
     return ours, "yes" if 0.25 <= frac <= 0.75 else "no"
 
@@ -90,9 +92,9 @@ def tvc(f: dict[str, Path]) -> tuple[str, str]:
 
 
 def _masses(f: dict[str, Path], role: str, token: str) -> tuple[str, str]:
-    from icl_circuits.methods.masses import MASS_TYPES, mean_masses
+    from icl_circuits.methods.masses import MASS_TYPES, MassesResult, mean_masses
 
-    rows = [r for r in _json(f["detectors"] / "masses.json") if r["total_mass"] > 0]
+    rows = [r for r in _result(MassesResult, f["detectors"] / "masses.json").rows if r["total_mass"] > 0]
     shares = {rl: mean_masses(rows, rl) for rl in (role, f"top_{role}") if any(r["role"] == rl for r in rows)}
     if not shares:
         raise Missing(f"{role} masses")
@@ -220,8 +222,10 @@ def ie_quality(f: dict[str, Path]) -> tuple[str, str]:
 
 
 def detection_layer(f: dict[str, Path]) -> tuple[str, str]:
-    det = _json(f["detection_sweep"] / "detection_sweep.json")
-    tv = _json(f["task_vectors"] / "sweep.json")["rows"]
+    from icl_circuits.methods.task_vectors import DetectionSweep, LayerSweep
+
+    det = _result(DetectionSweep, f["detection_sweep"] / "detection_sweep.json").rows
+    tv = _result(LayerSweep, f["task_vectors"] / "sweep.json").rows
 
     def best(rows: list[dict]) -> int:
         layers = sorted({r["layer"] for r in rows})

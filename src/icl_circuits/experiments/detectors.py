@@ -1,7 +1,9 @@
 """The `detectors` command: detection-layer sweep (App. G), token-type masses (Tables 1-2), detector->executor link (Fig. 11).
 
-Each step resumes: the sweep through a RunDir keyed by task content, the link through its own progress file
-in the same folder (`methods.link.detector_executor_link`); another config in the same --out is refused.
+Each step resumes: the sweep and the masses through a RunDir each, keyed by task content, the link through its own
+progress file in the same folder (`methods.link.detector_executor_link`); another config in the same --out is refused.
+Result files: detection_sweep.json (methods.task_vectors.DetectionSweep), masses.json (methods.masses.MassesResult),
+link.json (methods.link.LinkResult).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from icl_circuits.core.storage import write_csv, write_json
 from icl_circuits.data.tasks import list_tasks, load_task, task_of_result
 from icl_circuits.methods.heatmaps import cluster_order, load_feature_sets
 from icl_circuits.methods.link import LinkConfig, detector_executor_link, top_features
-from icl_circuits.methods.masses import MassConfig, activation_masses, mass_table
-from icl_circuits.methods.task_vectors import TaskVectorConfig, detection_sweep_task
+from icl_circuits.methods.masses import MassConfig, MassesResult, activation_masses, mass_table
+from icl_circuits.methods.task_vectors import DetectionSweep, TaskVectorConfig, detection_sweep_task
+from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 from icl_circuits.sae.registry import SAERef
 from icl_circuits.viz.detection_plots import plot_detection_sweep, plot_link
 
@@ -52,7 +55,8 @@ def run_detectors(
                 log.add(keys[t.name], detection_sweep_task(lm, t, list(sweep_layers), cfg))
             merge_across_ranks(log.done)  # (every rank appended whole lines to the same log)
             rows = [r for t in sweep_tasks for r in log.done[keys[t.name]]]
-            write_json(out / "detection_sweep.json", rows)
+            sweep = DetectionSweep(rows, list(sweep_layers), lm.name, cfg.to_dict())
+            write_json(out / "detection_sweep.json", sweep.to_dict())
         summary["files"] += plot_detection_sweep(rows, figs / "detection_layer_sweep")
         summary["files"].append(write_csv(figs / "detection_layer_sweep.csv", rows))
         summary["sweep"] = rows
@@ -74,8 +78,7 @@ def run_detectors(
             "top_executor": (ex_sae, {n: [ex_top[n]] for n in names if n in ex_top}),
             "top_detector": (de_sae, {n: [de_top[n]] for n in names if n in de_top}),
         }
-        rows = activation_masses(lm, task_objs, roles, mass_cfg, progress)
-        write_json(out / "masses.json", rows)
+        rows = run_masses(lm, task_objs, roles, mass_cfg, out, progress).rows
         summary["files"].append(write_csv(figs / "token_type_masses_per_task.csv", rows))
         table = mass_table(rows)
         summary["files"].append(write_csv(figs / "token_type_masses.csv", table))
@@ -92,3 +95,31 @@ def run_detectors(
         ]))  # fmt: skip
         summary["link"] = res
     return summary
+
+
+def run_masses(
+    lm: LM, tasks: Sequence[Any], roles: dict[str, tuple[JumpReLUSAE, dict[str, list[int]]]], cfg: MassConfig,
+    out_dir: str | Path, progress: bool = True,
+) -> MassesResult:  # fmt: skip
+    """`activation_masses` per task under a RunDir in out_dir; writes out_dir/masses.json.
+
+    The run is the model, the MassConfig and each role's SAE (by content): another of them in the same folder is
+    refused (ConfigMismatch), so a second run never overwrites masses.json with other settings. A line of
+    masses.jsonl per finished task, keyed by the task's content and its features per role, so a rerun skips them.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    saes = {role: sae_digest(sae) for role, (sae, _) in roles.items()}  # by content: a retrained SAE is another run
+    header = dict(step="masses", model=lm.name, config=cfg.to_dict(), saes=saes)
+    with shared_run(out, header, kind="token-type masses", name="masses_run") as run:  # torchrun: every rank
+        log = main_first(lambda: run.log("masses.jsonl"))  # rank 0 creates or repairs it first
+        feats = {t.name: {role: list(sets.get(t.name, [])) for role, (_, sets) in roles.items()} for t in tasks}
+        keys = {t.name: run.key(t.digest, feats[t.name]) for t in tasks}
+        todo = [t for t in my_share(tasks) if keys[t.name] not in log.done]
+        for t in tqdm(todo, desc="activation masses", disable=not progress):
+            log.add(keys[t.name], activation_masses(lm, [t], roles, cfg, progress=False))
+        merge_across_ranks(log.done)  # (every rank appended whole lines to the same log)
+        result = MassesResult([r for t in tasks for r in log.done[keys[t.name]]], lm.name, cfg.to_dict())
+        write_json(out / "masses.json", result.to_dict())
+    return result

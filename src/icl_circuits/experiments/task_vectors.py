@@ -3,8 +3,8 @@
 The run directory is a `storage.RunDir`: one writer at a time, and a rerun under other settings
 (model, layers, config) is refused. Each finished task is appended to `partial.jsonl`, keyed by the
 task's content (name and pairs) and the run's configuration, so a rerun skips exactly the tasks
-whose results it would reproduce. Final outputs: sweep.json, sweep.csv, best_layers.csv and
-the plot layer_sweep.png/.svg.
+whose results it would reproduce. Final outputs: sweep.json (a methods.task_vectors.LayerSweep), sweep.csv,
+best_layers.csv and the plot layer_sweep.png/.svg.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from icl_circuits.core.model import LM
 from icl_circuits.viz.plots import plot_layer_sweep
 from icl_circuits.core.storage import RunDir, write_csv, write_json
-from icl_circuits.methods.task_vectors import TaskVectorConfig, sweep_task
+from icl_circuits.methods.task_vectors import LayerSweep, TaskVectorConfig, sweep_task
 from icl_circuits.data.tasks import Task, check_unique_names
 
 
@@ -48,7 +48,7 @@ def run_layer_sweep(
         rows = [r for t in tasks for r in done[keys[t.name]]]
         best = best_layers(rows, layers)
         files = [
-            write_json(out / "sweep.json", dict(**header, rows=rows, best=best)),
+            write_json(out / "sweep.json", LayerSweep(lm.name, list(layers), cfg.to_dict(), rows, best).to_dict()),
             write_csv(out / "sweep.csv", rows),
             write_csv(out / "best_layers.csv", best),
             *plot_layer_sweep(rows, out / "layer_sweep"),

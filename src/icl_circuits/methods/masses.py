@@ -14,6 +14,7 @@ import torch
 
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import BadFile, check_schema, stamp
 from icl_circuits.data.prompts import TYPE_ID
 from icl_circuits.sae.dictionary import JumpReLUSAE
 
@@ -57,6 +58,30 @@ class MassConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class MassesResult:
+    """masses.json: the rows of `activation_masses` (task, role, n_features, total_mass, a share per MASS_TYPES)."""
+
+    rows: list[dict]
+    model: str | None = None  # None: a file written before the stamps (a bare row list) names neither
+    config: dict | None = None  # MassConfig.to_dict()
+
+    def to_dict(self) -> dict:
+        return stamp("masses", dict(model=self.model, config=self.config, rows=self.rows))
+
+    @classmethod
+    def from_dict(cls, d: dict | list, where: str = "") -> "MassesResult":
+        # masses.json was a bare row list before the stamps (docs/results/gemma-3-270m/detectors/masses.json
+        # among them): a list cannot carry a stamp, so it is accepted explicitly as version 1
+        d = check_schema("masses", {"rows": d} if isinstance(d, list) else d, where)
+        if not isinstance(d.get("rows"), list):
+            raise BadFile(f"{where or 'a masses result'}: no 'rows' list (not a masses.json of the detectors command)")
+        return cls(d["rows"], d.get("model"), d.get("config"))
+
+    def roles(self) -> list[str]:
+        return sorted({r["role"] for r in self.rows})
 
 
 def activation_masses(

@@ -14,6 +14,7 @@ import torch
 
 from icl_circuits.core.model import LM
 from icl_circuits.core.sites import Site
+from icl_circuits.core.storage import BadFile, check_schema, stamp
 from icl_circuits.data.prompts import N_SCORE_TOKENS, EvalSet, PromptBatch, PromptFormat, eval_prompts, icl_prompts
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE, Task
 from icl_circuits.interventions.steer import Score, Steerer
@@ -32,6 +33,53 @@ class TaskVectorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LayerSweep:
+    """sweep.json: the task-vector layer sweep (Fig. 2) over many tasks."""
+
+    model: str
+    layers: list[int]
+    config: dict  # TaskVectorConfig.to_dict()
+    rows: list[dict]  # one per (task, layer): sweep_task's rows
+    best: list[dict]  # one per task + a 'mean' row (experiments.task_vectors.best_layers)
+
+    def to_dict(self) -> dict:
+        d = dict(model=self.model, layers=self.layers, config=self.config, rows=self.rows, best=self.best)
+        return stamp("sweep", d)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "LayerSweep":
+        d = check_schema("sweep", d, where)  # unstamped sweep.json files have these keys too (version 1)
+        try:
+            return cls(str(d["model"]), [int(l) for l in d["layers"]], dict(d["config"]),
+                       list(d["rows"]), list(d["best"]))  # fmt: skip
+        except KeyError as e:
+            raise BadFile(f"{where or 'a sweep result'}: no {e.args[0]!r} (not a sweep.json of the task-vectors run)") from None
+
+
+@dataclass
+class DetectionSweep:
+    """detection_sweep.json: the detection-vector layer sweep (App. G), rows of `detection_sweep_task`."""
+
+    rows: list[dict]  # one per (task, layer)
+    layers: list[int]
+    model: str | None = None  # None: a file written before the stamps (a bare row list) names neither
+    config: dict | None = None  # TaskVectorConfig.to_dict()
+
+    def to_dict(self) -> dict:
+        return stamp("detection_sweep", dict(model=self.model, layers=self.layers, config=self.config, rows=self.rows))
+
+    @classmethod
+    def from_dict(cls, d: dict | list, where: str = "") -> "DetectionSweep":
+        try:
+            if isinstance(d, list):  # written before the stamps as the bare row list: accepted as version 1
+                d = {"rows": d, "layers": sorted({int(r["layer"]) for r in d})}
+            d = check_schema("detection_sweep", d, where)
+            return cls(list(d["rows"]), [int(l) for l in d["layers"]], d.get("model"), d.get("config"))
+        except KeyError as e:
+            raise BadFile(f"{where or 'a detection sweep result'}: no {e.args[0]!r}") from None
 
 
 @torch.no_grad()

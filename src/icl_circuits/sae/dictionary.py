@@ -23,10 +23,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from icl_circuits.core.sites import Site
+from icl_circuits.core.sites import SAE_KINDS, Site  # SAE_KINDS re-exported: tests and sae/__init__ import it here
 from icl_circuits.core.storage import tensor_digest
 
-SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")
 TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 OPTIONAL_TENSOR_NAMES: tuple[str, ...] = ("W_skip",)  # [d_in, d_out], skip transcoders only
 

@@ -22,12 +22,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch-free at import: the CLI parses specs before it loads the model stack
+# core.sites needs only torch, which `import icl_circuits` loads anyway; the model stack stays unloaded
+from icl_circuits.core.sites import SAE_KIND_SITES, SAE_KINDS
+
+if TYPE_CHECKING:  # not at import: the CLI parses specs before it loads the model stack
     from icl_circuits.core.model import LM
     from icl_circuits.sae.dictionary import JumpReLUSAE
 
-KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")  # = dictionary.SAE_KINDS (checked by a test)
-SITE_KINDS: dict[str, str] = {"resid_pre": "resid", "attn_out": "attn"}  # site a starter SAE reads -> its kind
+KINDS: tuple[str, ...] = SAE_KINDS  # the name this module's users import
+# site a starter SAE reads -> its kind, for SITE.LAYER spellings; only kinds that read and write one site
+# (resid_pre, attn_out): a transcoder spans two, so one site does not name it
+SITE_KINDS: dict[str, str] = {
+    options[0][0]: kind for kind, options in SAE_KIND_SITES.items() if options[0][0] == options[0][1]
+}
 FORMS = ("KIND:LAYER, KIND.LAYER or KIND_LAYER (e.g. resid:12, attn.11, transcoder_12), SITE.LAYER (resid_pre.12, "
          "attn_out.12), KIND:LAYER=PATH, NAME=PATH, or a path / Hub id / saelens:RELEASE/ID; KIND is one of "
          + ", ".join(KINDS))  # fmt: skip

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from icl_circuits.core.distributed import init_from_env, main_only, rank_world
 from icl_circuits.core.model import LM
-from icl_circuits.core.sites import Site
+from icl_circuits.core.sites import SAE_KIND_SITES, Site
 from icl_circuits.core.storage import ConfigMismatch, FolderLock, atomic_write_bytes, diff_keys, write_json
 from icl_circuits.sae.activations import ActivationStore
 from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
     from icl_circuits.sae.cache import ActivationCache
 
 K_ARCHS = ("topk",)  # archs whose exported SAE keeps top-k at inference (BatchTopK exports a global threshold)
-
-KINDS = {"resid": ("resid_pre", None), "attn": ("attn_out", None), "transcoder": ("resid_mid", "mlp_out")}
 
 
 @dataclass(frozen=True)
@@ -81,12 +79,11 @@ class SAESpec:
 
     @property
     def in_site(self) -> Site:
-        return Site(self.layer, KINDS[self.kind][0])
+        return Site(self.layer, SAE_KIND_SITES[self.kind][0][0])  # we train the starter suite's sites
 
     @property
     def out_site(self) -> Site:
-        out = KINDS[self.kind][1]
-        return Site(self.layer, out) if out else self.in_site
+        return Site(self.layer, SAE_KIND_SITES[self.kind][0][1])
 
     def sae_config(self, lm: LM, d_sae: int, k: int | None = None) -> SAEConfig:
         return self.sae_config_for(lm.name, lm.d_model, d_sae, k)

@@ -17,46 +17,48 @@ import matplotlib.pyplot as plt  # noqa: E402
 from icl_circuits.core.storage import save_figure  # noqa: E402
 from icl_circuits.methods.circuits.config import ERROR, SAE_KINDS  # noqa: E402
 from icl_circuits.methods.circuits.cross_task import CrossTask  # noqa: E402
+from icl_circuits.methods.circuits.edges import CircuitGraph, GraphNode, as_graph  # noqa: E402
 from icl_circuits.methods.circuits.faithfulness_curves import FaithfulnessCurve  # noqa: E402
 from icl_circuits.methods.circuits.ie_check import ie_correlations, pearson  # noqa: E402
 
 TYPE_COLORS = {"prompt": "#999999", "input": "#2ca02c", "arrow": "#1f77b4", "output": "#ff7f0e", "newline": "#9467bd", "extra": "#8c564b"}
 
 
-def draw_graph(graph: dict, stem: str | Path, title: str = "") -> list[Path]:
+def draw_graph(graph: CircuitGraph | dict, stem: str | Path, title: str = "") -> list[Path]:
     """Fig. 12 style: SAE sites bottom (early) to top (late), nodes coloured by token type,
-    edges blue (positive) / red (negative) with width ~ |effect|."""
-    nodes = graph["nodes"]
-    rows = sorted({(n["layer"], SAE_KINDS.index(n["kind"])) for n in nodes})
+    edges blue (positive) / red (negative) with width ~ |effect|. `graph`: a CircuitGraph or its dict."""
+    g = as_graph(graph)
+    rows = sorted({(n.layer, SAE_KINDS.index(n.kind)) for n in g.nodes})
     row_of = {r: i for i, r in enumerate(rows)}
-    by_row: dict[int, list[dict]] = {}
-    for n in nodes:
-        by_row.setdefault(row_of[(n["layer"], SAE_KINDS.index(n["kind"]))], []).append(n)
+    by_row: dict[int, list[GraphNode]] = {}
+    for n in g.nodes:
+        by_row.setdefault(row_of[(n.layer, SAE_KINDS.index(n.kind))], []).append(n)
     pos = {}
     width = max((len(v) for v in by_row.values()), default=1)
     for r, ns in by_row.items():
-        ns.sort(key=lambda n: (graph["node_types"].index(n["token_type"]), -abs(n["effect"])))
+        ns.sort(key=lambda n: (g.node_types.index(n.token_type), -abs(n.effect)))
         for j, n in enumerate(ns):
-            pos[n["id"]] = ((j + 0.5) * width / len(ns), r)
+            pos[n.id] = ((j + 0.5) * width / len(ns), r)
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * width), 1.6 + 1.5 * len(rows)))
-    emax = max((abs(e["effect"]) for e in graph["edges"]), default=1.0) or 1.0
-    for e in graph["edges"]:
-        (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+    emax = max((abs(e.effect) for e in g.edges), default=1.0) or 1.0
+    for e in g.edges:
+        (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
         ax.annotate("", (x1, y1 - 0.12), (x0, y0 + 0.12), arrowprops=dict(
-            arrowstyle="-|>", lw=0.3 + 3.5 * abs(e["effect"]) / emax, alpha=0.6,
-            color="#1f77b4" if e["effect"] > 0 else "#d62728", shrinkA=0, shrinkB=0))  # fmt: skip
-    nmax = max((abs(n["effect"]) for n in nodes), default=1.0) or 1.0
-    for n in nodes:
-        x, y = pos[n["id"]]
-        feat = "err" if n["feature"] == ERROR else str(n["feature"])
-        ax.scatter([x], [y], s=120 + 900 * math.sqrt(abs(n["effect"]) / nmax), color=TYPE_COLORS[n["token_type"]],
-                   edgecolor="black" if n["effect"] > 0 else "red", linewidth=1.2, zorder=3)  # fmt: skip
+            arrowstyle="-|>", lw=0.3 + 3.5 * abs(e.effect) / emax, alpha=0.6,
+            color="#1f77b4" if e.effect > 0 else "#d62728", shrinkA=0, shrinkB=0))  # fmt: skip
+    nmax = max((abs(n.effect) for n in g.nodes), default=1.0) or 1.0
+    for n in g.nodes:
+        x, y = pos[n.id]
+        feat = "err" if n.is_error else str(n.feature)
+        ax.scatter([x], [y], s=120 + 900 * math.sqrt(abs(n.effect) / nmax), color=TYPE_COLORS[n.token_type],
+                   edgecolor="black" if n.effect > 0 else "red", linewidth=1.2, zorder=3)  # fmt: skip
         ax.text(x, y, feat, ha="center", va="center", fontsize=6, zorder=4)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{SAE_KINDS[k]} L{l}" for l, k in rows])
     ax.set_xticks([])
     ax.set_ylim(-0.6, len(rows) - 0.4)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for t, c in TYPE_COLORS.items() if t in graph["node_types"]]
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for t, c in TYPE_COLORS.items()
+               if t in g.node_types]  # fmt: skip
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="token type")
     ax.set_title(title or "sparse feature circuit (node size ~ |effect|; black rim +, red rim -; edge blue +, red -)", fontsize=9)
     for spine in ("top", "right", "bottom"):

@@ -10,9 +10,12 @@ import torch
 
 from icl_circuits.core.sites import Intervention, Site
 from icl_circuits.data.prompts import TYPE_ID
-from icl_circuits.methods.circuits import ERROR, NODE_TYPES, circuit_graph, edge_effects, edge_effects_from, node_effects, parse_key
+from icl_circuits.core.storage import BadFile
+from icl_circuits.methods.circuits import (
+    ERROR, NODE_TYPES, CircuitGraph, circuit_graph, edge_effects, edge_effects_from, load_graph, node_effects, parse_key, save_graph,
+)  # fmt: skip
 
-from tests.helpers import setup
+from tests.helpers import circuit_graph_of, setup
 
 
 @pytest.mark.parametrize("source,target", [("resid.0", "resid.1"), ("resid.0", "transcoder.0"), ("attn.0", "resid.1"), ("transcoder.0", "resid.1")])
@@ -78,3 +81,21 @@ def test_edges_and_graph_export():
     graph = circuit_graph(eff, edges)
     ids = {n["id"] for n in graph["nodes"]}
     assert all(e["source"] in ids and e["target"] in ids for e in graph["edges"])
+
+
+def test_circuit_graph_round_trips_and_reads_files_written_before_the_stamps(tmp_path):
+    d = circuit_graph_of("ant", 4)  # 3 resid.0 nodes (one an error node) -> attn.1 #2
+    assert d["schema"] == "graph/1" and d["task"] == "ant"
+    g = CircuitGraph.from_dict(d)
+    assert g.to_dict() == d and g.task == "ant" and len(g.nodes) == 4 and len(g.edges) == 3
+    assert [n.is_error for n in g.nodes].count(True) == 1 and all(e.source in g.by_id() for e in g.edges)
+    assert load_graph(save_graph(g, tmp_path / "graph.json")) == g
+    assert load_graph(save_graph(d, tmp_path / "dict.json")) == g  # the dict form is written through the type too
+    # a graph.json of circuit_graph before the stamps: no schema, no task (run_circuit_task appended it)
+    legacy = {k: v for k, v in d.items() if k not in ("schema", "task")}
+    old = CircuitGraph.from_dict(legacy, "old/graph.json")
+    assert old.task is None and old.nodes == g.nodes and old.edges == g.edges
+    with pytest.raises(BadFile, match=r"x/graph.json: holds a masses result, not a graph result"):
+        CircuitGraph.from_dict({**d, "schema": "masses/1"}, "x/graph.json")
+    with pytest.raises(BadFile, match=r"graph result version '2'"):
+        CircuitGraph.from_dict({**d, "schema": "graph/2"}, "x/graph.json")

@@ -4,7 +4,7 @@
     saes.py                 the circuit's SAE set (CircuitSAEs, circuit_saes), keys 'kind.layer'
     metric.py               the metric m and the token-type bookkeeping
     nodes.py                node effects by token type (Alg. 2), the IE / held-out batches, saving them
-    edges.py                edge effects (App. E.1) and the circuit graph
+    edges.py                edge effects (App. E.1) and the circuit graph (CircuitGraph, graph.json)
     spliced.py              the SAE-spliced model that ablates nodes, and eq. 4 (`faithfulness`)
     faithfulness_curves.py  faithfulness curves of C and M \\ C (Fig. 7), nodes needed
     cross_task.py           cross-task ablation (Fig. 8)
@@ -29,7 +29,10 @@ from icl_circuits.methods.circuits.config import (
 )
 from icl_circuits.methods.circuits.cross_task import CrossTask, cross_task_ablation
 from icl_circuits.methods.circuits.edges import (
+    CircuitGraph,
     Edge,
+    GraphNode,
+    as_graph,
     circuit_graph,
     edge_effects,
     edge_effects_from,
@@ -62,8 +65,9 @@ from icl_circuits.methods.circuits.spliced import SplicedModel, check_same_nodes
 
 __all__ = [
     "DEFAULT_SIZES", "ERROR", "KIND_SITE_OPTIONS", "KIND_SITES", "NODE_TYPES", "RANK_BY", "SAE_KINDS",
-    "CircuitConfig", "CircuitRunConfig", "CircuitSAEs", "CrossTask", "Edge", "FaithfulnessCurve", "NodeEffects",
-    "SplicedModel", "aggregate_by_type", "check_same_nodes", "check_sae", "circuit_batches", "circuit_graph",
+    "CircuitConfig", "CircuitGraph", "CircuitRunConfig", "CircuitSAEs", "CrossTask", "Edge", "FaithfulnessCurve",
+    "GraphNode", "NodeEffects", "SplicedModel", "aggregate_by_type", "as_graph", "check_same_nodes", "check_sae",
+    "circuit_batches", "circuit_graph",
     "circuit_order", "circuit_pattern", "circuit_saes", "cross_task_ablation", "edge_effects", "edge_effects_from",
     "edge_sources", "edge_targets", "faithfulness", "faithfulness_curve", "ie_correlations", "ie_quality",
     "load_effects", "load_graph", "metric_of", "metric_scoring", "n_candidates", "node_effects", "nodes_needed",

@@ -22,19 +22,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from icl_circuits.core.sites import SAE_KIND_SITES, SAE_KINDS
 from icl_circuits.data.prompts import N_SCORE_TOKENS, TYPE_ID
 
 NODE_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
-SAE_KINDS: tuple[str, ...] = ("resid", "attn", "transcoder")  # forward order within a layer
-# every (site read, site replaced) pair a circuit accepts per kind, the starter suite's first: Gemma Scope 2
-# SAEs read attn_z (the heads' outputs before o_proj) and transcoders read mlp_in (the normalised MLP
-# input); resid_post.L-1 is resid_pre.L (Site.canonical)
-KIND_SITE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "resid": (("resid_pre", "resid_pre"),),
-    "attn": (("attn_out", "attn_out"), ("attn_z", "attn_z")),
-    "transcoder": (("resid_mid", "mlp_out"), ("mlp_in", "mlp_out")),
-}
-KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in KIND_SITE_OPTIONS.items()}  # the starter suite's
+# the kinds and their (site read, site replaced) options live once in core.sites; these names are kept for importers
+KIND_SITE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = SAE_KIND_SITES
+KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in SAE_KIND_SITES.items()}  # starter suite's
 ERROR = "error"  # the feature name of an error node
 DEFAULT_SIZES: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)  # circuit sizes N of the curves
 

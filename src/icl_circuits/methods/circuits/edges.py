@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from icl_circuits.core.model import LM
-from icl_circuits.core.storage import read_json, write_json
+from icl_circuits.core.storage import check_schema, read_json, stamp, write_json
 from icl_circuits.data.prompts import PromptBatch
 from icl_circuits.interventions.splice import splice
 from icl_circuits.methods.circuits.config import ERROR, SAE_KINDS
@@ -159,28 +159,95 @@ def edge_effects(
     return [e for e in raw if abs(e.effect) >= min_fraction * biggest]
 
 
-def circuit_graph(effects: NodeEffects, edges: Sequence[Edge], extra_nodes: Iterable[int] = ()) -> dict:
-    """JSON-ready {nodes, edges, metric}: nodes are the edge endpoints plus extra_nodes."""
-    flat = effects.flat()
-    ids = sorted({e.source for e in edges} | {e.target for e in edges} | set(extra_nodes))
-    nodes = []
-    for i in ids:
-        key, feat, tt = effects.node(i)
-        kind, layer = parse_key(key)
-        nodes.append(dict(id=i, name=f"{key}/{feat}@{tt}", key=key, kind=kind, layer=layer, feature=feat,
-                          token_type=tt, effect=float(flat[i])))  # fmt: skip
-    return dict(
-        metric=effects.metric,
-        node_types=list(effects.node_types),
-        sign_convention="effect = grad . value ~ m(clean) - m(node zero-ablated); positive helps the metric",
-        nodes=nodes,
-        edges=[asdict(e) for e in edges],
-    )
+SIGN_CONVENTION = "effect = grad . value ~ m(clean) - m(node zero-ablated); positive helps the metric"
 
 
-def save_graph(graph: dict, path: str | Path) -> Path:
-    return write_json(path, graph)
+@dataclass(frozen=True)
+class GraphNode:
+    """A node of the circuit graph: one SAE latent (or its error node) at one token type."""
+
+    id: int  # flat node id (NodeEffects.flat order), what Edge.source / Edge.target name
+    name: str  # 'resid.12/3164@arrow'
+    key: str  # the circuit's SAE key, 'resid.12'
+    kind: str  # 'resid' | 'attn' | 'transcoder'
+    layer: int
+    feature: int | str  # latent index, or ERROR for the SAE's error node
+    token_type: str
+    effect: float
+
+    @property
+    def is_error(self) -> bool:
+        return self.feature == ERROR
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphNode":
+        feat = d["feature"]
+        return cls(int(d["id"]), str(d["name"]), str(d["key"]), str(d["kind"]), int(d["layer"]),
+                   ERROR if feat == ERROR else int(feat), str(d["token_type"]), float(d["effect"]))  # fmt: skip
 
 
-def load_graph(path: str | Path) -> dict:
-    return read_json(path)
+@dataclass
+class CircuitGraph:
+    """graph.json: the nodes of a circuit with the edges between them (Fig. 12)."""
+
+    metric: float  # m on the estimation batch (clean model)
+    node_types: list[str]
+    nodes: list[GraphNode]
+    edges: list[Edge]
+    task: str | None = None  # None when built outside a run (run_circuit_task names it)
+    sign_convention: str = SIGN_CONVENTION
+
+    @classmethod
+    def of(
+        cls, effects: NodeEffects, edges: Sequence[Edge], extra_nodes: Iterable[int] = (), task: str | None = None
+    ) -> "CircuitGraph":
+        """The graph of `edges`: its nodes are the edge endpoints plus extra_nodes."""
+        flat = effects.flat()
+        ids = sorted({e.source for e in edges} | {e.target for e in edges} | set(extra_nodes))
+        nodes = []
+        for i in ids:
+            key, feat, tt = effects.node(i)
+            kind, layer = parse_key(key)
+            nodes.append(GraphNode(i, f"{key}/{feat}@{tt}", key, kind, layer, feat, tt, float(flat[i])))
+        return cls(float(effects.metric), list(effects.node_types), nodes, list(edges), task)
+
+    def to_dict(self) -> dict:
+        # the keys of the unstamped files written before (circuit_graph's dict), so both read alike
+        return stamp("graph", dict(
+            metric=self.metric, node_types=list(self.node_types), sign_convention=self.sign_convention,
+            nodes=[asdict(n) for n in self.nodes], edges=[asdict(e) for e in self.edges], task=self.task,
+        ))  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "CircuitGraph":
+        d = check_schema("graph", d, where)  # an unstamped graph.json predates the stamps: version 1, same keys
+        task = d.get("task")  # absent in a graph saved by circuit_graph alone, before the stamps
+        return cls(
+            metric=float(d["metric"]), node_types=[str(t) for t in d["node_types"]],
+            nodes=[GraphNode.from_dict(n) for n in d["nodes"]],
+            edges=[Edge(int(e["source"]), int(e["target"]), float(e["effect"])) for e in d["edges"]],
+            task=None if task is None else str(task), sign_convention=str(d.get("sign_convention", SIGN_CONVENTION)),
+        )  # fmt: skip
+
+    def by_id(self) -> dict[int, GraphNode]:
+        return {n.id: n for n in self.nodes}
+
+
+def circuit_graph(
+    effects: NodeEffects, edges: Sequence[Edge], extra_nodes: Iterable[int] = (), task: str | None = None
+) -> dict:
+    """The graph's JSON form: CircuitGraph.of(...).to_dict(); save_graph and draw_graph take either form."""
+    return CircuitGraph.of(effects, edges, extra_nodes, task).to_dict()
+
+
+def as_graph(graph: CircuitGraph | dict, where: str = "") -> CircuitGraph:
+    """A CircuitGraph from either form; a dict goes through from_dict, so a malformed one is refused."""
+    return graph if isinstance(graph, CircuitGraph) else CircuitGraph.from_dict(graph, where)
+
+
+def save_graph(graph: CircuitGraph | dict, path: str | Path) -> Path:
+    return write_json(path, as_graph(graph, str(path)).to_dict())
+
+
+def load_graph(path: str | Path) -> CircuitGraph:
+    return CircuitGraph.from_dict(read_json(path), str(path))

@@ -13,7 +13,7 @@ Charts are inline SVG drawn on the server (icl_circuits.viz.report.svg_*); docs/
 
 One idea per module:
     formats.py  what each result file means: typed views built with the writers' own loaders
-                (load_cleaning, HeatmapResult.from_dict, FaithfulnessCurve.from_dict; graph.json's keys)
+                (load_cleaning, HeatmapResult.from_dict, FaithfulnessCurve.from_dict, CircuitGraph.from_dict)
     data.py     RunData: a run directory scanned into those views, every read contained in RUN_DIR
     layout.py   the frame every page shares (style, CSP, navigation, tables, links)
     pages.py    index, tasks, circuits, plots;  feature.py: feature pages, SAE feature lists, search

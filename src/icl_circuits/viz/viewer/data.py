@@ -21,6 +21,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from icl_circuits.methods.circuits import CircuitGraph
 from icl_circuits.methods.cleaning import load_cleaning
 from icl_circuits.methods.dashboards import FILE_NAME as DASHBOARD_FILE
 from icl_circuits.methods.dashboards import DashboardStore
@@ -152,7 +153,8 @@ class RunData:
         return TaskView.from_result(load_cleaning(p.parent), self.rel(p), self.rel(p.parent), p.parent.name)
 
     def _circuit(self, p: Path, graph: Any, index: int) -> CircuitView:
-        c = CircuitView.from_graph(graph, index, self.rel(p), self.rel(p.parent), p.parent.name)
+        g = CircuitGraph.from_dict(graph, self.rel(p))  # the writer's loader: checks the schema stamp
+        c = CircuitView.from_graph(g, index, self.rel(p), self.rel(p.parent), p.parent.name)
         fp = p.with_name(FAITHFULNESS_FILE)  # run_circuit_task writes it beside graph.json
         if fp.exists():
             try:

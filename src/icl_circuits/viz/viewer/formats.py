@@ -6,11 +6,9 @@ exactly what the commands write and no key name of those files is repeated here:
     <task>/cleaning.json + cleaning.safetensors   cleaning.load_cleaning -> CleaningResult -> TaskView
     heatmap.json                                  steering.HeatmapResult.from_dict -> HeatmapView
     <task>/faithfulness.json                      circuits.FaithfulnessCurve.from_dict -> CircuitView.curve
-    <task>/graph.json                             circuits.circuit_graph's dict -> CircuitView (below)
+    <task>/graph.json                             circuits.CircuitGraph.from_dict -> CircuitView
 
-graph.json has no typed reader in icl_circuits.methods.circuits (`load_graph` returns the dict), so its keys
-are named once, in `CircuitNode.from_graph` and `CircuitView.from_graph`. Example stores and
-dashboards are SQLite files read by their own modules (ExampleStore, DashboardStore).
+Example stores and dashboards are SQLite files read by their own modules (ExampleStore, DashboardStore).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from icl_circuits.methods.circuits import ERROR, Edge, FaithfulnessCurve
+from icl_circuits.methods.circuits import CircuitGraph, Edge, FaithfulnessCurve, GraphNode
 from icl_circuits.methods.cleaning import CleaningResult
 from icl_circuits.sae.registry import SAERef
 from icl_circuits.methods.heatmaps import HeatmapResult
@@ -124,7 +122,7 @@ class TaskView:
 # -- graph.json + faithfulness.json ---------------------------------------------------------------
 @dataclass
 class CircuitNode:
-    """A node of circuits.circuit_graph: an SAE latent (or its error node) at one token type."""
+    """A node of a CircuitGraph: an SAE latent (or its error node) at one token type."""
 
     id: str
     label: str  # 'resid.12/3164@arrow'
@@ -136,11 +134,10 @@ class CircuitNode:
     effect: float | None
 
     @classmethod
-    def from_graph(cls, n: dict[str, Any]) -> CircuitNode:
-        feat = n["feature"]
+    def from_graph(cls, n: GraphNode) -> CircuitNode:
         return cls(
-            id=str(n["id"]), label=str(n["name"]), key=str(n["key"]), kind=str(n["kind"]), layer=n["layer"],
-            latent=None if feat == ERROR else int(feat), where=n["token_type"], effect=n["effect"],
+            id=str(n.id), label=n.name, key=n.key, kind=n.kind, layer=n.layer,
+            latent=None if n.is_error else int(n.feature), where=n.token_type, effect=n.effect,
         )  # fmt: skip
 
 
@@ -151,9 +148,8 @@ class CircuitEdge:
     weight: float
 
     @classmethod
-    def from_graph(cls, e: dict[str, Any]) -> CircuitEdge:
-        edge = Edge(**e)  # the writer's own record (asdict(Edge) in circuit_graph)
-        return cls(str(edge.source), str(edge.target), edge.effect)
+    def from_graph(cls, e: Edge) -> CircuitEdge:
+        return cls(str(e.source), str(e.target), e.effect)
 
 
 @dataclass
@@ -172,12 +168,11 @@ class CircuitView:
     curve: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # series name -> (N, faithfulness)
 
     @classmethod
-    def from_graph(cls, g: dict[str, Any], index: int, file: str, folder: str, default_task: str) -> CircuitView:
-        task = str(g.get("task") or default_task)  # run_circuit_task adds 'task'; circuit_graph alone does not
+    def from_graph(cls, g: CircuitGraph, index: int, file: str, folder: str, default_task: str) -> CircuitView:
+        task = g.task or default_task  # a graph saved outside run_circuit_task names no task: its folder does
         return cls(
-            index=index, file=file, dir=folder, task=task, title=task, metric=g.get("metric"),
-            node_types=[str(t) for t in g.get("node_types") or []],
-            nodes=[CircuitNode.from_graph(n) for n in g["nodes"]], edges=[CircuitEdge.from_graph(e) for e in g["edges"]],
+            index=index, file=file, dir=folder, task=task, title=task, metric=g.metric, node_types=list(g.node_types),
+            nodes=[CircuitNode.from_graph(n) for n in g.nodes], edges=[CircuitEdge.from_graph(e) for e in g.edges],
         )  # fmt: skip
 
     def by_id(self) -> dict[str, CircuitNode]:
