@@ -107,6 +107,13 @@ def test_cross_task_reads_rows_as_the_ablated_task(tmp_path: Path):
     assert claims.cross_task({"circuits": tmp_path / "c"}) == (
         "1 of 2 tasks whose circuit reached the target hurt themselves most (2 tasks)", "partly")
     assert claims.cross_task_10_17({"circuits_10_17": tmp_path / "c"}) == claims.cross_task({"circuits": tmp_path / "c"})
+    # no task reached the target: the row says what ablating every candidate did, and measures nothing
+    ct = CrossTask(tasks=["a", "b"], n_ablated={"a": 9, "b": 7}, change=[[-0.1, -0.2], [-0.05, -0.12]], target=0.3,
+                   reached={"a": False, "b": False})  # fmt: skip
+    _write(tmp_path / "d" / "cross_task.json", ct.to_dict())
+    assert claims.cross_task_10_17({"circuits_10_17": tmp_path / "d"}) == (
+        "no task's circuit brings its faithfulness down to 0.3: ablating all of a task's positive-effect feature nodes "
+        "changes its own by -0.12 to -0.10; its own task is hurt most for 1 of 2", "not measured")
     with pytest.raises(claims.Missing):  # the 10-17 row reads its own stage, never the 11-12 one
         claims.cross_task_10_17({"circuits_10_17": tmp_path / "other"})
 

@@ -195,12 +195,18 @@ def _cross(folder: Path) -> tuple[str, str]:
 
     ct = _result(CrossTask, folder / "cross_task.json")
     tasks = ct.tasks
-    done = [a for a in tasks if ct.reached.get(a)]
-    k = 0
-    for a in done:
+
+    def hurt_most(a: str) -> bool:
         row = ct.change[tasks.index(a)]
-        own = row[tasks.index(a)]
-        k += all(own <= c for c in row)
+        return all(row[tasks.index(a)] <= c for c in row)
+
+    done = [a for a in tasks if ct.reached.get(a)]
+    if not done and tasks:  # the experiment's condition was never met: say what ablating everything did
+        own = [ct.change[i][i] for i in range(len(tasks))]
+        return (f"no task's circuit brings its faithfulness down to {ct.target:g}: ablating all of a task's positive-effect feature "
+                f"nodes changes its own by {min(own):+.2f} to {max(own):+.2f}; its own task is hurt most for "
+                f"{sum(map(hurt_most, tasks))} of {len(tasks)}"), most(0, 0)  # fmt: skip
+    k = sum(map(hurt_most, done))
     return f"{k} of {len(done)} tasks whose circuit reached the target hurt themselves most ({len(tasks)} tasks)", most(k, len(done))
 
 

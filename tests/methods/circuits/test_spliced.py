@@ -38,8 +38,8 @@ def test_ablating_all_nodes_is_zero_ablation_to_b_dec():
     sc = batch.scoring("all_but_first")
     with torch.no_grad():
         out = lm.run(batch.input_ids, batch.attention_mask, interventions=ivs, logprob_positions=sc.positions, targets=sc.targets)
-    assert sp.empty == pytest.approx(float(out.target_logprobs.mean()), abs=1e-5)
-    assert sp.empty != pytest.approx(sp.full, abs=1e-4)  # the ablation did something (random model: either sign)
+    assert sp.empty_metric(keep_errors=False) == pytest.approx(float(out.target_logprobs.mean()), abs=1e-5)
+    assert sp.empty_metric(keep_errors=False) != pytest.approx(sp.full, abs=1e-4)  # it did something (random model: either sign)
 
 
 def test_faithfulness_of_everything_and_nothing():
@@ -47,7 +47,12 @@ def test_faithfulness_of_everything_and_nothing():
     sp = SplicedModel(lm, batch, saes, cfg)
     everything = range(sp.n_nodes)
     assert sp.faithfulness(sp.metric(sp.ablation(everything, complement=True))) == 1.0  # C = all nodes
-    assert sp.faithfulness(sp.metric(sp.ablation(everything))) == 0.0  # M \ C = nothing left
+    assert sp.faithfulness(sp.metric(sp.ablation(everything)), keep_errors=False) == 0.0  # M \ C = nothing left
+    # the default (the authors'): error nodes are never ablated, so "nothing left" = every feature zeroed
+    features = [i for i in everything if not sp.error_nodes[i]]
+    assert len(features) == sp.n_nodes - len(saes.keys) * sp.n_types
+    assert sp.faithfulness(sp.metric(sp.ablation(features))) == 0.0
+    assert sp.faithfulness(sp.metric(sp.ablation(everything))) != pytest.approx(0.0, abs=1e-4)
     assert faithfulness(0.5, 1.0, 0.0) == 0.5 and faithfulness(-2.0, -1.0, -3.0) == 0.5
 
 

@@ -53,7 +53,6 @@ def cross_task_ablation(
 
     tasks = list(spliced)
     n_abl, change, reached = {}, [], {}
-    empty: dict[str, float] = {}
     for a in tqdm(tasks, desc="cross-task", disable=not progress):
         curve = (curves or {}).get(a)
         if curve is None or (curve.keep_errors, curve.rank_by, curve.rank_over) != (keep_errors, by, over):  # another method's
@@ -67,8 +66,6 @@ def cross_task_ablation(
         row = []
         for b in tasks:
             sp = spliced[b]
-            if b not in empty:
-                empty[b] = sp.empty if errs is None else sp.metric(~errs)
-            row.append(faithfulness(sp.metric(circuit_pattern(sp, order[:n], False, errs)), sp.full, empty[b]) - 1.0)
+            row.append(faithfulness(sp.metric(circuit_pattern(sp, order[:n], False, errs)), sp.full, sp.empty_metric(keep_errors)) - 1.0)
         change.append(row)
     return CrossTask(tasks, n_abl, change, target, reached)

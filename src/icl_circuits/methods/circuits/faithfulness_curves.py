@@ -72,7 +72,7 @@ def faithfulness_curve(
     pats = [circuit_pattern(spliced, order[:n], c, errs) for n in sizes for c in (True, False)]
     m = spliced.metrics(torch.stack(pats), chunk).tolist()
     n_err = [sum(effects.node(i)[1] == ERROR for i in order[:n].tolist()) for n in sizes]
-    m_empty = spliced.empty if errs is None else spliced.metric(~errs)
+    m_empty = spliced.empty_metric(keep_errors)
     return FaithfulnessCurve(task, sizes, m[0::2], m[1::2], spliced.full, m_empty, n_err, n_nonzero, keep_errors, by, over)
 
 

@@ -60,22 +60,32 @@ class SplicedModel:
             )  # fmt: skip
         self.start_resid = out.acts.get(start_site)  # [b, s, d] or None at layer 0
         self.clean = float(metric_of(out)[0])  # m of the plain model
-        self._empty: float | None = None
+        self._empty: dict[bool, float] = {}  # keep_errors -> m(empty)
+        self.error_nodes = torch.zeros(self.n_nodes, dtype=torch.bool)  # [n_nodes]: True at every SAE's error node
+        for k in self.keys:
+            o, w = self.offsets[k], self.sizes[k]
+            self.error_nodes[o + w - 1 : o + self.n_types * w : w] = True
 
     @property
     def full(self) -> float:
         """m(M): nothing ablated. Equal to the plain model's metric by construction."""
         return self.clean
 
+    def empty_metric(self, keep_errors: bool = True) -> float:
+        """m(empty): every feature node ablated with the error nodes kept (the authors' baseline, the
+        default), or every node, error nodes too (keep_errors=False)."""
+        if keep_errors not in self._empty:
+            everything = ~self.error_nodes if keep_errors else torch.ones(self.n_nodes, dtype=torch.bool)
+            self._empty[keep_errors] = self.metric(everything)
+        return self._empty[keep_errors]
+
     @property
     def empty(self) -> float:
-        """m(empty): every node ablated."""
-        if self._empty is None:
-            self._empty = float(self.metrics(torch.ones(1, self.n_nodes, dtype=torch.bool))[0])
-        return self._empty
+        """m(empty) of the default method: every feature ablated, error nodes kept."""
+        return self.empty_metric(True)
 
-    def faithfulness(self, m: float) -> float:
-        return faithfulness(m, self.full, self.empty)
+    def faithfulness(self, m: float, keep_errors: bool = True) -> float:
+        return faithfulness(m, self.full, self.empty_metric(keep_errors))
 
     def ablation(self, nodes: Sequence[int], complement: bool = False) -> torch.Tensor:
         """[n_nodes] bool: ablate `nodes` (or, with complement=True, everything except them)."""
