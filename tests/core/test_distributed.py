@@ -167,6 +167,9 @@ def _close(got: Any, want: Any, where: str = "") -> None:
     if isinstance(want, dict):
         assert got.keys() == want.keys(), where
         for k in want.keys() - TIMINGS:
+            if k == "n_edges":  # a count after a 5% pruning cut: float summation order can move one edge across it
+                assert abs(got[k] - want[k]) <= 1, f"{where}.{k}"
+                continue
             _close(got[k], want[k], f"{where}.{k}")
     elif isinstance(want, list):
         assert len(got) == len(want), where
@@ -196,10 +199,14 @@ def test_two_ranks_split_circuit_tasks_into_one_run_dir(ranks, tmp_path, one_thr
     for f in ("cross_task.json", "cross_task_errors_ablated.json", "ie_correlations.json"):
         _close(json.loads((dist / f).read_text()), json.loads((tmp_path / "circ" / f).read_text()), f)
 
-    def csv(d: Path) -> list[list[str]]:  # summary.csv without its last column (node_effects_s: a wall time)
-        return [line.split(",")[:-1] for line in (d / "summary.csv").read_text().splitlines()]
+    def csv(d: Path) -> list[list[str]]:  # summary.csv without its last two columns (edges, see _close; node_effects_s: a wall time)
+        return [line.split(",")[:-2] for line in (d / "summary.csv").read_text().splitlines()]
 
-    assert csv(dist)[0][-1] == "edges" and csv(dist) == csv(tmp_path / "circ")
+    def edges(d: Path) -> list[int]:
+        return [int(line.split(",")[-2]) for line in (d / "summary.csv").read_text().splitlines()[1:]]
+
+    assert csv(dist)[0][-1] == "error_share_top50" and csv(dist) == csv(tmp_path / "circ")
+    assert all(abs(a - b) <= 1 for a, b in zip(edges(dist), edges(tmp_path / "circ"), strict=True))
     # who wrote what: each task's folder by the rank that ran it (round-robin), the outputs over tasks by rank 0, once
     diag = "faithfulness_errors_ablated.json"  # the other error-node curves: rank 0 computes them for every task
     folders = [{p.split("/")[0] for p in rec["wrote"] if "/" in p and not p.endswith(diag)} for rec in recs]

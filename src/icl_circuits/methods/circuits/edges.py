@@ -131,7 +131,7 @@ def edge_effects(
 ) -> list[Edge]:
     """App. E.1: edges into the top-k nodes per (layer, token type), pruned.
 
-    Keeps, per target, the `edges_per_target` largest |edge| whose size is at least
+    Keeps, per target, the `edges_per_target` largest signed edges (the authors' choice) whose size is at least
     `min_fraction` of the largest edge of the whole graph. With errors=False (default, like the
     paper's Fig. 12) error nodes are neither targets nor sources: the graph shows SAE features only.
     """
@@ -150,7 +150,7 @@ def edge_effects(
                 m = m.clone()
                 m[:, -1] = 0  # drop the source's error node
             flat = m.reshape(-1)
-            for i in ranking(flat, "abs")[:edges_per_target].tolist():  # a strongly negative edge counts too
+            for i in ranking(flat)[:edges_per_target].tolist():  # largest signed, as the authors kept their edges
                 if flat[i] != 0:
                     raw.append(Edge(offsets[src] + i, t, float(flat[i])))
     if not raw:
