@@ -22,7 +22,7 @@ paper: $(STAMP)  ## icl-circuits reproduce --recipe paper: the claims table, fig
 test: $(STAMP) chromium  ## the whole test suite (CI runs exactly this)
 	$(VENV)/bin/python -m pytest -q
 
-# Headless Chromium for tests/test_browser.py: Debian's packages, installed only when missing (sudo only if
+# Headless Chromium for tests/viz/test_browser.py: Debian's packages, installed only when missing (sudo only if
 # not root). If it cannot be installed the browser tests skip and say why.
 .PHONY: chromium
 chromium:
@@ -44,6 +44,9 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_negative.py
 
 # Starter suite v2 (docs/saes.md): one harvest feeds every SAE; two training processes share the 2 cores.
+# The same commands (these targets' options, their own folders under runs/saes/) are the stages of the recipe
+# src/icl_circuits/experiments/recipes/saes.toml: icl-circuits reproduce --recipe saes --out runs/saes --docs docs/results/saes --jobs 2
+# (tests/experiments/test_recipe.py checks that they stay the same; change both together).
 SUITE_RESID := resid:6,resid:10,resid:11,resid:12,resid:13
 SUITE_OTHER := attn:11,attn:12,transcoder:11,transcoder:12
 SUITE_RECIPE := --arch topk --k 64 --d-sae 4096 --tokens 2000000 --batch-tokens 1024 --b-dec-init mean --norm-centered \

@@ -5,11 +5,14 @@ Layout rules (tests/test_layout.py checks the first one):
     than one test file uses lives here, and every test file (the one it came from too) imports it from here:
     `from tests.helpers import ...` (`from .helpers import ...` in tests/conftest.py).
   * conftest.py files hold fixtures only; the plain functions their fixtures need are imported from here.
-  * Tests mirror the package tree: tests/<package>/test_<module>.py tests src/icl_circuits/<package>/<module>.py
-    (tests/core/test_model.py: icl_circuits/core/model.py; tests/sae/test_sae_training.py: icl_circuits/sae/training.py).
-    A new test goes in the folder of the package it tests. Tests that cut across packages stay in tests/ and are
-    named for what they check (test_device.py, test_bundled.py, test_layout.py; tests/reliability/ for fault
-    injection).
+  * Tests mirror the package tree, subpackages included: tests/<dir>/test_<module>.py tests
+    src/icl_circuits/<dir>/<module>.py, or the package <dir>/<module>/ as a whole (tests/core/test_model.py:
+    icl_circuits/core/model.py; tests/sae/formats/test_saex.py: icl_circuits/sae/formats/saex.py;
+    tests/sae/test_formats.py: the package icl_circuits/sae/formats/; tests/test_cli.py: the package
+    icl_circuits/cli/). A new test goes in the folder of the package it tests (each test folder has an empty
+    __init__.py). Tests that cut across modules are named for what they check and listed, with the reason, in
+    CROSS_CUTTING in tests/test_layout.py (test_device.py, test_bundled.py, test_layout.py, tests/reliability/
+    for fault injection, tests/viz/test_viewer_contract.py, tests/viz/test_browser.py).
 
 Sections below group the helpers by what they build; word lists that differ between uses carry a prefix
 (CIRCUIT_WORDS, VIEWER_WORDS, DASHBOARD_WORDS, EXAMPLE_WORDS).

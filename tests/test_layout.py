@@ -1,4 +1,7 @@
-"""The test suite's layout: no test file imports another test file or a conftest.
+"""The test suite's layout: no test file imports another test file or a conftest; tests mirror the package
+tree, each test file named for the module or package it tests (tests/<dir>/test_<module>.py for
+src/icl_circuits/<dir>/<module>.py or the package <dir>/<module>/), cross-cutting tests listed in CROSS_CUTTING;
+and the package's imports follow the layers of docs/architecture.md.
 
 Code that more than one test file uses lives in tests/helpers.py (its docstring has the layout rules);
 conftest.py files hold fixtures only. Checked statically with `ast`, so a bad import is named with its
@@ -107,20 +110,68 @@ from tests.test_task_vectors import _setup
 
 
 PKG = ROOT / "src" / "icl_circuits"
-CROSS_CUTTING = {"test_device.py", "test_bundled.py", "test_layout.py"}  # named for what they check, not a module
+
+# Test files that test no single module, named for what they check (paths relative to tests/), each with why.
+CROSS_CUTTING = {
+    "test_layout.py": "the layout of the test suite and the import layers of the whole package",
+    "test_device.py": "--device / --dtype through every entry point (CLI, library, training)",
+    "test_bundled.py": "the real bundled Gemma 3 270M across core, data and methods",
+    "reliability/test_bad_inputs.py": "fault injection: bad inputs to every command are one-line errors",
+    "reliability/test_disk_full.py": "fault injection: a full disk in every writer",
+    "reliability/test_run_dirs.py": "fault injection: run directories, locks and resumes across commands",
+    "viz/test_browser.py": "the viewer end to end in headless Chromium on a run made by the commands",
+    "viz/test_viewer_contract.py": "the viewer reads what the CLI commands write (cli -> viz)",
+}
+FOLDERS_WITHOUT_PACKAGE = {"reliability"}  # fault injection across packages; its files are all in CROSS_CUTTING
+
+
+def _tested_module(rel: Path) -> Path | None:
+    """tests/<dir>/test_<name>.py -> src/icl_circuits/<dir>/<name>.py or the package <dir>/<name>/ (None if neither)."""
+    name = rel.stem.removeprefix("test_")
+    for target in (PKG / rel.parent / f"{name}.py", PKG / rel.parent / name / "__init__.py"):
+        if target.is_file():
+            return target
+    return None
 
 
 def test_tests_mirror_the_package_tree():
-    """Each test folder is a subpackage of icl_circuits (tests/reliability/ aside); only cross-cutting tests sit at the top."""
-    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    """Each test folder is a subpackage of icl_circuits (tests/reliability/ aside) and a package itself."""
+    packages = sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("__init__.py"))
     for d in TESTS.rglob("*"):
-        if not d.is_dir() or d.name in ("__pycache__", "fixtures") or "fixtures" in d.parts or d.name == "reliability":
+        if not d.is_dir() or d.name == "__pycache__" or "fixtures" in d.relative_to(TESTS).parts:
             continue
         rel = d.relative_to(TESTS)
-        assert (PKG / rel / "__init__.py").is_file(), f"tests/{rel}/ mirrors no package src/icl_circuits/{rel}/ (packages: {sorted(packages)})"
-        assert (d / "__init__.py").is_file(), f"tests/{rel}/ needs an __init__.py (test folders are packages: same file names may repeat)"
-    top = {f.name for f in TESTS.glob("test_*.py")}
-    assert top <= CROSS_CUTTING, f"move {sorted(top - CROSS_CUTTING)} into the tests/<package>/ folder of the code it tests"
+        if rel.parts[0] not in FOLDERS_WITHOUT_PACKAGE:
+            assert (PKG / rel / "__init__.py").is_file(), (
+                f"tests/{rel}/ mirrors no package src/icl_circuits/{rel}/ (packages: {packages})")
+        assert (d / "__init__.py").is_file(), (
+            f"tests/{rel}/ needs an __init__.py (test folders are packages: same file names may repeat)")
+
+
+def test_every_test_file_names_the_module_it_tests():
+    """tests/<dir>/test_<name>.py tests src/icl_circuits/<dir>/<name>.py (or the package <dir>/<name>/), or is
+    a cross-cutting test listed in CROSS_CUTTING with its reason."""
+    files = [f.relative_to(TESTS) for f in TESTS.rglob("test_*.py") if "fixtures" not in f.relative_to(TESTS).parts]
+    assert len(files) > 10  # the glob found the suite
+    listed = {Path(k) for k in CROSS_CUTTING}
+    bad = [f"tests/{f}" for f in sorted(files) if f not in listed and _tested_module(f) is None]
+    assert not bad, (
+        "each test file is tests/<dir>/test_<module>.py for src/icl_circuits/<dir>/<module>.py (or the package "
+        "<dir>/<module>/); rename or move these, or add them to CROSS_CUTTING with a reason:\n  " + "\n  ".join(bad)
+    )
+    stale = sorted(f"tests/{k}" for k in CROSS_CUTTING if not (TESTS / k).is_file())
+    assert not stale, f"CROSS_CUTTING lists test files that do not exist: {stale}"
+    named = sorted(f"tests/{k}" for k in CROSS_CUTTING if _tested_module(Path(k)) is not None)
+    assert not named, f"these test a module of the same name; drop them from CROSS_CUTTING: {named}"
+    assert all(reason.strip() for reason in CROSS_CUTTING.values())
+
+
+def test_the_name_check_maps_files_to_modules_and_packages():
+    assert _tested_module(Path("core/test_model.py")) == PKG / "core" / "model.py"
+    assert _tested_module(Path("sae/test_formats.py")) == PKG / "sae" / "formats" / "__init__.py"  # a package
+    assert _tested_module(Path("test_cli.py")) == PKG / "cli" / "__init__.py"  # tests/test_<package>.py
+    assert _tested_module(Path("sae/formats/test_saex.py")) == PKG / "sae" / "formats" / "saex.py"
+    assert _tested_module(Path("sae/test_sae_format.py")) is None
 
 
 # The layers of docs/architecture.md, lowest first: a module may import its own layer and the ones before it.

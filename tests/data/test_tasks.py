@@ -86,12 +86,21 @@ def test_unknown_task_name():
         load_task("capital_country")
 
 
-def test_saved_task_reads_back_identically_and_result_folders_prefer_their_own_copy(tmp_path):
-    from icl_circuits.data.tasks import Task, save_task, task_of_result
+def test_saved_task_reads_back_identically(tmp_path):
+    from icl_circuits.data.tasks import Task, save_task
 
     # repeated inputs and non-ASCII survive (a dict-shaped file would merge the repeats)
     task = Task("mine", (("a", "b"), ("a", "c"), ("été", "summer"), ("x, y", '"q"')))
-    save_task(task, tmp_path / "mine" / "task.json")
+    assert load_task(save_task(task, tmp_path / "mine.json")) == task
+
+
+def test_result_folders_prefer_their_own_copy_of_the_task(tmp_path):
+    # task_of_result knows the layout of a `clean` result folder, so it lives in the experiments layer
+    from icl_circuits.data.tasks import Task, save_task
+    from icl_circuits.experiments.clean import TASK_FILE, task_of_result
+
+    task = Task("mine", (("a", "b"), ("a", "c"), ("été", "summer"), ("x, y", '"q"')))
+    save_task(task, tmp_path / "mine" / TASK_FILE)
     assert task_of_result(tmp_path / "mine", "mine") == task
     assert task_of_result(tmp_path / "elsewhere", "antonyms") == load_task("antonyms")  # no copy: the built-in
     with pytest.raises(FileNotFoundError, match="neither a built-in task"):

@@ -55,7 +55,7 @@ def test_sweep_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
 def test_cleaning_resume_is_keyed_by_task_content_not_name(tmp_path, monkeypatch):
     import icl_circuits.experiments.clean as runs
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.data.tasks import task_of_result
+    from icl_circuits.experiments.clean import task_of_result
 
     from ..helpers import MANY, pair_lm, unit_sae
 
@@ -77,7 +77,7 @@ def test_builtin_name_collision_keeps_the_users_pairs(tmp_path, monkeypatch):
     """A user file named like a built-in task (antonyms.json): its folder must say which pairs it holds."""
     import icl_circuits.experiments.clean as runs
     from icl_circuits.methods.cleaning import CleaningConfig
-    from icl_circuits.data.tasks import task_of_result
+    from icl_circuits.experiments.clean import task_of_result
 
     from ..helpers import MANY, pair_lm, unit_sae
 

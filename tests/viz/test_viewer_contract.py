@@ -1,15 +1,19 @@
-"""The viewer reads what the commands write: `clean`, `heatmap` and `circuit` run on a tiny model saved to
-a folder (as in test_cli.py), and their run directories go to the viewer's data layer and HTTP handlers.
+"""The viewer reads what the commands write: `clean`, `heatmap`, `circuit`, `sae train`, `examples` and
+`dashboards` run on a tiny model saved to a folder (as in tests/test_cli.py), and their run directories go to the
+viewer's data layer and HTTP handlers.
 
 Every expected value is read back from the files the commands wrote (cleaning.json, heatmap.json,
-graph.json, faithfulness.json), not from the viewer, so a key the viewer misreads fails here.
+graph.json, faithfulness.json, the SAE folder's config.json, and examples.sqlite / dashboards.sqlite through
+plain sqlite3), not from the viewer, so a key the viewer misreads fails here.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import random
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,9 @@ def _fmt(x: float) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RUN/clean/<task>/cleaning.json, RUN/heatmap/heatmap.json, RUN/circuit/many/graph.json, by the CLI."""
+    """RUN/clean/<task>/cleaning.json, RUN/heatmap/heatmap.json, RUN/circuit/many/graph.json, RUN/sae/ (a trained
+    SAE), RUN/examples/examples.sqlite (the cleaning's SAE as resid_1, the trained one as `trained`) and
+    RUN/examples/dashboards.sqlite (resid_1), by the CLI."""
     from icl_circuits.sae.formats import save_sae
 
     tmp = tmp_path_factory.mktemp("contract")
@@ -52,6 +58,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["circuit", *common, "--task", tasks[0], "--layers", "0-1", "--kinds", "resid",
                  "--sae", f"resid.0={tmp / 'sae0'}", "--sae", f"resid.1={tmp / 'sae1'}",
                  "--edge-k", "2", "--ie-quality", "0", "--no-cross-task", "--out", str(root / "circuit")]) == 0  # fmt: skip
+    rng = random.Random(0)
+    words = [w for pair in MANY for w in pair]
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n" for _ in range(30)))
+    assert main(["sae", "train", "--model", str(model_dir), "--saes", "resid:1", "--corpus", str(corpus), "--out", str(root / "sae"),
+                 "--d-sae", "16", "--tokens", "400", "--batch-tokens", "64", "--seq-len", "16", "--eval-docs", "4",
+                 "--param-dtype", "float32", "--quiet"]) == 0  # fmt: skip
+    saes = f"resid_1={tmp / 'sae1'},trained={root / 'sae' / 'saes' / 'resid_1'}"
+    assert main(["examples", "--model", str(model_dir), "--saes", saes, "--corpus", str(corpus), "--out", str(root / "examples"),
+                 "--seq-len", "12", "--batch-size", "4", "--quiet"]) == 0  # fmt: skip
+    assert main(["dashboards", "--model", str(model_dir), "--saes", f"resid_1={tmp / 'sae1'}", "--tasks", ",".join(tasks),
+                 "--out", str(root / "examples"), "--n-prompts", "2", "--n-shots", "3", "--quiet"]) == 0  # fmt: skip
     return root
 
 
@@ -111,7 +129,9 @@ def test_task_page_shows_the_written_values(run: Path, server):
         i = heat["tasks"].index(name)
         for f in written["features"]:  # each cleaned feature: its weight and its steering effect from the heatmap
             effect = heat["raw"][i][heat["features"].index(f["index"])]
-            assert re.search(rf"#{f['index']}</td><td>{re.escape(_fmt(f['weight']))}</td><td>[^<]*</td><td>{re.escape(_fmt(effect))}</td>", body), f
+            link = f"<a href='/feature/resid_1/{f['index']}'>resid_1 #{f['index']}</a>"  # the examples store holds resid_1
+            row = rf"{link}</td><td>{re.escape(_fmt(f['weight']))}</td><td>[^<]*</td><td>{re.escape(_fmt(effect))}</td>"
+            assert re.search(row, body), f
         assert "id='tvc-curves'" in body and "class='chart tvc-l0'" in body
     index = get(server, "/")
     assert "Tasks (2)" in index and "Circuits (1)" in index and "Files not shown" not in index
@@ -122,8 +142,9 @@ def test_circuit_and_feature_pages_show_the_written_values(run: Path, server):
     body = get(server, "/circuit/0")
     assert graph["edges"], "resid.0 -> resid.1 edges"
     assert f"{len(graph['nodes'])} nodes, {len(graph['edges'])} edges" in body
-    for n in graph["nodes"]:
-        assert re.search(rf"<td>{re.escape(n['name'])}</td><td>[^<]*</td><td>{n['layer']}</td><td>{n['token_type']}</td>"
+    for n in graph["nodes"]:  # a resid.1 node links to its feature page (the examples store holds resid_1), resid.0 has none
+        feature = f"<a href='/feature/resid_1/{n['feature']}'>[^<]*</a>" if n["key"] == "resid.1" else "[^<]*"
+        assert re.search(rf"<td>{re.escape(n['name'])}</td><td>{feature}</td><td>{n['layer']}</td><td>{n['token_type']}</td>"
                          rf"<td>{re.escape(_fmt(n['effect']))}</td>", body), n  # fmt: skip
     assert "id='faithfulness-curve'" in body and "faithfulness.json" in body
     heat = _json(run / "heatmap" / "heatmap.json")
@@ -131,3 +152,63 @@ def test_circuit_and_feature_pages_show_the_written_values(run: Path, server):
     body = get(server, f"/feature/resid_1/{latent}")
     assert "id='steering'" in body and all(t in body for t in heat["tasks"])  # the heatmap row of this feature
     assert "In cleaned task vectors" in body
+
+
+def _rows(db: Path, query: str, *args) -> list[tuple]:
+    """Rows of a store the CLI wrote, read with plain sqlite3 (read-only), not through the viewer or the store classes."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return con.execute(query, args).fetchall()
+    finally:
+        con.close()
+
+
+def test_data_layer_reads_the_example_store_dashboards_and_trained_sae(run: Path):
+    data = RunData(run)
+    assert not data.problems, data.problems  # no file of any command (the SAE folder's JSON included) is misread
+    store, dash = run / "examples" / "examples.sqlite", run / "examples" / "dashboards.sqlite"
+    written = {name: (i, site, d) for i, name, site, d in _rows(store, "SELECT id, name, site, d_sae FROM saes")}
+    assert sorted(written) == ["resid_1", "trained"] and sorted(data.sae_names()) == sorted(written)
+    cfg = _json(run / "sae" / "saes" / "resid_1" / "config.json")  # the SAE `sae train` wrote
+    info = data.sae_info("trained")
+    assert written["trained"][1:] == (cfg["site"], cfg["d_sae"]) == (info["site"], info["d_sae"])
+    heat = _json(run / "heatmap" / "heatmap.json")
+    cleaned = {n: {f["index"] for f in _json(run / "clean" / n / "cleaning.json")["features"]} for n in ("many", "flipped")}
+    checked = {"resid_1": 0, "trained": 0}
+    for sae, latents in (("resid_1", heat["features"]), ("trained", range(cfg["d_sae"]))):
+        sid = written[sae][0]
+        for latent in latents:
+            examples = _rows(store, "SELECT act FROM examples WHERE sae = ? AND latent = ?", sid, latent)
+            if not examples:
+                continue
+            (n_fired, max_act), = _rows(store, "SELECT n_fired, max_act FROM latents WHERE sae = ? AND latent = ?", sid, latent)
+            f = data.feature(sae, latent, limit=None)
+            assert f["has_store"] and f["info"]["site"] == written[sae][1]
+            assert sorted(e.act for e in f["examples"]) == pytest.approx(sorted(a for (a,) in examples))
+            assert f["stats"]["n_fired"] == n_fired and f["stats"]["max_act"] == pytest.approx(max_act)
+            assert all(e.tokens and len(e.tokens) == len(e.acts) for e in f["examples"])
+            if sae == "trained":  # no dashboard and no cleaned task for the trained SAE: nothing joins it
+                assert f["dashboard"] is None and not f["tasks"] and not f["heatmap_rows"]
+            else:  # the cleaning's SAE: the store joins the cleaned tasks, the heatmap row and the dashboard
+                assert sorted(t["task"] for t in f["tasks"]) == sorted(n for n, fs in cleaned.items() if latent in fs)
+                assert [r["values"] for r in f["heatmap_rows"]] and f["has_dashboard"]
+                (d_fired, density, d_max), = _rows(
+                    dash, "SELECT f.n_fired, f.density, f.max_act FROM features f JOIN saes s ON s.id = f.sae "
+                    "WHERE s.name = ? AND f.latent = ?", sae, latent)  # fmt: skip
+                d = f["dashboard"]
+                assert (d.sae, d.latent, d.n_fired) == (sae, latent, d_fired)
+                assert (d.density, d.max_act) == pytest.approx((density, d_max))
+            checked[sae] += 1
+    assert checked["resid_1"] > len(heat["features"]) // 2 and checked["trained"] > 0  # they fired on the corpus
+
+
+def test_feature_page_shows_the_stored_examples(run: Path, server):
+    heat = _json(run / "heatmap" / "heatmap.json")
+    store = run / "examples" / "examples.sqlite"
+    latent, _ = max(_rows(store, "SELECT e.latent, count(*) FROM examples e JOIN saes s ON s.id = e.sae WHERE s.name = 'resid_1' "
+                                 "GROUP BY e.latent"), key=lambda r: (r[0] in heat["features"], r[1]))  # fmt: skip
+    body = get(server, f"/feature/resid_1/{latent}")
+    assert "id='examples'" in body and "No example store" not in body and "never fired" not in body
+    assert "id='logit-lens'" in body and "id='density'" in body  # the dashboard's panels
+    all_body = get(server, f"/feature/resid_1/{latent}/examples")
+    assert "Max-activating examples" in all_body and "<h3>Top " in all_body

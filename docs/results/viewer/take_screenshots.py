@@ -1,4 +1,4 @@
-"""Screenshots of the viewer for the README (headless Chromium via Selenium, as in tests/test_browser.py).
+"""Screenshots of the viewer for the README (headless Chromium via Selenium, as in tests/viz/test_browser.py).
 
     python docs/results/viewer/take_screenshots.py RUN_DIR [--examples STORE] [--feature SAE/LATENT] [--out docs/results/viewer]
 

@@ -67,7 +67,9 @@ def add_view(sub: argparse._SubParsersAction) -> None:
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("reproduce", help="every experiment of the paper from a recipe file, resumably, with the claims report")
-    s.add_argument("--recipe", default="paper", help="'paper' (everything, hours on a CPU), 'demo' (≤ 15 min) or a .toml file")
+    s.add_argument("--recipe", default="paper",
+                   help="'paper' (everything, hours on a CPU), 'demo' (≤ 15 min), 'saes' (docs/saes.md: the starter suite "
+                        "and the SAE recipe comparison, hours; no claims table) or a .toml file")  # fmt: skip
     s.add_argument("--tasks", default=None, help="'all', or comma-separated task names / your task files (default: the recipe's)")
     s.add_argument("--out", type=Path, default=Path("runs/paper"), help="run folder: one sub-folder per stage (resumes if present)")
     s.add_argument("--docs", type=Path, default=None, help="where the report, figures and tables go (default: <out>/results)")

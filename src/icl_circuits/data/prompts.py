@@ -237,10 +237,10 @@ def icl_prompts(
 
 
 def zero_shot_prompts(tokenizer: object, task: Task, n_prompts: int, seed: int = 0, fmt: PromptFormat = PromptFormat()) -> PromptBatch:
-    """n_prompts distinct query pairs, each as its own zero-shot prompt."""
-    pairs = task.sample(min(n_prompts, len(task)), random.Random(seed))
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    return PromptBatch.collate([build_prompt(tokenizer, [p], fmt) for p in pairs], pad)
+    """n_prompts distinct query pairs of the whole `task`, each as its own zero-shot prompt.
+
+    The same sampling as `eval_prompts` (setting 'execution'), on the pairs given rather than a split of them."""
+    return _query_prompts(tokenizer, task, n_prompts, random.Random(seed), "execution", fmt)
 
 
 FAKE_PAIR: tuple[str, str] = ("X", "Y")
@@ -252,12 +252,11 @@ def fake_pair_prompts(
 ) -> PromptBatch:
     """Task-detection setting (App. G, Example 4): `<bos>Follow the pattern:\\n{X} -> {Y}\\n{x} ->`.
 
-    One uninformative pair precedes each query; steering goes at the fake pair's output token
-    (`output_mask('first')`) and the loss is on the query's output, as for zero-shot prompts.
+    Queries from the whole `task`. One uninformative pair precedes each query; steering goes at the fake pair's
+    output token (`output_mask('first')`) and the loss is on the query's output. The same sampling as
+    `eval_prompts` (setting 'detection'); the package itself evaluates through `eval_prompts`.
     """
-    pairs = task.sample(min(n_prompts, len(task)), random.Random(seed))
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    return PromptBatch.collate([build_prompt(tokenizer, [fake, p], fmt) for p in pairs], pad)
+    return _query_prompts(tokenizer, task, n_prompts, random.Random(seed), "detection", fmt, fake)
 
 
 # -- the prompts every steering evaluation is scored on ---------------------------------------------
@@ -302,13 +301,31 @@ def eval_prompts(
     train, held_out = task.split(eval_share, seed)
     pairs = held_out if split == "eval" else train
     rng = random.Random((seed + 1 if split == "eval" else seed + 2) if prompt_seed is None else prompt_seed)
+    try:
+        return EvalSet(_query_prompts(tokenizer, pairs, n, rng, setting, fmt, fake, valid_only=valid_only), setting)
+    except _NoValidPrompts:
+        kind = "held-out" if split == "eval" else "training"
+        raise ValueError(f"task {task.name}: 0 valid {kind} prompts (of {len(pairs)} pairs)") from None
+
+
+class _NoValidPrompts(ValueError):
+    pass
+
+
+def _query_prompts(
+    tokenizer: object, pairs: Task, n: int, rng: random.Random, setting: str, fmt: PromptFormat = PromptFormat(),
+    fake: tuple[str, str] = FAKE_PAIR, *, valid_only: bool = False,
+) -> PromptBatch:  # fmt: skip
+    """The one sampling of one-query prompts (eval_prompts, zero_shot_prompts, fake_pair_prompts): a sample of
+    min(n, pairs) of `pairs` drawn with `rng`, each pair as its own prompt (after the fake pair for 'detection');
+    with valid_only, the first n of an `rng` shuffle that the tokenizer can label."""
     pad = getattr(tokenizer, "pad_token_id", None) or 0
 
     def prompt(p: tuple[str, str]) -> Prompt:
         return build_prompt(tokenizer, [p] if setting == "execution" else [fake, p], fmt)
 
     if not valid_only:
-        return EvalSet(PromptBatch.collate([prompt(p) for p in pairs.sample(min(n, len(pairs)), rng)], pad), setting)
+        return PromptBatch.collate([prompt(p) for p in pairs.sample(min(n, len(pairs)), rng)], pad)
     order = list(pairs.pairs)
     rng.shuffle(order)
     prompts = []
@@ -320,6 +337,5 @@ def eval_prompts(
         except ValueError:  # the tokenizer cannot label this pair's tokens
             continue
     if not prompts:
-        kind = "held-out" if split == "eval" else "training"
-        raise ValueError(f"task {task.name}: 0 valid {kind} prompts (of {len(pairs)} pairs)")
-    return EvalSet(PromptBatch.collate(prompts, pad), setting)
+        raise _NoValidPrompts(f"0 valid prompts (of {len(pairs)} pairs)")
+    return PromptBatch.collate(prompts, pad)

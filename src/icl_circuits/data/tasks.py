@@ -137,12 +137,6 @@ def save_task(task: Task, path: str | Path) -> Path:
     return write_json(path, [{"input": x, "output": y} for x, y in task.pairs])
 
 
-def task_of_result(folder: str | Path, name: str) -> Task:
-    """The task a result folder was made from: its own task.json (a user task), else the built-in `name`."""
-    own = Path(folder) / "task.json"
-    return parse_task(own.read_text(encoding="utf-8"), name, "json") if own.is_file() else load_task(name)
-
-
 def load_tasks(names: str | list[str], *, strict: bool = False) -> list[Task]:
     """'all', a comma-separated string, or a list of names/paths."""
     if isinstance(names, str):

@@ -4,7 +4,8 @@ Every claim reads the files its stage wrote (stage names as in recipes/paper.tom
 fixed before looking at our numbers, stated next to the verdict:
 - "most tasks" claims: **yes** for a majority of the tasks measured, **partly** for at least one, **no** for none;
 - numeric claims: the rule in the row (e.g. "at most 60 nodes on most tasks").
-A claim whose stage did not run says "not run" and why.
+A claim whose stage did not run says "not run" and why. A recipe that runs none of the stages the claims
+read (recipes/saes.toml: the SAE suite) has no claims table: its report says so and lists its stages.
 """
 
 from __future__ import annotations
@@ -275,7 +276,10 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def judge_all(folders: dict[str, Path], statuses: dict[str, str]) -> list[dict]:
-    """One row per claim: ours and the verdict, or why it was not measured."""
+    """One row per claim: ours and the verdict, or why it was not measured; none for a recipe without any
+    stage a claim reads (another experiment than the paper's, e.g. recipes/saes.toml)."""
+    if not any(s in folders for c in CLAIMS for s in c.stages):
+        return []
     rows = []
     for c in CLAIMS:
         absent = [s for s in c.stages if s not in folders or (statuses.get(s) != "done" and not folders[s].is_dir())]
@@ -336,8 +340,13 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
           f"Model `{cfg.model}`, recipe `{recipe.path.name}` (digest {recipe.digest}), seed {cfg.seed}, {cfg.device}/{cfg.dtype}. "
           f"Made by `icl-circuits reproduce --recipe {cfg.recipe} --out {out}`; every row names the stage whose command "
           "made it (the commands are listed below and in manifest.json).", "",
-          "## Claims", "",
-          "| claim | where in the paper | paper (Gemma 1 2B) | ours | holds? | rule | stage |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+          "## Claims", ""]  # fmt: skip
+    no_claims = (f"None: recipe `{recipe.path.name}` runs none of the stages the paper's claims read "
+                 "(icl_circuits/experiments/claims.py); its results are the files of the stages below.")  # fmt: skip
+    if rows:
+        md += ["| claim | where in the paper | paper (Gemma 1 2B) | ours | holds? | rule | stage |", "|---|---|---|---|---|---|---|"]
+    else:
+        md += [no_claims]
     for r in rows:
         md.append("| " + " | ".join(_md_cell(x) for x in (r["claim"], r["where"], r["paper"], r["ours"], f"**{r['holds']}**",
                                                            r["rule"], ", ".join(r["stages"]))) + " |")  # fmt: skip
@@ -345,7 +354,9 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
            ", ".join(f"{n} (yours)" if n in yours else n for n in names), ""]  # fmt: skip
     if yours:
         md += [f"{len(yours)} task(s) come from your files: {', '.join(yours)}.", ""]
-    sections_html = [Section("Claims", table=[{k: r[k] for k in ("claim", "where", "paper", "ours", "holds", "rule")} for r in rows]),
+    claims_section = (Section("Claims", table=[{k: r[k] for k in ("claim", "where", "paper", "ours", "holds", "rule")} for r in rows])
+                      if rows else Section("Claims", text=no_claims))  # fmt: skip
+    sections_html = [claims_section,
                      Section(f"Tasks ({len(names)})", text=", ".join(f"{n} (yours)" if n in yours else n for n in names))]  # fmt: skip
     for st in recipe.stages:
         imgs = sorted(p.relative_to(docs).as_posix() for p in (docs / st.name).rglob("*.png")) if (docs / st.name).is_dir() else []
@@ -370,6 +381,8 @@ def write_claims_report(recipe: Any, result: Any, tasks: str, cfg: Any) -> tuple
 
 def claims_markdown(rows: Sequence[dict]) -> str:
     """The measured claims, one line each, and how many the recipe did not measure (for the CLI's closing print)."""
+    if not rows:
+        return "  (none: this recipe runs none of the stages the paper's claims read; its results are in the report)"
     measured = [r for r in rows if r["holds"] != "not run"]
     width = max((len(r["claim"]) for r in measured), default=0)
     lines = [f"  {r['holds']:>8s}  {r['claim']:{width}s}  ours: {r['ours']}" for r in measured]

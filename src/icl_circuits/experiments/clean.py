@@ -19,11 +19,18 @@ from icl_circuits.core.model import LM
 from icl_circuits.sae.dictionary import JumpReLUSAE, sae_digest
 from icl_circuits.core.storage import RunDir, read_json, write_csv, write_json
 from icl_circuits.methods.task_vectors import TaskVectorConfig
-from icl_circuits.data.tasks import Task, check_unique_names, is_builtin, save_task
+from icl_circuits.data.tasks import Task, check_unique_names, is_builtin, load_task, parse_task, save_task
 from icl_circuits.methods.cleaning_task import L1_GRID, baseline_scores, clean_task, cleaning_setup, summary_rows
 
 
 UNIT_FILE = "unit.json"
+TASK_FILE = "task.json"  # a user task's pairs, kept in its result folder (a built-in task's folder has none)
+
+
+def task_of_result(folder: str | Path, name: str) -> Task:
+    """The task a result folder was made from: its own task.json (a user task), else the built-in `name`."""
+    own = Path(folder) / TASK_FILE
+    return parse_task(own.read_text(encoding="utf-8"), name, "json") if own.is_file() else load_task(name)
 
 
 def run_cleaning(
@@ -57,9 +64,9 @@ def run_cleaning(
                 done = clean_task(lm, sae, task, layer, cfg, tv_cfg, sae_spec=sae_spec, progress=progress)
                 done.save(folder)
                 if is_builtin(task):
-                    (folder / "task.json").unlink(missing_ok=True)
+                    (folder / TASK_FILE).unlink(missing_ok=True)
                 else:  # a user task: keep its pairs, so later steps need only this folder
-                    save_task(task, folder / "task.json")
+                    save_task(task, folder / TASK_FILE)
                 plot_cleaning_curves(done, folder / "curves")
                 write_json(folder / UNIT_FILE, dict(key=key, task=task.name, task_digest=task.digest))  # last: marks it done
             results.append(done)

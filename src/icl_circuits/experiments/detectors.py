@@ -15,7 +15,8 @@ from typing import Any
 from icl_circuits.core.distributed import main_first, merge_across_ranks, my_share, shared_run
 from icl_circuits.core.model import LM
 from icl_circuits.core.storage import write_csv, write_json
-from icl_circuits.data.tasks import list_tasks, load_task, task_of_result
+from icl_circuits.data.tasks import list_tasks, load_task
+from icl_circuits.experiments.clean import task_of_result
 from icl_circuits.methods.heatmaps import cluster_order, load_feature_sets
 from icl_circuits.methods.link import LinkConfig, detector_executor_link, top_features
 from icl_circuits.methods.masses import MassConfig, MassesResult, activation_masses, mass_table

@@ -29,7 +29,7 @@ def run_heatmap(
     feature with a positive effect on its own task; negative_n_scales: how many of the paper's scales (when
     negative.scales is None)."""
     from icl_circuits.core.storage import write_csv
-    from icl_circuits.data.tasks import task_of_result
+    from icl_circuits.experiments.clean import task_of_result
 
     sets, meta = load_feature_sets(results_dir, tasks, top_k)
     top = negative_features == "top"

@@ -12,7 +12,15 @@ A recipe (`icl_circuits/experiments/recipes/*.toml`, or a file of your own) list
 
 Placeholders in `args`: `{tasks}` (the run's tasks), `{tasks:N}` (the first N of them), `{out}` (this
 stage's folder) and `{stage:NAME}` (another, earlier stage's folder); a list value repeats the option.
-`--model --device --dtype --threads --seed --quiet` are added to every command that takes them.
+`--model --device --dtype --threads --seed --quiet` are added to every command that takes them, and
+`--out <its folder>` to every command with an --out.
+
+A few commands need more (recipes/saes.toml uses each):
+- `positional = ["{stage:train}", "DEST"]`: positional arguments, after the command words (`sae export RUN DEST`);
+- `after = ["export"]`: stages that must finish first although no value names their folder (`--jobs`);
+- `args.dtype`: a stage's own forward dtype, in place of the run's (`sae harvest`'s bfloat16 forward);
+- `args.out = "{out}/eval.json"`: for a command whose --out is a file, a file inside the stage's folder.
+
 `optional = true` stages run only when included. Two command lines are the same when they parse to the
 same options (`same_command`), with paths inside the run folder written `{run}/...`.
 """
@@ -48,6 +56,8 @@ class Stage:
     publish: tuple[str, ...] = ()
     optional: bool = False
     note: str = ""
+    positional: tuple[str, ...] = ()  # positional arguments, after the command words
+    after: tuple[str, ...] = ()  # earlier stages that must finish first (besides those its values name)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(spec: str | Path) -> Recipe:
-    """A built-in recipe by name ('paper', 'demo') or a .toml file; checked before anything runs."""
+    """A built-in recipe by name ('paper', 'demo', 'saes') or a .toml file; checked before anything runs."""
     path = Path(spec)
     if not path.suffix:
         path = RECIPES_DIR / f"{spec}.toml"
@@ -109,7 +119,7 @@ def _stage(path: Path, i: int, s: Any) -> Stage:
     where = f"recipe {path}, stage {i + 1}"
     if not isinstance(s, dict):
         raise RecipeError(f"{where}: not a table")
-    unknown = set(s) - {"name", "command", "args", "section", "title", "publish", "optional", "note"}
+    unknown = set(s) - {"name", "command", "args", "section", "title", "publish", "optional", "note", "positional", "after"}
     if unknown:
         raise RecipeError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("name", "command"):
@@ -124,17 +134,26 @@ def _stage(path: Path, i: int, s: Any) -> Stage:
         ok = isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
         if not ok:  # a list repeats the option (e.g. circuit's --sae KIND.LAYER=PATH)
             raise RecipeError(f"{where} ({s['name']}): option {k!r} must be a string, number, boolean or list of strings, got {v!r}")
-        if k.replace("-", "_") in COMMON + ("out", "quiet"):
-            raise RecipeError(f"{where} ({s['name']}): {k!r} is set by `reproduce` itself; remove it from args")
-    publish = s.get("publish", [])
-    if not isinstance(publish, list) or not all(isinstance(p, str) for p in publish):
-        raise RecipeError(f"{where} ({s['name']}): publish must be a list of file patterns")
-    return Stage(s["name"], s["command"], dict(args), str(s.get("section", "")), str(s.get("title", "")), tuple(publish),
-                 bool(s.get("optional", False)), str(s.get("note", "")))  # fmt: skip
+        key = k.replace("-", "_")
+        if key == "out" and isinstance(v, str) and v.startswith("{out}/") and ".." not in v:
+            continue  # a command whose --out is a file: a file inside the stage's own folder
+        if key == "dtype" and isinstance(v, str):
+            continue  # the stage's own forward dtype (e.g. `sae harvest`'s bfloat16), in place of the run's
+        if key in COMMON + ("out", "quiet"):
+            raise RecipeError(f"{where} ({s['name']}): {k!r} is set by `reproduce` itself; remove it from args"
+                              + (" (or name a file inside the stage's folder: out = \"{out}/FILE\")" if key == "out" else ""))
+    lists = {}
+    for key, what in (("publish", "file patterns"), ("positional", "arguments"), ("after", "stage names")):
+        value = s.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise RecipeError(f"{where} ({s['name']}): {key} must be a list of {what}")
+        lists[key] = tuple(value)
+    return Stage(s["name"], s["command"], dict(args), str(s.get("section", "")), str(s.get("title", "")), lists["publish"],
+                 bool(s.get("optional", False)), str(s.get("note", "")), lists["positional"], lists["after"])  # fmt: skip
 
 
 def _check_references(recipe: Recipe) -> None:
-    """Unique names, known commands and options, and {stage:X} only to an earlier stage."""
+    """Unique names, known commands and options, and {stage:X} / after only to an earlier stage."""
     seen: list[str] = []
     for st in recipe.stages:
         if st.name in seen:
@@ -145,9 +164,15 @@ def _check_references(recipe: Recipe) -> None:
         for k, v in st.args.items():
             if _flag(k) not in options:
                 raise RecipeError(f"recipe {recipe.path}, stage {st.name}: `{st.command}` has no option {_flag(k)}")
-            for ref in _refs(v):
-                if ref not in seen:
-                    raise RecipeError(f"recipe {recipe.path}, stage {st.name}: {{stage:{ref}}} is not an earlier stage")
+        for ref in sorted({r for v in (*st.args.values(), *st.positional) for r in _refs(v)}):
+            if ref not in seen:
+                raise RecipeError(f"recipe {recipe.path}, stage {st.name}: {{stage:{ref}}} is not an earlier stage")
+        for ref in st.after:
+            if ref not in seen:
+                raise RecipeError(f"recipe {recipe.path}, stage {st.name}: after = [{ref!r}] is not an earlier stage")
+        if st.positional and command_positionals(st.command) < len(st.positional):
+            raise RecipeError(f"recipe {recipe.path}, stage {st.name}: `{st.command}` takes at most "
+                              f"{command_positionals(st.command)} positional arguments, the stage gives {len(st.positional)}")
         seen.append(st.name)
 
 
@@ -178,6 +203,19 @@ def command_options(command: str) -> set[str] | None:
     return set(parser._option_string_actions)
 
 
+def command_positionals(command: str) -> int:
+    """How many positional arguments an `icl-circuits` command takes at most (0 for an unknown command)."""
+    import argparse
+
+    parser: argparse.ArgumentParser = _parser()
+    for word in command.split():
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or word not in sub.choices:
+            return 0
+        parser = sub.choices[word]
+    return sum(1 for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction))
+
+
 # -- one stage's command line ------------------------------------------------------------------------------
 
 
@@ -202,17 +240,18 @@ def stage_argv(stage: Stage, cfg: ReproduceConfig, tasks: str, folders: dict[str
 
         return _PLACEHOLDER.sub(sub, text)
 
-    argv = stage.command.split()
+    argv = stage.command.split() + [fill(p) for p in stage.positional]
     for k, v in stage.args.items():
         if v is False:
             continue
         for one in v if isinstance(v, list) else [v]:
             argv += [_flag(k)] if one is True else [_flag(k), fill(one)]
     options = command_options(stage.command) or set()
+    own = {k.replace("-", "_") for k in stage.args}
     for key in COMMON:
-        if _flag(key) in options:
+        if _flag(key) in options and key not in own:  # a stage's own dtype wins over the run's
             argv += [_flag(key), str(getattr(cfg, key))]
-    argv += ["--out", str(here)] if "--out" in options else []
+    argv += ["--out", str(here)] if "--out" in options and "out" not in own else []
     argv += ["--quiet"] if not cfg.progress and "--quiet" in options else []
     return argv
 
@@ -267,6 +306,7 @@ def _refs(value: Any) -> list[str]:
 
 
 def _deps(st: Stage) -> set[str]:
-    return {ref for v in st.args.values() for ref in _refs(v)}
+    """The stages that must finish before this one: those its values name, and its `after`."""
+    return {ref for v in (*st.args.values(), *st.positional) for ref in _refs(v)} | set(st.after)
 
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from icl_circuits.experiments.recipe import Recipe, RecipeError, Stage, _cosmetic, _portable, load_recipe, same_command, stage_argv
+from icl_circuits.experiments.recipe import Recipe, RecipeError, Stage, _cosmetic, _deps, _portable, load_recipe, same_command, stage_argv
 from icl_circuits.experiments.stage_runner import StageFailed, _Runner, _say, _sigterm_as_interrupt
 from icl_circuits.core.storage import AppendLog, ConfigMismatch, RunDir, write_json
 
@@ -127,6 +127,11 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
     todo = []
     for st in recipe.stages:
         wanted = (not st.optional or st.name in cfg.include) and (not cfg.only or st.name in cfg.only)
+        if wanted:  # an optional stage it reads must be included (or finished): it would not run otherwise
+            lacking = sorted(d for d in _deps(st) if recipe.stage(d).optional and d not in cfg.include and d not in done.done)
+            if lacking:
+                raise RecipeError(f"stage {st.name} of recipe {recipe.name} needs the optional stage(s) {', '.join(lacking)}: "
+                                  f"add --include {','.join(lacking)}")  # fmt: skip
         rec = done.done.get(st.name)
         again = st.name in cfg.rerun or "all" in cfg.rerun
         changed = rec is not None and not same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out))

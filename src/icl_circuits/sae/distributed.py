@@ -31,7 +31,7 @@ What is reduced, so that one step equals the single-process step over the B rows
     so every rank holds the same dead mask.
   * a non-finite loss on any rank makes every rank skip the step (and raise), never desynchronise.
 
-Differences from one process are float rounding in sums taken in another order (tests/sae/test_sae_ddp.py,
+Differences from one process are float rounding in sums taken in another order (tests/sae/test_distributed.py,
 2 ranks: float32 weights within 5e-7 of one process after 8 steps). bfloat16 weights get a bfloat16
 gradient per rank before the reduction (autograd casts it to the parameter's dtype), so they round
 once more per rank than in one process.

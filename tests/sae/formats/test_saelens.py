@@ -21,7 +21,7 @@ from torch.testing import assert_close
 
 from icl_circuits.sae import JumpReLUSAE, SAEConfig, load_any, load_saelens, save_saelens
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "saelens"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "saelens"
 ARCHS = ["standard", "jumprelu", "topk", "topk_rescale", "gated", "transcoder", "jumprelu_transcoder",
          "jumprelu_skip_transcoder"]  # fmt: skip
 TOL = dict(atol=2e-5, rtol=1e-5)
