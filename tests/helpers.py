@@ -512,6 +512,21 @@ def write_task(path, pairs) -> str:
     return str(path)
 
 
+def assert_recipes_refused(tmp_path, bad: dict[str, str]) -> None:
+    """Each recipe text of `bad` (why -> TOML) written to a file and refused by load_recipe with `why` in the message."""
+    import re
+
+    import pytest
+
+    from icl_circuits.experiments.recipe import RecipeError, load_recipe
+
+    for i, (why, text) in enumerate(bad.items()):
+        p = tmp_path / f"r{i}.toml"
+        p.write_text(text)
+        with pytest.raises(RecipeError, match=re.escape(why)):
+            load_recipe(p)
+
+
 # -- the device audit of tests/test_device.py (also run on the end-to-end tests marked `device_audit`) ------------
 
 AUDIT_SRC = Path(__import__("icl_circuits").__file__).parent
@@ -525,9 +540,8 @@ CPU_BY_DESIGN: dict[tuple[str, str], str] = {
     ("core/prefix_cache.py", "__init__"): "row bookkeeping of the prefix groups (index tensors)",
     ("interventions/steer.py", "score"): "per-vector NLL / hit sums: small results kept on the CPU",
     ("methods/circuits/spliced.py", "ablation"): "node ablation patterns (bookkeeping), moved in SplicedModel._run",
-    ("methods/circuits/faithfulness_curves.py", "circuit_order"): "error-node mask over the CPU node effects",
+    ("methods/circuits/metric.py", "error_node_mask"): "the error-node mask over the node ids (bookkeeping, like the patterns)",
     ("methods/circuits/spliced.py", "empty_metric"): "the all-ablated pattern, moved in SplicedModel._run",
-    ("methods/circuits/spliced.py", "__init__"): "the error-node mask over the node ablation patterns (bookkeeping)",
     ("methods/circuits/ie_check.py", "pearson"): "correlation of Python floats (IE quality)",
     ("methods/circuits/ie_check.py", "<lambda>"): "spearman's ranks of Python floats (IE quality)",
     ("viz/circuit_plots.py", "plot_cross_task"): "figure data",

@@ -16,7 +16,7 @@ from icl_circuits.cli import build_parser
 from icl_circuits.experiments.recipe import RecipeError, _cosmetic, _deps, _parsed, command_options, load_recipe, stage_argv
 from icl_circuits.experiments.reproduce import ReproduceConfig, reproduce
 
-from tests.helpers import make_tiny, word_tokenizer
+from tests.helpers import assert_recipes_refused, make_tiny, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = Path("/RUN")  # a stand-in run folder: nothing is written there
@@ -130,11 +130,7 @@ def test_the_new_recipe_keys_are_checked(tmp_path: Path) -> None:
         "set by `reproduce` itself": '[[stage]]\nname = "x"\ncommand = "sae eval"\nargs = { out = "elsewhere.json" }\n',
         "after must be a list": '[[stage]]\nname = "x"\ncommand = "tasks"\nafter = "y"\n',
     }
-    for i, (why, text) in enumerate(bad.items()):
-        p = tmp_path / f"r{i}.toml"
-        p.write_text(text)
-        with pytest.raises(RecipeError, match=re.escape(why)):
-            load_recipe(p)
+    assert_recipes_refused(tmp_path, bad)
 
 
 @pytest.fixture(scope="module")

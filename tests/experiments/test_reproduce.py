@@ -4,7 +4,6 @@ pipeline, the claims report, resume after an interruption, and refusal of a chan
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from icl_circuits.sae.dictionary import JumpReLUSAE, SAEConfig
 from icl_circuits.sae.formats import save_sae
 from icl_circuits.core.storage import ConfigMismatch
 
-from tests.helpers import make_tiny, word_tokenizer
+from tests.helpers import assert_recipes_refused, make_tiny, word_tokenizer
 
 PAIRS = [(f"w{i}", f"w{(i + 1) % 36}") for i in range(36)]  # 18 training pairs (the detection sweep takes 16 shots); a small vocab
 
@@ -182,8 +181,6 @@ def test_reproduce_refuses_a_changed_stage_until_rerun(setup: dict, tmp_path: Pa
 
 
 def test_recipes_are_checked_before_anything_runs(tmp_path: Path) -> None:
-    from icl_circuits.experiments.reproduce import RecipeError
-
     for name in ("paper", "demo"):
         r = load_recipe(name)  # the shipped recipes name real commands and options
         assert r.stages and all(s.command for s in r.stages)
@@ -195,11 +192,7 @@ def test_recipes_are_checked_before_anything_runs(tmp_path: Path) -> None:
         "not valid TOML": '[[stage]\n',
         "two stages named": '[[stage]]\nname = "x"\ncommand = "tasks"\n[[stage]]\nname = "x"\ncommand = "tasks"\n',
     }
-    for i, (why, text) in enumerate(bad.items()):
-        p = tmp_path / f"r{i}.toml"
-        p.write_text(text)
-        with pytest.raises(RecipeError, match=re.escape(why)):
-            load_recipe(p)
+    assert_recipes_refused(tmp_path, bad)
     assert main(["reproduce", "--recipe", "no_such_recipe"]) == 2
 
 

@@ -44,27 +44,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")  # a NAME of NAME=PATH
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
-class MissingPackageError(ModuleNotFoundError, ValueError):
-    """An optional package a spec needs is not installed. A ValueError too, so the CLI prints it as one
-    `error:` line (rc 2) instead of a traceback; still a ModuleNotFoundError for library callers."""
-
-
-def require_sae_lens(spec: str) -> None:
-    """'saelens:RELEASE/ID' names resolve through sae-lens's registry: without it, fail now (before a model load)."""
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("sae_lens") is not None
-    except (ImportError, ValueError):  # a broken install, or a module without a spec
-        found = False
-    if not found:
-        raise MissingPackageError(
-            f"SAE {spec!r}: saelens:RELEASE/ID names need the sae-lens package (pip install sae-lens); without it, "
-            "pass the SAE's Hub path instead, e.g. google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
-            name="sae_lens",
-        )
-
-
 def _bad(spec: str, why: str) -> ValueError:
     return ValueError(f"bad SAE spec {spec!r}: {why}; use {FORMS}")
 
@@ -154,6 +133,8 @@ class SAERef:
         if self.path is None:
             return
         if self.path.startswith("saelens:"):
+            from icl_circuits.sae.formats.hub import require_sae_lens
+
             require_sae_lens(self.path)
             return
         from icl_circuits.core.loading import resolve_spec
@@ -168,9 +149,7 @@ class SAERef:
             from icl_circuits.sae.suite import starter_sae
 
             return starter_sae(lm, self.spec, train_if_missing=train_if_missing, progress=progress)
-        if self.path.startswith("saelens:"):  # specs read back from result files skip check_path
-            require_sae_lens(self.path)
-        from icl_circuits.sae.formats import load_any
+        from icl_circuits.sae.formats import load_any  # a saelens: name without sae-lens: MissingPackageError
 
         sae = load_any(self.path).float()
         sae.check_compatible(lm)

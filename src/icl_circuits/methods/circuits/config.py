@@ -28,8 +28,10 @@ from icl_circuits.data.prompts import N_SCORE_TOKENS, TYPE_ID
 NODE_TYPES: tuple[str, ...] = ("prompt", "input", "arrow", "output", "newline", "extra")
 # the kinds and their (site read, site replaced) options live once in core.sites; these names are kept for importers
 KIND_SITE_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = SAE_KIND_SITES
-KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in SAE_KIND_SITES.items()}  # starter suite's
+KIND_SITES: dict[str, tuple[str, str]] = {kind: options[0] for kind, options in SAE_KIND_SITES.items()}
 ERROR = "error"  # the feature name of an error node
+RANK_BY: tuple[str, ...] = ("signed", "abs")  # circuit order by signed effect (the authors' do_abs=False) or |effect|
+RANK_OVER: tuple[str, ...] = ("mean", "sum")  # a node's effect averaged over its token type's positions, or summed
 DEFAULT_SIZES: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)  # circuit sizes N of the curves
 
 
@@ -78,10 +80,10 @@ class CircuitRunConfig:
     chunk: int = 4  # ablation patterns per forward pass
 
     def __post_init__(self) -> None:
-        if self.rank_by not in ("signed", "abs"):
-            raise ValueError(f"rank_by must be 'signed' or 'abs', got {self.rank_by!r}")
-        if self.rank_over not in ("mean", "sum"):
-            raise ValueError(f"rank_over must be 'mean' or 'sum', got {self.rank_over!r}")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
+        if self.rank_over not in RANK_OVER:
+            raise ValueError(f"rank_over must be one of {RANK_OVER}, got {self.rank_over!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,7 @@ from icl_circuits.methods.circuits.faithfulness_curves import (
     nodes_needed,
 )
 from icl_circuits.methods.circuits.nodes import NodeEffects
-from icl_circuits.methods.circuits.spliced import SplicedModel, faithfulness
+from icl_circuits.methods.circuits.spliced import SplicedModel
 
 
 @dataclass
@@ -55,7 +55,7 @@ def cross_task_ablation(
     n_abl, change, reached = {}, [], {}
     for a in tqdm(tasks, desc="cross-task", disable=not progress):
         curve = (curves or {}).get(a)
-        if curve is None or (curve.keep_errors, curve.rank_by, curve.rank_over) != (keep_errors, by, over):  # another method's
+        if curve is None or (curve.keep_errors, curve.rank_by, curve.rank_over) != (keep_errors, by, over):  # other method
             curve = faithfulness_curve(spliced[a], effects[a], by=by, keep_errors=keep_errors, over=over)
         n = nodes_needed(spliced[a], effects[a], target, complement=True, curve=curve)
         order, errs = circuit_order(effects[a], by, keep_errors, over)
@@ -63,9 +63,6 @@ def cross_task_ablation(
         if n is None:
             n = n_candidates(effects[a], order, by, over)
         n_abl[a] = n
-        row = []
-        for b in tasks:
-            sp = spliced[b]
-            row.append(faithfulness(sp.metric(circuit_pattern(sp, order[:n], False, errs)), sp.full, sp.empty_metric(keep_errors)) - 1.0)
-        change.append(row)
+        row = [sp.metric(circuit_pattern(sp, order[:n], False, errs)) for sp in (spliced[b] for b in tasks)]
+        change.append([spliced[b].faithfulness(m, keep_errors) - 1.0 for b, m in zip(tasks, row)])
     return CrossTask(tasks, n_abl, change, target, reached)

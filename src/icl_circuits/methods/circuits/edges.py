@@ -45,10 +45,9 @@ def edge_sources(target_key: str, keys: Iterable[str]) -> list[str]:
     return [k for k in wanted if k in keys]
 
 
-def edge_targets(effects: NodeEffects, k: int, by: str = "abs", errors: bool = False, over: str = "sum") -> list[int]:
-    """Top-k nodes per (layer, token type), among nodes with a non-zero effect (error nodes only if `errors`).
-    Within one (layer, token type) the mean and the sum rank alike up to prompts' differing counts."""
-    flat = effects.flat(over)
+def edge_targets(effects: NodeEffects, k: int, by: str = "abs", errors: bool = False) -> list[int]:
+    """Top-k nodes per (layer, token type), among nodes with a non-zero effect (error nodes only if `errors`)."""
+    flat = effects.flat()
     order = ranking(flat, by).tolist()
     count: dict[tuple[int, str], int] = {}
     out = []

@@ -18,6 +18,7 @@ import torch
 
 from icl_circuits.core.storage import check_schema, stamp
 from icl_circuits.methods.circuits.config import DEFAULT_SIZES, ERROR
+from icl_circuits.methods.circuits.metric import error_node_mask
 from icl_circuits.methods.circuits.nodes import NodeEffects, check_rank_over
 from icl_circuits.methods.circuits.spliced import SplicedModel, check_same_nodes, faithfulness
 
@@ -91,10 +92,7 @@ def circuit_order(
     order = effects.order(by, check_rank_over(over))
     if not keep_errors:
         return order, None
-    errs = torch.zeros(order.numel(), dtype=torch.bool)
-    for k, o in effects.offsets().items():
-        n_types, width = effects.effects[k].shape
-        errs[o + width - 1 : o + n_types * width : width] = True
+    errs = error_node_mask([effects.effects[k].shape[1] for k in effects.keys], len(effects.node_types))
     return order[~errs[order]], errs
 
 

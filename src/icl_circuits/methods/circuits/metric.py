@@ -33,6 +33,17 @@ def type_index(batch: PromptBatch, node_types: Sequence[str]) -> torch.Tensor:
     return idx
 
 
+def error_node_mask(widths: Sequence[int], n_types: int) -> torch.Tensor:
+    """[n_nodes] bool, True at every SAE's error node, in the flat node order of NodeEffects and SplicedModel:
+    SAE by SAE, each [n_types, width] row-major with the error node last (width = d_sae + 1)."""
+    mask = torch.zeros(n_types * sum(widths), dtype=torch.bool)
+    o = 0
+    for w in widths:
+        mask[o + w - 1 : o + n_types * w : w] = True
+        o += n_types * w
+    return mask
+
+
 def aggregate_by_type(per_position: torch.Tensor, tix: torch.Tensor, n_types: int, mean: bool = False) -> torch.Tensor:
     """Sum per-position values over the positions of each token type, or (mean=True) average them over
     each prompt's positions of that type, then over the prompts that have it (the authors' mask_average

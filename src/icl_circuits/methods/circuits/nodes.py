@@ -26,13 +26,9 @@ from icl_circuits.core.sites import Site
 from icl_circuits.core.storage import atomic_write_bytes
 from icl_circuits.data.prompts import PromptBatch, icl_prompts
 from icl_circuits.data.tasks import DEFAULT_EVAL_SHARE, Task
-from icl_circuits.methods.circuits.config import ERROR, CircuitConfig, CircuitRunConfig
+from icl_circuits.methods.circuits.config import ERROR, RANK_BY, RANK_OVER, CircuitConfig, CircuitRunConfig
 from icl_circuits.methods.circuits.metric import aggregate_by_type, metric_of, metric_scoring, type_index
 from icl_circuits.methods.circuits.saes import CircuitSAEs, parse_key
-
-RANK_BY: tuple[str, ...] = ("signed", "abs")
-RANK_OVER: tuple[str, ...] = ("mean", "sum")
-
 
 def check_rank_over(over: str) -> str:
     if over not in RANK_OVER:

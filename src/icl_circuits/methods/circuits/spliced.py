@@ -23,7 +23,7 @@ from icl_circuits.core.sites import Site
 from icl_circuits.data.prompts import PromptBatch
 from icl_circuits.interventions.splice import splice
 from icl_circuits.methods.circuits.config import CircuitConfig
-from icl_circuits.methods.circuits.metric import metric_of, metric_scoring, type_index
+from icl_circuits.methods.circuits.metric import error_node_mask, metric_of, metric_scoring, type_index
 from icl_circuits.methods.circuits.nodes import NodeEffects
 from icl_circuits.methods.circuits.saes import CircuitSAEs
 
@@ -61,10 +61,7 @@ class SplicedModel:
         self.start_resid = out.acts.get(start_site)  # [b, s, d] or None at layer 0
         self.clean = float(metric_of(out)[0])  # m of the plain model
         self._empty: dict[bool, float] = {}  # keep_errors -> m(empty)
-        self.error_nodes = torch.zeros(self.n_nodes, dtype=torch.bool)  # [n_nodes]: True at every SAE's error node
-        for k in self.keys:
-            o, w = self.offsets[k], self.sizes[k]
-            self.error_nodes[o + w - 1 : o + self.n_types * w : w] = True
+        self.error_nodes = error_node_mask([self.sizes[k] for k in self.keys], self.n_types)  # [n_nodes]
 
     @property
     def full(self) -> float:

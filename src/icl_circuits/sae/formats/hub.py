@@ -70,15 +70,38 @@ def _download_gemma_scope_2(repo: str, folder: str) -> Path:
 
 
 
+class MissingPackageError(ModuleNotFoundError, ValueError):
+    """An optional package a spec needs is not installed. A ValueError too, so the CLI prints it as one
+    `error:` line (rc 2) instead of a traceback; still a ModuleNotFoundError for library callers."""
+
+
+def _no_sae_lens(spec: str = "") -> MissingPackageError:
+    return MissingPackageError(
+        (f"SAE {spec!r}: " if spec else "")
+        + "saelens:RELEASE/ID names need the sae-lens package (pip install sae-lens); without it, pass the SAE's "
+        "Hub path instead, e.g. google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
+        name="sae_lens",
+    )
+
+
+def require_sae_lens(spec: str) -> None:
+    """Fail now, before a slow model load, when a saelens: name cannot resolve (no sae-lens installed)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("sae_lens") is not None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec
+        found = False
+    if not found:
+        raise _no_sae_lens(spec)
+
+
 def _saelens_directory() -> dict[str, Any]:
     """SAELens's release registry {release: lookup with .repo_id, .saes_map, .conversion_func, ...}."""
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError as e:  # not a dependency: it pulls a CUDA torch
-        raise ModuleNotFoundError(
-            "resolving saelens:RELEASE/SAE_ID needs the sae-lens package (pip install sae-lens); "
-            "without it, pass the Hub path instead, e.g. google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
-        ) from e
+        raise _no_sae_lens() from e
     return get_pretrained_saes_directory()
 
 
