@@ -180,6 +180,33 @@ def test_reproduce_refuses_a_changed_stage_until_rerun(setup: dict, tmp_path: Pa
         reproduce(ReproduceConfig(**{**cfg.__dict__, "seed": 1}))
 
 
+def test_a_default_changed_since_a_stage_ran_is_refused(setup: dict, tmp_path: Path) -> None:
+    """A finished stage logs its options as parsed then, defaults included: a default that changed in a later
+    version (simulated by editing the record: 1 scored token then, 2 now) is named, though the recipe's
+    command line is the same; an option the old version did not have is not."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "one.toml"
+    recipe.write_text(f'tasks = "{setup["tasks"][0]}"\n[[stage]]\nname = "task_vectors"\ncommand = "task-vectors"\n'
+                      'args = { tasks = "{tasks}", layers = "0", n_prompts = 2, n_shots = 3, n_eval = 4 }\n')  # fmt: skip
+    cfg = ReproduceConfig(recipe=str(recipe), out=out, model=setup["model"], threads=1, progress=False)
+    reproduce(cfg)
+    log = out / "stages.jsonl"
+    header, rec = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rec["value"]["options"]["n_score_tokens"] == "2"  # the default, logged though the recipe does not set it
+
+    def old_version(**options: str) -> None:
+        opts = {k: v for k, v in {**rec["value"]["options"], **options}.items() if v is not None}
+        log.write_text("\n".join(json.dumps(x) for x in (header, {**rec, "value": {**rec["value"], "options": opts}})) + "\n")
+
+    old_version(arrows=None)  # a record from before --arrows existed: still the same run
+    calls: list[list[str]] = []
+    assert reproduce(cfg, run_command=calls.append).stages[0].status == "done" and calls == []
+    old_version(n_score_tokens="1")
+    with pytest.raises(ConfigMismatch, match=r"\(--n-score-tokens was 1, now 2\); pass --rerun task_vectors"):
+        reproduce(cfg, run_command=calls.append)
+    assert calls == []
+
+
 def test_recipes_are_checked_before_anything_runs(tmp_path: Path) -> None:
     for name in ("paper", "demo"):
         r = load_recipe(name)  # the shipped recipes name real commands and options

@@ -3,9 +3,10 @@
 Recipes and their command lines: recipe.py; running the stages (in order or side by side): stage_runner.py.
 
 Resume: <out> is a `RunDir` (one writer; another model, seed, device or dtype is refused). Finished
-stages are logged in <out>/stages.jsonl with their command line and wall time; a finished stage is
-skipped, and a finished stage whose command line has changed is refused until it is named in `rerun`
-(each command then resumes its own finished units: tasks, cells, layers).
+stages are logged in <out>/stages.jsonl with their command line, its options as parsed then (defaults
+filled in) and wall time; a finished stage is skipped, and one whose options have changed (in the recipe,
+or a default changed by a newer version) is refused until it is named in `rerun` (each command then
+resumes its own finished units: tasks, cells, layers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from icl_circuits.experiments.recipe import Recipe, RecipeError, Stage, _cosmetic, _deps, _portable, load_recipe, same_command, stage_argv
+from icl_circuits.experiments.recipe import (
+    Recipe, RecipeError, Stage, _cosmetic, _deps, _parsed, _portable, changed_options, load_recipe, same_command, stage_argv,
+)
 from icl_circuits.experiments.stage_runner import StageFailed, _Runner, _say, _sigterm_as_interrupt
 from icl_circuits.core.storage import AppendLog, ConfigMismatch, RunDir, write_json
 
@@ -101,7 +104,8 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
                 log = f"; its output: {out / (st.name + '.log')}" if cfg.jobs > 1 else ""
                 raise StageFailed(f"stage {st.name} failed (exit code {rc}): icl-circuits {' '.join(argvs[st.name])}{log}; "
                                   "fix the cause and run the same reproduce command again: finished work is kept")  # fmt: skip
-            done.add(st.name, dict(argv=_portable(_cosmetic(argvs[st.name]), out), seconds=spent(st.name)))
+            logged = _portable(_cosmetic(argvs[st.name]), out)
+            done.add(st.name, dict(argv=logged, options=_parsed(logged), seconds=spent(st.name)))
             _say(cfg, f"[{st.name}] done in {seconds / 60:.1f} min")
 
         runner = _Runner(cfg, out, run_command)
@@ -109,7 +113,7 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
             runner.run([st for st in recipe.stages if st.name in todo], argvs, finish)
         for st in recipe.stages:
             rec = done.done.get(st.name)
-            if rec is not None and same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out)):
+            if rec is not None and not _stage_changes(rec, argvs[st.name], out):
                 publish(st, folders[st.name], docs / st.name)
                 status = "done"
             else:
@@ -134,12 +138,13 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
                                   f"add --include {','.join(lacking)}")  # fmt: skip
         rec = done.done.get(st.name)
         again = st.name in cfg.rerun or "all" in cfg.rerun
-        changed = rec is not None and not same_command(_portable(rec["argv"], out), _portable(argvs[st.name], out))
+        changes = _stage_changes(rec, argvs[st.name], out) if rec is not None else []
+        changed = bool(changes)
         if changed and not again and wanted:
             raise ConfigMismatch(
                 f"stage {st.name} in {out} was run as `icl-circuits {' '.join(rec['argv'])}`, but the recipe now asks for "
-                f"`icl-circuits {' '.join(_cosmetic(argvs[st.name]))}`; pass --rerun {st.name} (its command resumes what it "
-                "can) or use another --out"
+                f"`icl-circuits {' '.join(_cosmetic(argvs[st.name]))}` ({'; '.join(changes)}); pass --rerun {st.name} "
+                "(its command resumes what it can) or use another --out"
             )  # fmt: skip
         if wanted and (rec is None or again):
             folder = out / st.name
@@ -152,6 +157,19 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
         elif wanted:
             _say(cfg, f"[{st.name}] finished earlier; skipped")
     return todo
+
+
+def _stage_changes(rec: dict, argv: list[str], out: Path) -> list[str]:
+    """How a finished stage's logged run differs from what the recipe asks now: changed options (a default
+    changed since counts, where the record holds the options as parsed then), else [] for the same run."""
+    now = _portable(argv, out)
+    parsed = _parsed(now)
+    # records from before options were logged have none: their command lines are compared with today's parser
+    changes = [f"--{k.replace('_', '-')} was {rec['options'][k]}, now {parsed[k]}"
+               for k in changed_options(rec.get("options", {}), now)]  # fmt: skip
+    if not changes and not same_command(_portable(rec["argv"], out), now):
+        changes = ["its command line changed"]
+    return changes
 
 
 def _check_tasks(tasks: str) -> None:
