@@ -10,7 +10,7 @@ from icl_circuits.sae.dictionary import SAE_KINDS, JumpReLUSAE, SAEConfig
 from icl_circuits.sae.formats import save_sae, with_config
 from icl_circuits.sae.registry import KINDS, SAERef, parse_refs
 from icl_circuits.sae.training import SAESpec
-from icl_circuits.viz.viewer.formats import cleaning_sae, sae_key as viewer_sae_key
+from icl_circuits.viz.viewer.formats import cleaning_sae, store_name as viewer_store_name
 
 from tests.helpers import make_tiny
 
@@ -39,9 +39,9 @@ def test_canonical_names_are_the_ones_written_before():
     # circuits keys, training folder names and example-store names, as before the registry
     assert sae_key("attn", 11) == "attn.11" and parse_key("attn:11") == parse_key("attn.11") == ("attn", 11)
     assert SAESpec.parse("transcoder_12").name == "transcoder_12" and SAESpec.parse("transcoder:12").ref.spec == "transcoder:12"
-    assert viewer_sae_key("resid:12") == viewer_sae_key("resid.12") == "resid_12"
-    assert viewer_sae_key("my sae-1") == "my_sae_1"  # free names keep their old normalisation
-    assert viewer_sae_key("attn_out_3") == "attn_out_3" and SAERef.parse("attn_out_3").path == "attn_out_3"
+    assert viewer_store_name("resid:12") == viewer_store_name("resid.12") == "resid_12"
+    assert viewer_store_name("my sae-1") == "my_sae_1"  # free names keep their old normalisation
+    assert viewer_store_name("attn_out_3") == "attn_out_3" and SAERef.parse("attn_out_3").path == "attn_out_3"
     assert cleaning_sae("resid:12", 12) == "resid_12" and cleaning_sae("/runs/my_sae", 7) == "resid_7"
 
 

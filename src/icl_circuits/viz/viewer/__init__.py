@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from icl_circuits.viz.viewer.data import MAX_DEPTH, MAX_JSON_BYTES, RunData, contained
 from icl_circuits.viz.viewer.feature import feature_page, features_page, lens_text, render_example, sae_page
-from icl_circuits.viz.viewer.formats import CircuitEdge, CircuitNode, CircuitView, CleanedFeature, EncodedFeature, HeatmapView, TaskView, sae_key
+from icl_circuits.viz.viewer.formats import CircuitEdge, CircuitNode, CircuitView, CleanedFeature, EncodedFeature, HeatmapView, TaskView, store_name
 from icl_circuits.viz.viewer.layout import CSP, STYLE, feature_link, feature_url, page, table
 from icl_circuits.viz.viewer.pages import circuit_page, circuit_svg, index_page, plots_page, task_page
 from icl_circuits.viz.viewer.server import ViewerHandler, ViewerServer, allowed_host_headers, make_server, safe_path, serve
@@ -33,5 +33,5 @@ __all__ = [
     "CSP", "MAX_DEPTH", "MAX_JSON_BYTES", "STYLE", "CircuitEdge", "CircuitNode", "CircuitView", "CleanedFeature", "EncodedFeature",
     "HeatmapView", "RunData", "TaskView", "ViewerHandler", "ViewerServer", "allowed_host_headers", "circuit_page", "circuit_svg",
     "contained", "feature_link", "feature_page", "feature_url", "features_page", "index_page", "lens_text", "make_server", "page",
-    "plots_page", "render_example", "sae_key", "sae_page", "safe_path", "serve", "table", "task_page",
+    "plots_page", "render_example", "store_name", "sae_page", "safe_path", "serve", "table", "task_page",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from icl_circuits.methods.examples import Example, ExampleStore
 from icl_circuits.viz.report import walk_files
 from icl_circuits.methods.heatmaps import HeatmapResult
 from icl_circuits.viz.viewer.formats import (
-    CLEANING_FILE, FAITHFULNESS_FILE, GRAPH_FILE, HEATMAP_FILE, CircuitView, HeatmapView, TaskView, faithfulness_series, sae_key, starter_ref,
+    CLEANING_FILE, FAITHFULNESS_FILE, GRAPH_FILE, HEATMAP_FILE, CircuitView, HeatmapView, TaskView, faithfulness_series, store_name, starter_ref,
 )  # fmt: skip
 
 MAX_JSON_BYTES = 20 * 2**20
@@ -178,7 +178,7 @@ class RunData:
         if key is None:
             return None
         names = self.sae_names()
-        k = sae_key(key)
+        k = store_name(key)
         if k in names:
             return k
         for st in [*self.stores, *self.dashboards]:
@@ -198,7 +198,7 @@ class RunData:
 
     def same_sae(self, key: Any, sae: str) -> bool:
         """Does `key` (a spec, name or site from some file) name the SAE `sae`?"""
-        return key is not None and (sae_key(key) == sae or self.resolve_sae(key) == sae)
+        return key is not None and (store_name(key) == sae or self.resolve_sae(key) == sae)
 
     def store_for(self, sae: str) -> ExampleStore | None:
         return next((st for st in self.stores if sae in {s["name"] for s in st.saes()}), None)

@@ -28,7 +28,7 @@ FAITHFULNESS_FILE = "faithfulness.json"
 HEATMAP_FILE = "heatmap.json"
 
 
-def sae_key(spec: Any) -> str:
+def store_name(spec: Any) -> str:
     """'resid:12' / 'resid_12' / 'resid.12' / 'resid_pre.12' -> 'resid_12' (the names example stores use);
     any other name with ':', '.', '-', '/' or ' ' in it gets '_' there (store names are written that way)."""
     ref = starter_ref(spec)

@@ -45,12 +45,12 @@ def feature_url(sae: str, latent: int) -> str:
     return f"/feature/{quote(sae, safe='')}/{int(latent)}"
 
 
-def feature_link(data: RunData, sae_key: Any, latent: Any) -> str:
+def feature_link(data: RunData, sae_spec: Any, latent: Any) -> str:
     """A link to the feature page when the SAE has an example store; plain text otherwise."""
     if latent is None:
         return ""
-    sae = data.resolve_sae(sae_key)
-    label = f"{sae or sae_key or ''} #{latent}".strip()
+    sae = data.resolve_sae(sae_spec)
+    label = f"{sae or sae_spec or ''} #{latent}".strip()
     return f"<a href='{esc(feature_url(sae, int(latent)))}'>{esc(label)}</a>" if sae else esc(label)
 
 
