@@ -75,3 +75,23 @@ def test_shipped_starter_suite_loads_and_helps(bundled):
         # splicing any v2 SAE in is better than zero-ablating its site; residual SAEs far better
         # (held-out figures in docs/saes.md: 0.98-0.995 residual, 0.54-0.90 attention / transcoders)
         assert r.ce_loss_recovered > (0.8 if spec.startswith("resid") else 0.0), (spec, r)
+
+
+def test_readme_python_quickstart_runs(bundled, monkeypatch, capsys):
+    """The README's Python quickstart, as written (only load_model returns the already-loaded model): its
+    names and signatures still exist, and its printed numbers say what the README says they are."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import icl_circuits
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.setattr(icl_circuits, "load_model", lambda name: bundled if name == "gemma-3-270m" else None)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()
+    tv_effect, features, scores = float(out[-3]), ast.literal_eval(out[-2]), ast.literal_eval(out[-1])
+    assert 0.05 < tv_effect < 1, out  # the TV lowers zero-shot loss (0.4-0.5 on country_capital, docs/results.md)
+    assert 0 < len(features) < 64, out  # cleaning keeps a few of SAE(TV)'s 64 latents
+    assert scores["tvc"] > max(v for k, v in scores.items() if k != "tvc"), out  # TVC beats the TV and every baseline
