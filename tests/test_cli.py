@@ -175,3 +175,21 @@ def test_default_layers_are_the_bundled_models_sweep_results():
     assert default_layer("gemma-3-270m", "execution") == 12 and default_layer("gemma-3-270m", "detection") == 6
     with pytest.raises(SystemExit, match="--layer is needed"):
         default_layer("gpt2", "detection")
+
+
+def test_readme_commands_parse():
+    """Every `icl-circuits ...` line of the README's command-line quickstart names a real command and options."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from icl_circuits.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Quickstart: command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [re.sub(r"\s+#.*$", "", line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(lines) >= 5 and all(line.startswith("icl-circuits ") for line in lines), lines
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])  # SystemExit (the test fails) on an unknown option
+        assert args.func is not None, line
