@@ -53,7 +53,7 @@ def cleaning_sae(spec: str, layer: int) -> str:
     for `clean --sae FOLDER`, the folder; cleaning always steers with the residual SAE at resid_pre.{layer}
     (cleaning.check_steering_sae), so a folder is named 'resid_{layer}', as heatmaps of that layer are."""
     ref = starter_ref(spec)
-    return ref.name if ref is not None else f"resid_{layer}"
+    return ref.name if ref is not None else SAERef("resid", layer).name
 
 
 # -- cleaning.json ---------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class HeatmapView:
         cfg = h.config if isinstance(h.config, dict) else {}
         setting, layer = cfg.get("setting"), cfg.get("layer")  # HeatmapConfig.to_dict()
         return cls(
-            file=file, sae=f"resid_{layer}" if layer is not None else "", tasks=[str(t) for t in h.tasks], features=list(h.features),
+            file=file, sae=SAERef("resid", int(layer)).name if layer is not None else "", tasks=[str(t) for t in h.tasks], features=list(h.features),
             values=h.raw.T.tolist(), title=stem + (f" ({setting})" if setting else ""), setting=setting,
         )  # fmt: skip
 
