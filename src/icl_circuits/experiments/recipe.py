@@ -288,12 +288,11 @@ def same_command(a: Sequence[str], b: Sequence[str]) -> bool:
     return _parsed(a) == _parsed(b)
 
 
-def changed_options(logged: dict[str, str], argv: Sequence[str]) -> list[str]:
+def changed_options(logged: dict[str, str], now: dict[str, str]) -> list[str]:
     """The options whose value differs between a finished stage's logged `options` (its command parsed *then*,
-    defaults of that version filled in) and `argv` parsed now: a default changed in between shows here,
-    which comparing two command lines with today's parser cannot see. Options only one side knows (added
-    or removed since) are left out: a new option's default is meant to keep old behaviour."""
-    now = _parsed(argv)
+    defaults of that version filled in) and its command parsed now (`_parsed`): a default changed in between
+    shows here, which comparing two command lines with today's parser cannot see. Options only one side
+    knows (added or removed since) are left out: a new option's default is meant to keep old behaviour."""
     return sorted(k for k in logged.keys() & now.keys() if logged[k] != now[k])
 
 

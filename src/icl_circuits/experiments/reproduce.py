@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from icl_circuits.experiments.recipe import (
-    Recipe, RecipeError, Stage, _cosmetic, _deps, _parsed, _portable, changed_options, load_recipe, same_command, stage_argv,
+    Recipe, RecipeError, Stage, _cosmetic, _deps, _parsed, _portable, changed_options, load_recipe, stage_argv,
 )
 from icl_circuits.experiments.stage_runner import StageFailed, _Runner, _say, _sigterm_as_interrupt
 from icl_circuits.core.storage import AppendLog, ConfigMismatch, RunDir, write_json
@@ -127,7 +127,8 @@ def reproduce(cfg: ReproduceConfig, run_command: Callable[[list[str]], int] | No
 
 
 def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], done: AppendLog, out: Path) -> list[str]:
-    """The stages to run now; a finished stage whose command line changed is refused unless rerun."""
+    """The stages to run now; a finished stage whose options changed (its command line or a default) is
+    refused unless rerun."""
     todo = []
     for st in recipe.stages:
         wanted = (not st.optional or st.name in cfg.include) and (not cfg.only or st.name in cfg.only)
@@ -139,8 +140,7 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
         rec = done.done.get(st.name)
         again = st.name in cfg.rerun or "all" in cfg.rerun
         changes = _stage_changes(rec, argvs[st.name], out) if rec is not None else []
-        changed = bool(changes)
-        if changed and not again and wanted:
+        if changes and not again and wanted:
             raise ConfigMismatch(
                 f"stage {st.name} in {out} was run as `icl-circuits {' '.join(rec['argv'])}`, but the recipe now asks for "
                 f"`icl-circuits {' '.join(_cosmetic(argvs[st.name]))}` ({'; '.join(changes)}); pass --rerun {st.name} "
@@ -148,11 +148,11 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
             )  # fmt: skip
         if wanted and (rec is None or again):
             folder = out / st.name
-            if changed and folder.exists():
-                # made under the old command line: its command would refuse to mix settings, so move it aside (kept)
+            if changes and folder.exists():
+                # made under the old options: its command would refuse to mix settings, so move it aside (kept)
                 aside = out / f"{st.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 folder.rename(aside)
-                _say(cfg, f"[{st.name}] its command line changed: the old results are kept in {aside}")
+                _say(cfg, f"[{st.name}] its options changed: the old results are kept in {aside}")
             todo.append(st.name)
         elif wanted:
             _say(cfg, f"[{st.name}] finished earlier; skipped")
@@ -162,12 +162,12 @@ def _plan(recipe: Recipe, cfg: ReproduceConfig, argvs: dict[str, list[str]], don
 def _stage_changes(rec: dict, argv: list[str], out: Path) -> list[str]:
     """How a finished stage's logged run differs from what the recipe asks now: changed options (a default
     changed since counts, where the record holds the options as parsed then), else [] for the same run."""
-    now = _portable(argv, out)
-    parsed = _parsed(now)
-    # records from before options were logged have none: their command lines are compared with today's parser
-    changes = [f"--{k.replace('_', '-')} was {rec['options'][k]}, now {parsed[k]}"
+    now = _parsed(_portable(argv, out))
+    changes = [f"--{k.replace('_', '-')} was {rec['options'][k]}, now {now[k]}"
                for k in changed_options(rec.get("options", {}), now)]  # fmt: skip
-    if not changes and not same_command(_portable(rec["argv"], out), now):
+    # the command lines too, parsed with today's parser: the only check for records from before options were
+    # logged, and it sees an option the recipe now sets that the old version did not have
+    if not changes and _parsed(_portable(rec["argv"], out)) != now:
         changes = ["its command line changed"]
     return changes
 

@@ -63,6 +63,9 @@ def cross_task_ablation(
         if n is None:
             n = n_candidates(effects[a], order, by, over)
         n_abl[a] = n
-        row = [sp.metric(circuit_pattern(sp, order[:n], False, errs)) for sp in (spliced[b] for b in tasks)]
-        change.append([spliced[b].faithfulness(m, keep_errors) - 1.0 for b, m in zip(tasks, row)])
+        row = []
+        for b in tasks:
+            sp = spliced[b]
+            row.append(sp.faithfulness(sp.metric(circuit_pattern(sp, order[:n], False, errs)), keep_errors) - 1.0)
+        change.append(row)
     return CrossTask(tasks, n_abl, change, target, reached)
