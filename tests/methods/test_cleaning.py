@@ -389,6 +389,16 @@ def test_detection_tvc_starts_from_the_ito_support(tmp_path):
     torch.testing.assert_close(back.start_weights, r.start_weights)
 
 
+def test_lambda_defaults_by_setting_and_an_explicit_one_is_kept():
+    """λ left out is 0.01 for execution and 1e-3 for detection, and the number lands in the run's config."""
+    assert CleaningConfig().l1_coeff == 0.01 and CleaningConfig().to_dict()["l1_coeff"] == 0.01
+    assert CleaningConfig(setting="detection").l1_coeff == 1e-3
+    assert CleaningConfig(setting="detection").to_dict()["l1_coeff"] == 1e-3
+    assert CleaningConfig(setting="detection", l1_coeff=0.01).l1_coeff == 0.01
+    assert CleaningConfig(setting="execution", l1_coeff=0.0).l1_coeff == 0.0  # 0 is a value, not "unset"
+    assert replace(CleaningConfig(setting="detection"), lr=0.1).l1_coeff == 1e-3
+
+
 def test_a_resid_post_sae_of_the_layer_before_cleans_resid_pre():
     """Gemma Scope 2 names the residual after block L-1 resid_post.L-1: the same tensor as resid_pre.L."""
     from icl_circuits.methods.cleaning import check_steering_sae

@@ -191,7 +191,7 @@ def add_clean(sub: argparse._SubParsersAction) -> None:
                    help="'starter' (the shipped resid SAE of the layer), resid:LAYER, or a path in any supported format")
     s.add_argument("--setting", choices=["execution", "detection"], default="execution",
                    help="execution: steer the query arrow of zero-shot prompts; detection: the fake pair's output (App. G)")
-    s.add_argument("--l1", type=float, default=None, help="default: CleaningConfig.l1_coeff")
+    s.add_argument("--l1", type=float, default=None, help="λ; default: 0.01 for execution, 1e-3 for detection (cleaning.DEFAULT_L1)")
     s.add_argument("--lr", type=float, default=None, help="default: CleaningConfig.lr")
     s.add_argument("--patience", type=int, default=None, help="default: CleaningConfig.patience")
     s.add_argument("--max-steps", type=int, default=None, help="default: CleaningConfig.max_steps")
