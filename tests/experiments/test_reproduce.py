@@ -207,6 +207,25 @@ def test_a_default_changed_since_a_stage_ran_is_refused(setup: dict, tmp_path: P
     assert calls == []
 
 
+def test_a_library_default_beneath_the_options_is_logged_and_compared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """clean's λ is filled in by the library from --setting (the option itself stays None): a stage's record
+    holds the resolved configs too, so a library default that moves is named like a changed option."""
+    from icl_circuits.experiments.recipe import _parsed
+    from icl_circuits.experiments.reproduce import _stage_changes
+    from icl_circuits.methods import cleaning
+
+    argv = ["clean", "--tasks", "antonyms", "--layers", "11", "--setting", "detection"]
+    then = _parsed(argv)
+    assert then["l1"] == "None" and then["cleaning.l1_coeff"] == "0.001" and then["task_vector.n_prompts"] == "16"
+    assert _parsed(argv[:-2])["cleaning.l1_coeff"] == "0.01"  # execution keeps its own
+    assert _parsed([*argv, "--l1", "0.02"])["cleaning.l1_coeff"] == "0.02"
+    record = dict(argv=argv, options=then)
+    assert _stage_changes(record, argv, tmp_path) == []
+    monkeypatch.setitem(cleaning.DEFAULT_L1, "detection", 0.005)  # a later version's default
+    assert _stage_changes(record, argv, tmp_path) == ["cleaning.l1_coeff was 0.001, now 0.005"]
+    assert _parsed([*argv, "--l1", "nan"])["l1"] == "nan"  # refused by the command when it runs, not here
+
+
 def test_recipes_are_checked_before_anything_runs(tmp_path: Path) -> None:
     for name in ("paper", "demo"):
         r = load_recipe(name)  # the shipped recipes name real commands and options

@@ -62,17 +62,19 @@ def test_activation_masses_match_a_per_token_loop_and_sum_to_one():
     assert sum(r["executor_ours_%"] for r in table) == pytest.approx(100, abs=0.05)
 
 
-def test_masses_result_round_trips_and_reads_the_published_row_list():
+def test_masses_result_round_trips_and_reads_the_published_and_the_bare_row_list():
     row = dict(task="a", role="executor", n_features=2, total_mass=3.0, **{t: 1 / len(MASS_TYPES) for t in MASS_TYPES})
     r = MassesResult([row], "tiny", MassConfig().to_dict())
     d = r.to_dict()
     assert d["schema"] == "masses/1" and MassesResult.from_dict(d) == r
     assert MassesResult.from_dict({k: v for k, v in d.items() if k != "schema"}) == r
-    # masses.json was a bare row list before the stamps; the published one must keep loading
     published = PUBLISHED / "detectors" / "masses.json"
-    old = MassesResult.from_dict(read_json(published), str(published))
-    assert old.model is None and old.rows and set(old.roles()) >= {"executor", "detector"}
-    assert mass_table(old.rows)  # what the claims and the tables compute from it
+    now = MassesResult.from_dict(read_json(published), str(published))
+    assert now.model == "gemma-3-270m" and set(now.roles()) >= {"executor", "detector"}
+    assert mass_table(now.rows)  # what the claims and the tables compute from it
+    # masses.json was a bare row list before the stamps (the first published run): it must keep loading
+    old = MassesResult.from_dict(now.rows, "old/masses.json")
+    assert old.model is None and old.rows == now.rows
     with pytest.raises(BadFile, match=r"m.json: holds a link result, not a masses result"):
         MassesResult.from_dict({"schema": "link/1", "rows": []}, "m.json")
     with pytest.raises(BadFile, match=r"m.json: no 'rows' list"):

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from icl_circuits.core.distributed import is_main
 from icl_circuits.cli.common import RangeLayers, add_layers, add_score_tokens, check_layers, load_lm, mean_of, one_layer, parse_layers, run_options, sae_refs
+
+if TYPE_CHECKING:  # the CLI imports the method modules only once a command runs
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
 
 # The bundled model's best layers, from the README's sweeps: task vectors (execution, best 12) and
 # the fake-pair detection sweep (best 6; detection collapses from layer 10 on).
@@ -63,12 +68,29 @@ def _clean_sae(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return ref
 
 
+def clean_configs(args: argparse.Namespace) -> tuple["CleaningConfig", "TaskVectorConfig"]:
+    """The configs `clean` runs with, the defaults the library fills in included (λ by --setting)."""
+    from icl_circuits.methods.cleaning import CleaningConfig
+    from icl_circuits.methods.task_vectors import TaskVectorConfig
+
+    given = dict(l1_coeff=args.l1, lr=args.lr, patience=args.patience, max_steps=args.max_steps, n_train=args.n_train, n_eval=args.n_eval)
+    cfg = CleaningConfig(
+        **{k: v for k, v in given.items() if v is not None}, n_score_tokens=args.n_score_tokens, setting=args.setting, seed=args.seed,
+        init=args.init, ito_k=args.ito_k,
+    )
+    return cfg, TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
+
+
+def _clean_effective(args: argparse.Namespace) -> dict[str, dict]:
+    """What reproduce logs of a `clean` stage beyond its parsed options, so a library default that moves shows."""
+    cfg, tv_cfg = clean_configs(args)
+    return {"cleaning": cfg.to_dict(), "task_vector": tv_cfg.to_dict()}
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """Task Vector Cleaning for one or many tasks (or a λ sweep / a layer comparison), resumable."""
-    from icl_circuits.methods.cleaning import CleaningConfig
     from icl_circuits.experiments.clean import l1_sweep, layer_comparison, run_cleaning
     from icl_circuits.sae.registry import SAERef
-    from icl_circuits.methods.task_vectors import TaskVectorConfig
     from icl_circuits.data.tasks import load_tasks
 
     tasks = load_tasks(args.tasks or args.task, strict=getattr(args, "strict", False))  # fail before the slow model load
@@ -77,12 +99,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {opt} {v} is not a finite number")
     ref = _clean_sae(args)
     check_layers(args.layers)
-    given = dict(l1_coeff=args.l1, lr=args.lr, patience=args.patience, max_steps=args.max_steps, n_train=args.n_train, n_eval=args.n_eval)
-    cfg = CleaningConfig(
-        **{k: v for k, v in given.items() if v is not None}, n_score_tokens=args.n_score_tokens, setting=args.setting, seed=args.seed,
-        init=args.init, ito_k=args.ito_k,
-    )
-    tv_cfg = TaskVectorConfig(n_prompts=args.n_prompts, n_shots=args.n_shots, arrows=args.arrows, seed=args.seed)
+    cfg, tv_cfg = clean_configs(args)
     lm = load_lm(args)
     spec = args.layers
     if spec is None:  # `--sae resid:10` names its layer; else the bundled model's best layer
@@ -208,4 +225,4 @@ def add_clean(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sweep-l1", help="run a λ sweep instead: 'paper' (1e-5 ... 0.1) or comma-separated values")
     s.add_argument("--out", type=Path, default=Path("runs/clean"))
     run_options(s)
-    s.set_defaults(func=cmd_clean)
+    s.set_defaults(func=cmd_clean, effective=_clean_effective)

@@ -290,9 +290,10 @@ def same_command(a: Sequence[str], b: Sequence[str]) -> bool:
 
 def changed_options(logged: dict[str, str], now: dict[str, str]) -> list[str]:
     """The options whose value differs between a finished stage's logged `options` (its command parsed *then*,
-    defaults of that version filled in) and its command parsed now (`_parsed`): a default changed in between
-    shows here, which comparing two command lines with today's parser cannot see. Options only one side
-    knows (added or removed since) are left out: a new option's default is meant to keep old behaviour."""
+    defaults of that version filled in, and the config values its command reports as `effective`) and its
+    command parsed now (`_parsed`): a default changed in between shows here, which comparing two command lines
+    with today's parser cannot see. Options only one side knows (added or removed since) are left out: a new
+    option's default is meant to keep old behaviour."""
     return sorted(k for k in logged.keys() & now.keys() if logged[k] != now[k])
 
 
@@ -301,7 +302,15 @@ def _parsed(argv: Sequence[str]) -> dict[str, str]:
         ns = _parser().parse_args(list(argv))
     except SystemExit:  # a logged command line that no longer parses: compare it as text
         return {"argv": " ".join(_cosmetic(argv))}
-    return {k: str(v) for k, v in vars(ns).items() if k not in ("threads", "quiet", "func")}
+    options = {k: str(v) for k, v in vars(ns).items() if k not in ("threads", "quiet", "func", "effective")}
+    # defaults the library fills in beneath the options (clean's λ by --setting): 'cleaning.l1_coeff', ...
+    effective = getattr(ns, "effective", None)
+    if effective is not None:
+        try:
+            options |= {f"{part}.{k}": str(v) for part, values in effective(ns).items() for k, v in values.items()}
+        except (ValueError, SystemExit):  # options the command itself refuses: it will say so when it runs
+            pass
+    return options
 
 
 # -- references between stages ------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _stage_changes(rec: dict, argv: list[str], out: Path) -> list[str]:
     """How a finished stage's logged run differs from what the recipe asks now: changed options (a default
     changed since counts, where the record holds the options as parsed then), else [] for the same run."""
     now = _parsed(_portable(argv, out))
-    changes = [f"--{k.replace('_', '-')} was {rec['options'][k]}, now {now[k]}"
+    changes = [f"{k if '.' in k else '--' + k.replace('_', '-')} was {rec['options'][k]}, now {now[k]}"
                for k in changed_options(rec.get("options", {}), now)]  # fmt: skip
     # the command lines too, parsed with today's parser: the only check for records from before options were
     # logged, and it sees an option the recipe now sets that the old version did not have
