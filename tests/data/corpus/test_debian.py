@@ -171,6 +171,27 @@ def test_spec_downloads_once_follows_doc_metapackage_and_records_provenance(fake
     assert prov["parts"][0]["n_docs"] == 3 and prov["parts"][0]["n_chars"] == sum(map(len, GCIDE_DOCS))
 
 
+def test_two_first_uses_at_once_download_and_parse_once(fake_apt, monkeypatch):
+    import threading
+    import time
+
+    download = C._apt_download
+
+    def slow(package, dest):  # still copying when the second process asks
+        time.sleep(0.3)
+        return download(package, dest)
+
+    monkeypatch.setattr(C, "_apt_download", slow)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(debian_docs("dict-gcide"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [GCIDE_DOCS, GCIDE_DOCS]
+    assert fake_apt == ["dict-gcide"]  # the second waited, then read the first one's cache
+
+
 def test_missing_tools_or_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ICL_CIRCUITS_CACHE", str(tmp_path / "cache"))
     fake_bin = tmp_path / "bin"

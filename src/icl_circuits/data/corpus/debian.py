@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from icl_circuits.core.storage import atomic_write_text
+from icl_circuits.core.storage import FolderLock, atomic_write_text
 from icl_circuits.data.corpus.base import CorpusError
 from icl_circuits.data.corpus.html_pages import _python_doc_docs, _real_files, chunk_text, html_text
 
@@ -276,21 +276,33 @@ def _debian(
     cache: str | os.PathLike | None = None,
     refresh: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    import shutil
-    import tempfile
-
-    parser_name, parser = _parser_for(package)
+    parser_name, _ = _parser_for(package)
     folder = _debian_dir()
     path = Path(cache) if cache is not None else folder / f"{package}.jsonl"
     if not refresh and (hit := _read_debian_cache(path, parser_name)) is not None:
         return hit
-    debs = [Path(deb_path)] if deb_path is not None else [_apt_download(package, folder / "debs")]
+    if deb_path is not None:
+        return _build(package, [Path(deb_path)], path, folder, follow_deps=False)
+    # One download at a time: two first uses at once (two harvests) would share apt's folder and race on it.
+    (folder / ".build").mkdir(parents=True, exist_ok=True)
+    with FolderLock(folder / ".build", "apt", wait=True):
+        if not refresh and (hit := _read_debian_cache(path, parser_name)) is not None:
+            return hit  # made by the process we waited for
+        return _build(package, [_apt_download(package, folder / "debs")], path, folder, follow_deps=True)
+
+
+def _build(package: str, debs: list[Path], path: Path, folder: Path, follow_deps: bool) -> tuple[dict[str, Any], list[str]]:
+    """Parse the documents of `debs` and cache them at `path`; follow_deps: a metapackage's -doc packages too."""
+    import shutil
+    import tempfile
+
+    parser_name, parser = _parser_for(package)
     work = Path(tempfile.mkdtemp(prefix=f"{package}.", dir=folder if folder.is_dir() else None))
     try:
         root = work / "root"
         _run_tool(["dpkg-deb", "-x", str(debs[0]), str(root)], package)
         docs = parser(root)
-        if not docs and deb_path is None:  # a metapackage: parse the documentation it points to
+        if not docs and follow_deps:  # a metapackage: parse the documentation it points to
             for dep in _doc_depends(debs[0], package):
                 debs.append(_apt_download(dep, folder / "debs"))
                 _run_tool(["dpkg-deb", "-x", str(debs[-1]), str(root)], package)
