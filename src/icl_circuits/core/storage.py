@@ -9,8 +9,8 @@ import io
 import json
 import os
 import socket
-import sys
 import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
